@@ -1,0 +1,35 @@
+-- Append load: each request POSTs
+--   {"type":"job.progressed","data":{"row_count":N}}
+-- to /v1/jobs/<id>/events, <id> cycling over JOB_IDS (comma separated),
+-- with "Authorization: Bearer $TOKEN". Threads start at evenly spaced ids
+-- (WRK_THREADS, set by bench/load.py) so concurrent requests hit many jobs.
+-- Extra headers may be given in WRK_HEADERS. The URL's path is ignored.
+local dir = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
+dofile(dir .. "common.lua")
+
+local ids = {}
+for id in string.gmatch(os.getenv("JOB_IDS") or "", "[^,%s]+") do
+  table.insert(ids, id)
+end
+if #ids == 0 then error("append.lua: JOB_IDS is empty") end
+local token = os.getenv("TOKEN")
+if not token or token == "" then error("append.lua: TOKEN is not set") end
+
+local headers = env_headers()
+headers["Content-Type"] = "application/json"
+headers["Authorization"] = "Bearer " .. token
+
+local next_index = nil
+local row_count = 0
+
+function request()
+  if next_index == nil then
+    local n_threads = tonumber(os.getenv("WRK_THREADS") or "1") or 1
+    next_index = math.floor(((thread_id or 1) - 1) * #ids / n_threads)
+  end
+  local id = ids[next_index % #ids + 1]
+  next_index = next_index + 1
+  row_count = row_count + 1
+  local body = '{"type":"job.progressed","data":{"row_count":' .. row_count .. '}}'
+  return wrk.format("POST", "/v1/jobs/" .. id .. "/events", headers, body)
+end

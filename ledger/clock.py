@@ -1,0 +1,49 @@
+"""Time as the ledger keeps it: integer microseconds since the epoch, shown as RFC 3339 UTC."""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, datetime, timedelta
+
+from ledger.errors import Invalid
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)?\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def format_us(us: int) -> str:
+    """RFC 3339 UTC ending in ``Z``; fractions only when there are any."""
+    dt = _EPOCH + timedelta(microseconds=us)
+    if dt.microsecond:
+        return dt.strftime("%Y-%m-%dT%H:%M:%S.%f").rstrip("0") + "Z"
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def format_opt(us: int | None) -> str | None:
+    return None if us is None else format_us(us)
+
+
+def parse_us(text: str, *, field: str) -> int:
+    """Parse RFC 3339 (``Z`` or an offset; a bare date or naive time is taken as UTC)."""
+    try:
+        dt = datetime.fromisoformat(text.strip())
+    except (ValueError, AttributeError):
+        raise Invalid(f"{field} is not an RFC 3339 time: {text!r}", field=field) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    delta = dt - _EPOCH
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def parse_duration(text: str) -> int:
+    """``7d``, ``12h``, ``30m``, ``90s`` or bare seconds, as seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 7d, 12h, 30m, 90s)")
+    return int(m.group(1)) * _UNITS[m.group(2) or "s"]

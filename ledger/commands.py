@@ -1,0 +1,282 @@
+"""Commands: the ledger's write operations, each run by the store inside one transaction.
+
+A command reads the state it needs through the ``UnitOfWork``, decides which events to append
+(the state machine refuses what the contract forbids), and stages them. It returns the state the
+caller answers with, so every write answers with the job as it stands after the write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import msgspec
+
+from ledger.clock import format_us
+from ledger.errors import Conflict, Invalid, JobNotFound, NotFound, VersionConflict
+from ledger.events import (
+    UNSET,
+    CreditsGranted,
+    Event,
+    JobArchived,
+    JobCancelled,
+    JobCompleted,
+    JobDeleted,
+    JobQueued,
+    JobRedacted,
+    KeyCreated,
+    KeyRevoked,
+    Price,
+    PriceSet,
+)
+from ledger.ids import new_key_id, new_result_id
+from ledger.jobs import JobState, redaction_snapshot
+from ledger.records import Recorded
+from ledger.sql import Conn
+from ledger.store import UnitOfWork
+
+ROLES = ("reader", "writer", "admin")
+CreditCheck = Callable[[Conn, str, str], Awaitable[None]]
+_ENCODE = msgspec.json.Encoder(decimal_format="number").encode
+
+
+def price_stream(agent: str) -> str:
+    return f"$prices/{agent}"
+
+
+def credits_stream(account: str) -> str:
+    return f"$credits/{account}"
+
+
+def key_stream(key_id: str) -> str:
+    return f"$keys/{key_id}"
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+async def _live_job(uow: UnitOfWork, tenant: str, job_id: str) -> JobState:
+    job = await uow.job(tenant, job_id)
+    if job is None or job.deleted:
+        raise JobNotFound(f"no job {job_id}")
+    return job
+
+
+async def price_in_force(uow: UnitOfWork, tenant: str, agent: str) -> Price:
+    """The latest ``price.set`` of the agent's price stream, read from the history itself."""
+    event = await uow.latest(tenant, price_stream(agent))
+    return event.price if isinstance(event, PriceSet) else Price()
+
+
+async def create_job(
+    uow: UnitOfWork,
+    tenant: str,
+    job_id: str,
+    queued: JobQueued,
+    *,
+    actor: str,
+    occurred_us: int | None = None,
+    credit_check: CreditCheck | None = None,
+) -> JobState:
+    """Append ``job.queued`` with the agent's price in force at this position."""
+    if await uow.job(tenant, job_id) is not None:
+        raise Conflict(f"job {job_id} already exists", field="id")
+    price = await price_in_force(uow, tenant, queued.agent)
+    if credit_check is not None:
+        await credit_check(await uow.flushed(), tenant, queued.account)
+    event = msgspec.structs.replace(queued, price=price)
+    state, _ = await uow.apply(tenant, job_id, event, actor=actor, occurred_us=occurred_us)
+    return state
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """One event a caller posts to a job's stream."""
+
+    event: Event
+    event_id: str | None = None
+    expected_version: int | None = None
+    occurred_us: int | None = None
+
+
+async def append_events(
+    uow: UnitOfWork,
+    tenant: str,
+    job_id: str,
+    items: Sequence[NewEvent],
+    *,
+    actor: str,
+    retention_s: int,
+) -> tuple[JobState, list[Recorded]]:
+    """Append every item, or none; an ``event_id`` seen before appends nothing again."""
+    state = await _live_job(uow, tenant, job_id)
+    records: list[Recorded] = []
+    for item in items:
+        if item.event_id is not None:
+            seen = await uow.find_event(tenant, item.event_id)
+            if seen is not None:
+                if seen.stream != job_id:
+                    raise Conflict(
+                        f"event_id {item.event_id} belongs to another stream", field="event_id"
+                    )
+                records.append(seen)
+                continue
+        if item.expected_version is not None and item.expected_version != state.version:
+            raise _version_conflict(job_id, item.expected_version, state.version)
+        event = item.event
+        if isinstance(event, JobCompleted):
+            event = _store_result(uow, tenant, job_id, event, state, item, retention_s)
+        state, recorded = await uow.apply(
+            tenant,
+            job_id,
+            event,
+            actor=actor,
+            occurred_us=item.occurred_us,
+            event_id=item.event_id,
+        )
+        records.append(recorded)
+    return state, records
+
+
+def _version_conflict(job_id: str, expected: int, actual: int) -> Conflict:
+    return VersionConflict(
+        f"job {job_id} is at version {actual}, not {expected}",
+        field="expected_version",
+        current_version=actual,
+    )
+
+
+def _store_result(
+    uow: UnitOfWork,
+    tenant: str,
+    job_id: str,
+    event: JobCompleted,
+    state: JobState,
+    item: NewEvent,
+    retention_s: int,
+) -> JobCompleted:
+    """Move a completion's result into the results store; the event keeps its hash and size."""
+    if any(v is not None for v in (event.result_id, event.result_sha256, event.result_size)) or (
+        event.expires_at is not None
+    ):
+        raise Invalid(
+            "result_id, result_sha256, result_size and expires_at are set by the ledger",
+            field="data",
+        )
+    finished = item.occurred_us if item.occurred_us is not None else uow.now
+    finished = max(finished, state.updated_at)
+    expires = finished + retention_s * 1_000_000
+    if event.result is UNSET or event.result is None:
+        return msgspec.structs.replace(event, result=UNSET, expires_at=format_us(expires))
+    payload = _ENCODE(event.result)
+    row_count = event.row_count
+    if row_count is None and isinstance(event.result, list):
+        row_count = len(event.result)
+    result_id = new_result_id()
+    uow.put_result(tenant, result_id, job_id, payload.decode(), expires)
+    return msgspec.structs.replace(
+        event,
+        result=UNSET,
+        row_count=row_count,
+        result_id=result_id,
+        result_sha256=hashlib.sha256(payload).hexdigest(),
+        result_size=len(payload),
+        expires_at=format_us(expires),
+    )
+
+
+async def transition(
+    uow: UnitOfWork, tenant: str, job_id: str, event: Event, *, actor: str
+) -> JobState:
+    """Cancel, archive, delete or link: one event, checked by the state machine."""
+    await _live_job(uow, tenant, job_id)
+    state, _ = await uow.apply(tenant, job_id, event, actor=actor)
+    return state
+
+
+async def cancel(
+    uow: UnitOfWork, tenant: str, job_id: str, reason: str | None, *, actor: str
+) -> JobState:
+    return await transition(uow, tenant, job_id, JobCancelled(reason=reason), actor=actor)
+
+
+async def archive(uow: UnitOfWork, tenant: str, job_id: str, *, actor: str) -> JobState:
+    return await transition(uow, tenant, job_id, JobArchived(), actor=actor)
+
+
+async def delete(uow: UnitOfWork, tenant: str, job_id: str, *, actor: str) -> JobState:
+    return await transition(uow, tenant, job_id, JobDeleted(), actor=actor)
+
+
+async def delete_many(uow: UnitOfWork, tenant: str, job_ids: Sequence[str], *, actor: str) -> int:
+    """Delete every listed job still live now; the count deleted."""
+    deleted = 0
+    for job_id in job_ids:
+        job = await uow.job(tenant, job_id)
+        if job is not None and not job.deleted:
+            await uow.apply(tenant, job_id, JobDeleted(), actor=actor)
+            deleted += 1
+    return deleted
+
+
+async def redact(
+    uow: UnitOfWork, tenant: str, job_id: str, reason: str | None, *, actor: str
+) -> JobState:
+    """Append ``job.redacted`` and erase the data of the job's earlier events and results."""
+    job = await _live_job(uow, tenant, job_id)
+    event = JobRedacted(reason=reason, state=redaction_snapshot(job))
+    state, recorded = await uow.apply(tenant, job_id, event, actor=actor)
+    uow.erase(tenant, job_id, recorded.position)
+    return state
+
+
+async def set_price(
+    uow: UnitOfWork, tenant: str, agent: str, price: Price, *, actor: str
+) -> Recorded:
+    return await uow.append(
+        tenant, price_stream(agent), PriceSet(agent=agent, price=price), actor=actor
+    )
+
+
+async def grant(uow: UnitOfWork, tenant: str, grant_: CreditsGranted, *, actor: str) -> Recorded:
+    return await uow.append(tenant, credits_stream(grant_.account), grant_, actor=actor)
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    key_id: str
+    secret: str
+    recorded: Recorded
+
+
+async def create_key(
+    uow: UnitOfWork,
+    tenant: str,
+    role: str,
+    *,
+    name: str | None = None,
+    project: str | None = None,
+    actor: str = "cli",
+) -> NewKey:
+    """A new API key; the secret leaves only in the answer, the ledger keeps its hash."""
+    if role not in ROLES:
+        raise Invalid(f"role must be one of {', '.join(ROLES)}", field="role")
+    key_id = new_key_id()
+    secret = "jl_" + secrets.token_urlsafe(32)
+    event = KeyCreated(
+        key_id=key_id, role=role, name=name, project=project, secret_sha256=hash_secret(secret)
+    )
+    recorded = await uow.append(tenant, key_stream(key_id), event, actor=actor)
+    return NewKey(key_id=key_id, secret=secret, recorded=recorded)
+
+
+async def revoke_key(uow: UnitOfWork, tenant: str, key_id: str, *, actor: str = "cli") -> Recorded:
+    latest = await uow.latest(tenant, key_stream(key_id))
+    if latest is None:
+        raise NotFound(f"no key {key_id}")
+    if isinstance(latest, KeyRevoked):
+        raise Conflict(f"key {key_id} is already revoked")
+    return await uow.append(tenant, key_stream(key_id), KeyRevoked(key_id=key_id), actor=actor)

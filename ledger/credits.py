@@ -1,0 +1,67 @@
+"""Credits arithmetic: exact decimals held as integer ten-thousandths ("units").
+
+Prices and grants have at most four fractional digits, and every charge is a price times a whole
+count, so every amount is a whole number of units and sums never drift.
+"""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal, InvalidOperation
+
+from ledger.errors import Invalid
+from ledger.events import Price
+
+SCALE = 10_000
+PRICE_FIELDS = ("per_job", "per_row", "per_execution", "per_second")
+
+
+def to_units(value: Decimal, *, field: str, allow_negative: bool = False) -> int:
+    """Exact units of a decimal; ``Invalid`` if it has more than four fractional digits."""
+    try:
+        if not value.is_finite():
+            raise Invalid(f"{field} must be a finite number", field=field)
+        scaled = value * SCALE
+        units = int(scaled)
+    except (InvalidOperation, OverflowError):
+        raise Invalid(f"{field} is not a valid amount", field=field) from None
+    if scaled != units:
+        raise Invalid(f"{field} has more than 4 fractional digits", field=field)
+    if units < 0 and not allow_negative:
+        raise Invalid(f"{field} must not be negative", field=field)
+    if abs(units) >= 2**62:
+        raise Invalid(f"{field} is too large", field=field)
+    return units
+
+
+def from_units(units: int) -> int | Decimal:
+    """The JSON-ready amount: an ``int`` when integral, else an exact ``Decimal``."""
+    whole, frac = divmod(units, SCALE)
+    if frac == 0:
+        return whole
+    return (Decimal(units) / SCALE).normalize()
+
+
+def validate_price(price: Price) -> None:
+    for name in PRICE_FIELDS:
+        to_units(getattr(price, name), field=name)
+
+
+def charge(
+    price: Price,
+    *,
+    row_count: int,
+    succeeded: int,
+    started_us: int | None,
+    finished_us: int | None,
+) -> int:
+    """The charge of a finished, billable job in units (section 5 of the contract)."""
+    seconds = 0
+    if started_us is not None and finished_us is not None and finished_us > started_us:
+        seconds = math.ceil((finished_us - started_us) / 1_000_000)
+    return (
+        to_units(price.per_job, field="per_job")
+        + to_units(price.per_row, field="per_row") * row_count
+        + to_units(price.per_execution, field="per_execution") * succeeded
+        + to_units(price.per_second, field="per_second") * seconds
+    )

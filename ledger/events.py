@@ -1,0 +1,224 @@
+"""The event vocabulary: frozen, tagged msgspec Structs, one per event type.
+
+A Struct holds an event's ``data``; its tag is the stable dotted ``type`` stored with it. Evolve
+an event only by adding fields with defaults. Fields the ledger fills in itself (a job's price,
+a result's hash) are marked *server*; callers that send them get ``422``.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+
+from ledger.errors import Invalid
+
+UNSET = msgspec.UNSET
+UnsetType = msgspec.UnsetType
+
+
+class Event(
+    msgspec.Struct, frozen=True, kw_only=True, tag_field="type", forbid_unknown_fields=True
+):
+    """Base of every event's data."""
+
+
+class Source(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    repository: str | None = None
+    ref: str | None = None
+
+
+class Person(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    id: str | None = None
+    email: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    code: str = "error"
+    message: str = ""
+
+
+class Price(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Credits an agent costs, in exact decimals (at most 4 fractional digits)."""
+
+    per_job: Decimal = Decimal(0)
+    per_row: Decimal = Decimal(1)
+    per_execution: Decimal = Decimal(0)
+    per_second: Decimal = Decimal(0)
+
+
+DEFAULT_PRICE = Price()
+
+
+# --- job events -----------------------------------------------------------------------------
+
+
+class JobQueued(Event, frozen=True, kw_only=True, tag="job.queued"):
+    agent: str
+    account: str = "default"
+    project: str | None = None
+    params: dict[str, Any] = {}
+    source: Source | None = None
+    model: str | None = None
+    created_by: Person | None = None
+    executions_total: int = 0
+    price: Price = DEFAULT_PRICE  # server: the price in force at this position
+
+
+class JobStarted(Event, frozen=True, kw_only=True, tag="job.started"):
+    pass
+
+
+class JobProgressed(Event, frozen=True, kw_only=True, tag="job.progressed"):
+    row_count: int | None = None
+    message: str | None = None
+
+
+class JobCompleted(Event, frozen=True, kw_only=True, tag="job.completed"):
+    row_count: int | None = None
+    result: Any | UnsetType = UNSET  # taken out before storing; the results store keeps it
+    result_id: str | None = None  # server
+    result_sha256: str | None = None  # server
+    result_size: int | None = None  # server
+    expires_at: str | None = None  # server
+
+
+class JobFailed(Event, frozen=True, kw_only=True, tag="job.failed"):
+    error: ErrorInfo | None = None
+
+
+class JobCancelled(Event, frozen=True, kw_only=True, tag="job.cancelled"):
+    reason: str | None = None
+
+
+class JobArchived(Event, frozen=True, kw_only=True, tag="job.archived"):
+    pass
+
+
+class JobPrLinked(Event, frozen=True, kw_only=True, tag="job.pr_linked"):
+    pr_link: str
+
+
+class JobDeleted(Event, frozen=True, kw_only=True, tag="job.deleted"):
+    pass
+
+
+class JobRedacted(Event, frozen=True, kw_only=True, tag="job.redacted"):
+    reason: str | None = None
+    state: dict[str, Any] | None = None  # server: what the job keeps after erasure
+
+
+class ExecutionsPlanned(Event, frozen=True, kw_only=True, tag="job.executions_planned"):
+    total: int
+
+
+class ExecutionRetrying(Event, frozen=True, kw_only=True, tag="job.execution_retrying"):
+    execution_id: str
+
+
+class ExecutionSucceeded(Event, frozen=True, kw_only=True, tag="job.execution_succeeded"):
+    execution_id: str
+
+
+class ExecutionFailed(Event, frozen=True, kw_only=True, tag="job.execution_failed"):
+    execution_id: str
+
+
+# --- tenant events --------------------------------------------------------------------------
+
+
+class KeyCreated(Event, frozen=True, kw_only=True, tag="key.created"):
+    key_id: str
+    role: str
+    name: str | None = None
+    project: str | None = None
+    secret_sha256: str
+
+
+class KeyRevoked(Event, frozen=True, kw_only=True, tag="key.revoked"):
+    key_id: str
+
+
+class PriceSet(Event, frozen=True, kw_only=True, tag="price.set"):
+    agent: str
+    price: Price
+
+
+class CreditsGranted(Event, frozen=True, kw_only=True, tag="credits.granted"):
+    account: str
+    amount: Decimal
+    reason: str | None = None
+
+
+JobEvent = (
+    JobQueued
+    | JobStarted
+    | JobProgressed
+    | JobCompleted
+    | JobFailed
+    | JobCancelled
+    | JobArchived
+    | JobPrLinked
+    | JobDeleted
+    | JobRedacted
+    | ExecutionsPlanned
+    | ExecutionRetrying
+    | ExecutionSucceeded
+    | ExecutionFailed
+)
+TenantEvent = KeyCreated | KeyRevoked | PriceSet | CreditsGranted
+AnyEvent = JobEvent | TenantEvent
+
+JOB_EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__struct_config__.tag: cls  # type: ignore[misc]
+    for cls in JobEvent.__args__  # type: ignore[attr-defined]
+}
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__struct_config__.tag: cls  # type: ignore[misc]
+    for cls in AnyEvent.__args__  # type: ignore[attr-defined]
+}
+# Events a caller may post to a job's stream; the others are made by dedicated routes.
+POSTABLE_TYPES = frozenset(JOB_EVENT_TYPES) - {"job.queued", "job.redacted"}
+
+_ENCODER = msgspec.json.Encoder(decimal_format="string")
+_DECODERS = {tag: msgspec.json.Decoder(cls) for tag, cls in EVENT_TYPES.items()}
+
+
+def event_type(event: Event) -> str:
+    return event.__struct_config__.tag  # type: ignore[return-value]
+
+
+def to_data(event: Event) -> dict[str, Any]:
+    """The event's ``data`` as plain JSON values (decimals as strings), without the tag."""
+    data: dict[str, Any] = msgspec.json.decode(_ENCODER.encode(event))
+    data.pop("type", None)
+    return data
+
+
+def from_data(type_: str, data: dict[str, Any] | None) -> Event:
+    """Build the typed event from stored or posted ``data``; ``Invalid`` names the bad field."""
+    cls = EVENT_TYPES.get(type_)
+    if cls is None:
+        raise Invalid(f"unknown event type {type_!r}", field="type")
+    try:
+        return msgspec.convert(data or {}, cls)
+    except msgspec.ValidationError as exc:
+        raise Invalid(f"bad data for {type_}: {exc}", field=_field(exc, "data")) from None
+
+
+def decode_stored(type_: str, raw: bytes | str | None) -> Event | None:
+    """Decode a stored event's data text; ``None`` for erased (redacted) data."""
+    if raw is None:
+        return None
+    return _DECODERS[type_].decode(raw)  # type: ignore[no-any-return]
+
+
+def _field(exc: msgspec.ValidationError, prefix: str) -> str:
+    text = str(exc)
+    if "at `$" in text:
+        path = text.rsplit("at `$", 1)[1].rstrip("`")
+        return prefix + path
+    return prefix

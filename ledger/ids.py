@@ -1,0 +1,56 @@
+"""Identifiers: time-ordered ULIDs behind a prefix, and the rule for caller-chosen job ids."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import threading
+import time
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+JOB_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+RESERVED_JOB_IDS = frozenset({"stats", "running"})
+
+_lock = threading.Lock()
+_last_ms = 0
+_last_rand = 0
+
+
+def ulid() -> str:
+    """A 26-character ULID, strictly increasing within this process."""
+    global _last_ms, _last_rand
+    with _lock:
+        ms = time.time_ns() // 1_000_000
+        if ms <= _last_ms:
+            ms = _last_ms
+            rand = _last_rand + 1
+        else:
+            rand = int.from_bytes(os.urandom(10), "big") >> 1
+        _last_ms, _last_rand = ms, rand
+    value = (ms << 80) | (rand & ((1 << 80) - 1))
+    out = []
+    for _ in range(26):
+        out.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(out))
+
+
+def new_job_id() -> str:
+    return "job_" + ulid()
+
+
+def new_event_id() -> str:
+    return "evt_" + ulid()
+
+
+def new_key_id() -> str:
+    return "key_" + ulid()
+
+
+def new_result_id() -> str:
+    return secrets.token_hex(12)
+
+
+def valid_job_id(value: str) -> bool:
+    return bool(JOB_ID.match(value)) and value not in RESERVED_JOB_IDS

@@ -1,0 +1,61 @@
+"""The small SQL surface the store and the projections share across backends.
+
+SQL is written once, with ``?`` placeholders and the subset both SQLite and PostgreSQL accept
+(``INSERT ... ON CONFLICT ... DO UPDATE``, ``INTEGER`` columns that PostgreSQL widens to
+``BIGINT``). Each backend adapts it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+Row = Sequence[Any]
+
+
+class Conn(Protocol):
+    """One database connection, inside or outside a transaction."""
+
+    dialect: str
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None: ...
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None: ...
+
+
+class Backend(Protocol):
+    """A database the event store runs on."""
+
+    dialect: str
+    url: str
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def write(self) -> AbstractAsyncContextManager[Conn]:
+        """An exclusive write transaction: one writer at a time across every process."""
+        ...
+
+    def read(self, *, snapshot: bool = False) -> AbstractAsyncContextManager[Conn]:
+        """A connection for reads; ``snapshot`` holds one consistent view for several queries."""
+        ...
+
+    async def ensure_schema(self, statements: Sequence[str]) -> None: ...
+
+    async def wait_for_signal(self, seconds: float) -> None:
+        """Sleep until another process signals new events, or ``seconds`` pass."""
+        ...
+
+    async def signal(self) -> None:
+        """Tell other processes that events were committed."""
+        ...
+
+    async def erase_residue(self) -> None:
+        """Make erased bytes unreadable in the database files (after a redaction)."""
+        ...

@@ -1,0 +1,20 @@
+"""Read models folded from the ledger's events: jobs, counts, credits, keys."""
+
+from __future__ import annotations
+
+from ledger.records import Projector
+from projections.counts import CountsProjector
+from projections.credits import CreditsProjector
+from projections.jobs import JobsProjector
+from projections.keys import KeysProjector
+
+PROJECTORS: dict[str, type[Projector]] = {
+    "jobs": JobsProjector,
+    "counts": CountsProjector,
+    "credits": CreditsProjector,
+    "keys": KeysProjector,
+}
+
+
+def all_projectors() -> list[Projector]:
+    return [cls() for cls in PROJECTORS.values()]  # type: ignore[call-arg]

@@ -1,0 +1,130 @@
+"""Job counts by tenant, project, account, agent, status and archived flag.
+
+Stats and account summaries sum these few rows, so they answer in time that grows with the
+number of accounts and agents, never with the number of jobs. Deleted jobs leave the counts.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from ledger.jobs import STATUSES, JobState
+from ledger.records import Batch
+from ledger.sql import Conn
+from projections.base import SqlProjector
+
+Key = tuple[str, str, str, str, str, int]
+
+
+class CountsProjector(SqlProjector):
+    name = "counts"
+    tables = ("job_counts",)
+    table_ddl = (
+        """CREATE TABLE IF NOT EXISTS {job_counts} (
+            tenant TEXT NOT NULL,
+            project TEXT NOT NULL,
+            account TEXT NOT NULL,
+            agent TEXT NOT NULL,
+            status TEXT NOT NULL,
+            archived INTEGER NOT NULL,
+            n INTEGER NOT NULL,
+            credits INTEGER NOT NULL,
+            PRIMARY KEY (tenant, project, account, agent, status, archived)
+        )""",
+    )
+
+    def __init__(self, suffix: str = "") -> None:
+        super().__init__(suffix)
+        t = self.t["job_counts"]
+        self._upsert = (
+            f"INSERT INTO {t} (tenant, project, account, agent, status, archived, n, credits) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, project, account, agent, "
+            f"status, archived) DO UPDATE SET n = {t}.n + excluded.n, "
+            f"credits = {t}.credits + excluded.credits"
+        )
+
+    async def apply(self, conn: Conn, batch: Batch) -> None:
+        deltas: dict[Key, list[int]] = defaultdict(lambda: [0, 0])
+        for change in batch.changes.values():
+            for job, sign in ((change.before, -1), (change.after, 1)):
+                if job is None or job.deleted:
+                    continue
+                delta = deltas[_key(change.tenant, job)]
+                delta[0] += sign
+                delta[1] += sign * job.credits_used
+        rows = [(*k, n, c) for k, (n, c) in deltas.items() if n or c]
+        if rows:
+            await conn.executemany(self._upsert, rows)
+
+
+def _key(tenant: str, job: JobState) -> Key:
+    return (
+        tenant,
+        job.project or "",
+        job.account,
+        job.agent,
+        job.status,
+        int(job.archived_at is not None),
+    )
+
+
+def _scope(tenant: str, project: str | None, account: str | None = None) -> tuple[str, list[Any]]:
+    sql, params = "tenant = ?", [tenant]
+    if project is not None:
+        sql += " AND project = ?"
+        params.append(project)
+    if account is not None:
+        sql += " AND account = ?"
+        params.append(account)
+    return sql, params
+
+
+def empty_by_status() -> dict[str, int]:
+    return dict.fromkeys(STATUSES, 0)
+
+
+async def stats(conn: Conn, tenant: str, *, project: str | None = None) -> dict[str, Any]:
+    """Totals by status and by agent, archived count and live credits (in units)."""
+    where, params = _scope(tenant, project)
+    rows = await conn.fetchall(
+        f"SELECT agent, status, archived, sum(n), sum(credits) FROM job_counts WHERE {where} "
+        "GROUP BY agent, status, archived",
+        params,
+    )
+    by_status = empty_by_status()
+    by_agent: dict[str, dict[str, Any]] = {}
+    archived = credits = 0
+    for agent, status, is_archived, n, units in rows:
+        n, units = int(n), int(units)
+        by_status[status] += n
+        entry = by_agent.setdefault(agent, {"total": 0, "by_status": empty_by_status()})
+        entry["total"] += n
+        entry["by_status"][status] += n
+        if is_archived:
+            archived += n
+        credits += units
+    by_agent = {a: e for a, e in sorted(by_agent.items()) if e["total"]}
+    return {
+        "total_jobs": sum(by_status.values()),
+        "by_status": by_status,
+        "by_agent": by_agent,
+        "archived": archived,
+        "credits_units": credits,
+    }
+
+
+async def by_account(
+    conn: Conn, tenant: str, *, project: str | None = None, account: str | None = None
+) -> dict[str, dict[str, int]]:
+    """``{account: {status: n}}`` for every account that has (or had) a job."""
+    where, params = _scope(tenant, project, account)
+    rows = await conn.fetchall(
+        f"SELECT account, status, sum(n) FROM job_counts WHERE {where} "
+        "GROUP BY account, status ORDER BY account",
+        params,
+    )
+    out: dict[str, dict[str, int]] = {}
+    for acct, status, n in rows:
+        out.setdefault(acct, empty_by_status())[status] += int(n)
+    return out

@@ -1,0 +1,246 @@
+"""The jobs read model: one row per job with its current state, indexed for the lists."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from ledger.errors import Invalid
+from ledger.jobs import JobState
+from ledger.records import Batch
+from ledger.sql import Conn
+from projections.base import SqlProjector
+
+_ENCODE = msgspec.json.Encoder().encode
+_DECODE = msgspec.json.Decoder(JobState).decode
+
+COLUMNS = (
+    "tenant, id, status, agent, account, project, created_us, finished_us, archived, deleted, "
+    "seq, version, result_id, state"
+)
+
+
+class JobsProjector(SqlProjector):
+    name = "jobs"
+    tables = ("jobs",)
+    table_ddl = (
+        """CREATE TABLE IF NOT EXISTS {jobs} (
+            tenant TEXT NOT NULL,
+            id TEXT NOT NULL,
+            status TEXT NOT NULL,
+            agent TEXT NOT NULL,
+            account TEXT NOT NULL,
+            project TEXT,
+            created_us INTEGER NOT NULL,
+            finished_us INTEGER,
+            archived INTEGER NOT NULL,
+            deleted INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            version INTEGER NOT NULL,
+            result_id TEXT,
+            state TEXT NOT NULL,
+            PRIMARY KEY (tenant, id)
+        )""",
+    )
+    index_ddl = (
+        "CREATE INDEX IF NOT EXISTS jobs_created ON {jobs} (tenant, created_us, seq)",
+        "CREATE INDEX IF NOT EXISTS jobs_status ON {jobs} (tenant, status, created_us, seq)",
+        "CREATE INDEX IF NOT EXISTS jobs_account ON {jobs} (tenant, account, created_us, seq)",
+        "CREATE INDEX IF NOT EXISTS jobs_result ON {jobs} (tenant, result_id)",
+    )
+
+    def __init__(self, suffix: str = "") -> None:
+        super().__init__(suffix)
+        t = self.t["jobs"]
+        updates = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS.split(", ")[2:])
+        self._upsert = (
+            f"INSERT INTO {t} ({COLUMNS}) VALUES ({', '.join('?' * 14)}) "
+            f"ON CONFLICT (tenant, id) DO UPDATE SET {updates}"
+        )
+
+    async def apply(self, conn: Conn, batch: Batch) -> None:
+        if batch.changes:
+            await conn.executemany(
+                self._upsert, [row(c.tenant, c.after) for c in batch.changes.values()]
+            )
+
+
+def row(tenant: str, job: JobState) -> tuple[Any, ...]:
+    return (
+        tenant,
+        job.id,
+        job.status,
+        job.agent,
+        job.account,
+        job.project,
+        job.created_at,
+        job.finished_at,
+        int(job.archived_at is not None),
+        int(job.deleted),
+        job.queued_position,
+        job.version,
+        job.result_id,
+        _ENCODE(job).decode(),
+    )
+
+
+# -- reads ---------------------------------------------------------------------------------
+
+
+async def get(
+    conn: Conn, tenant: str, job_id: str, *, project: str | None = None
+) -> JobState | None:
+    """A live (not deleted) job, within ``project`` when one is given."""
+    row_ = await conn.fetchone(
+        "SELECT state, project FROM jobs WHERE tenant = ? AND id = ? AND deleted = 0",
+        (tenant, job_id),
+    )
+    if row_ is None or (project is not None and row_[1] != project):
+        return None
+    return _DECODE(row_[0])
+
+
+async def by_result(
+    conn: Conn, tenant: str, result_id: str, *, project: str | None = None
+) -> JobState | None:
+    row_ = await conn.fetchone(
+        "SELECT state, project FROM jobs WHERE tenant = ? AND result_id = ? AND deleted = 0",
+        (tenant, result_id),
+    )
+    if row_ is None or (project is not None and row_[1] != project):
+        return None
+    return _DECODE(row_[0])
+
+
+@dataclass(slots=True)
+class ListQuery:
+    """Filters of ``GET /v1/jobs`` (and the dialects' lists); times are epoch microseconds."""
+
+    statuses: Sequence[str] = ()
+    agent: str | None = None
+    account: str | None = None
+    project: str | None = None
+    created_after: int | None = None
+    created_before: int | None = None
+    finished_before: int | None = None
+    archived: bool | None = None
+    q: str | None = None
+    ascending: bool = False
+    limit: int = 50
+    offset: int = 0
+    cursor: str | None = None
+
+
+def encode_cursor(created_us: int, seq: int) -> str:
+    return base64.urlsafe_b64encode(f"{created_us}:{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[int, int]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created, seq = base64.urlsafe_b64decode(padded.encode()).decode().split(":")
+        return int(created), int(seq)
+    except (ValueError, UnicodeDecodeError):
+        raise Invalid("cursor is not one this server gave out", field="cursor") from None
+
+
+def _where(tenant: str, query: ListQuery) -> tuple[str, list[Any]]:
+    sql = ["tenant = ?", "deleted = 0"]
+    params: list[Any] = [tenant]
+    if query.statuses:
+        sql.append(f"status IN ({', '.join('?' * len(query.statuses))})")
+        params.extend(query.statuses)
+    for column, value in (("agent", query.agent), ("account", query.account)):
+        if value is not None:
+            sql.append(f"{column} = ?")
+            params.append(value)
+    if query.project is not None:
+        sql.append("project = ?")
+        params.append(query.project)
+    if query.created_after is not None:
+        sql.append("created_us > ?")
+        params.append(query.created_after)
+    if query.created_before is not None:
+        sql.append("created_us < ?")
+        params.append(query.created_before)
+    if query.finished_before is not None:
+        sql.append("finished_us IS NOT NULL AND finished_us < ?")
+        params.append(query.finished_before)
+    if query.archived is not None:
+        sql.append("archived = ?")
+        params.append(int(query.archived))
+    if query.q:
+        pattern = "%" + query.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        sql.append(
+            "(id LIKE ? ESCAPE '\\' OR agent LIKE ? ESCAPE '\\' OR account LIKE ? ESCAPE '\\')"
+        )
+        params.extend([pattern] * 3)
+    return " AND ".join(sql), params
+
+
+async def page(conn: Conn, tenant: str, query: ListQuery) -> tuple[list[JobState], str | None]:
+    """One page of jobs and the cursor of the next (keyset on ``(created_at, seq)``)."""
+    where, params = _where(tenant, query)
+    order = "ASC" if query.ascending else "DESC"
+    if query.cursor:
+        created, seq = decode_cursor(query.cursor)
+        op = ">" if query.ascending else "<"
+        where += f" AND (created_us {op} ? OR (created_us = ? AND seq {op} ?))"
+        params.extend([created, created, seq])
+    sql = (
+        f"SELECT state, created_us, seq FROM jobs WHERE {where} "
+        f"ORDER BY created_us {order}, seq {order} LIMIT ? OFFSET ?"
+    )
+    rows = await conn.fetchall(sql, [*params, query.limit + 1, query.offset])
+    more = len(rows) > query.limit
+    rows = rows[: query.limit]
+    cursor = encode_cursor(rows[-1][1], rows[-1][2]) if more and rows else None
+    return [_DECODE(r[0]) for r in rows], cursor
+
+
+async def ids_matching(conn: Conn, tenant: str, query: ListQuery) -> list[str]:
+    """Every live job id matching ``query`` (for bulk deletes)."""
+    where, params = _where(tenant, query)
+    rows = await conn.fetchall(f"SELECT id FROM jobs WHERE {where} ORDER BY seq", params)
+    return [r[0] for r in rows]
+
+
+async def running(conn: Conn, tenant: str, *, project: str | None = None) -> list[JobState]:
+    query = ListQuery(statuses=("running",), project=project, ascending=True)
+    where, params = _where(tenant, query)
+    rows = await conn.fetchall(
+        f"SELECT state FROM jobs WHERE {where} ORDER BY created_us, seq", params
+    )
+    return [_DECODE(r[0]) for r in rows]
+
+
+async def billable_between(
+    conn: Conn,
+    tenant: str,
+    account: str,
+    since: int | None,
+    until: int | None,
+    *,
+    project: str | None = None,
+) -> list[JobState]:
+    """Charged jobs (deleted ones too: deleting never refunds) finished in ``[since, until)``."""
+    sql = (
+        "SELECT state FROM jobs WHERE tenant = ? AND account = ? "
+        "AND status IN ('completed', 'partial_failed')"
+    )
+    params: list[Any] = [tenant, account]
+    if project is not None:
+        sql += " AND project = ?"
+        params.append(project)
+    if since is not None:
+        sql += " AND finished_us >= ?"
+        params.append(since)
+    if until is not None:
+        sql += " AND finished_us < ?"
+        params.append(until)
+    rows = await conn.fetchall(sql + " ORDER BY finished_us, seq", params)
+    return [_DECODE(r[0]) for r in rows]
