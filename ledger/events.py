@@ -206,7 +206,7 @@ def from_data(type_: str, data: dict[str, Any] | None) -> Event:
     try:
         return msgspec.convert(data or {}, cls)
     except msgspec.ValidationError as exc:
-        raise Invalid(f"bad data for {type_}: {exc}", field=_field(exc, "data")) from None
+        raise Invalid(f"bad data for {type_}: {exc}", field=field_of(exc, "data")) from None
 
 
 def decode_stored(type_: str, raw: bytes | str | None) -> Event | None:
@@ -216,7 +216,7 @@ def decode_stored(type_: str, raw: bytes | str | None) -> Event | None:
     return _DECODERS[type_].decode(raw)  # type: ignore[no-any-return]
 
 
-def _field(exc: msgspec.ValidationError, prefix: str) -> str:
+def field_of(exc: msgspec.ValidationError, prefix: str) -> str:
     text = str(exc)
     if "at `$" in text:
         path = text.rsplit("at `$", 1)[1].rstrip("`")

@@ -1,0 +1,1 @@
+"""The HTTP API (aiohttp), the seed dialects and the CLI: the only package importing aiohttp."""

@@ -1,0 +1,93 @@
+"""``create_app``: the one place the aiohttp application is wired together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+
+from api import compat, credits, feed, jobs, openapi
+from api.auth import KeyRing, RateLimiter
+from api.context import KEYRING, LIMITER, SETTINGS, STOPPING, STORE
+from api.http import endpoint, json_response
+from api.middleware import authorize, request_context
+from api.schemas import Health
+from api.settings import Settings
+from ledger.backends import backend_for
+from ledger.clock import now_us
+from ledger.store import EventStore
+from projections import all_projectors
+
+log = structlog.get_logger(__name__)
+routes = web.RouteTableDef()
+EXPIRY_SWEEP_SECONDS = 60.0
+
+
+def open_store(db_url: str) -> EventStore:
+    """The event store over ``db_url`` with every projection: the server's and the CLI's."""
+    return EventStore(backend_for(db_url), all_projectors())
+
+
+@endpoint(routes, "GET", "/healthz", role="public", summary="Liveness", response=Health, tag="meta")
+async def healthz(request: web.Request) -> web.Response:
+    return json_response(Health(status="ok"))
+
+
+@endpoint(routes, "GET", "/v1/openapi.json", role="public", summary="This document", tag="meta")
+async def openapi_json(request: web.Request) -> web.Response:
+    return json_response(openapi.build())
+
+
+async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = open_store(app[SETTINGS].db_url)
+    await store.start()
+    app[STORE] = store
+    app[KEYRING] = KeyRing(store.backend)
+    sweeper = asyncio.create_task(_sweep_expired(store), name="results-expiry")
+    log.info("store.opened", db=app[SETTINGS].db_url, position=store.head_position)
+    yield
+    sweeper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sweeper
+    await store.stop()
+    log.info("store.closed")
+
+
+async def _sweep_expired(store: EventStore) -> None:
+    """Drop result payloads once they expire; the events keep their hashes and sizes."""
+    while True:
+        try:
+            dropped = await store.drop_expired_results(now_us())
+            if dropped:
+                log.info("results.expired", dropped=dropped)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("results.expiry_failed", exc_info=True)
+        await asyncio.sleep(EXPIRY_SWEEP_SECONDS)
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    app[STOPPING].set()  # long polls and event streams end their loops
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        middlewares=[request_context, authorize], client_max_size=settings.max_body
+    )
+    app[SETTINGS] = settings
+    app[STOPPING] = asyncio.Event()
+    if settings.rate_limit:
+        app[LIMITER] = RateLimiter(settings.rate_limit)
+    app.cleanup_ctx.append(store_ctx)
+    app.on_shutdown.append(_on_shutdown)
+    app.add_routes(routes)
+    app.add_routes(jobs.routes)
+    app.add_routes(credits.routes)
+    app.add_routes(feed.routes)
+    for module in compat.DIALECTS:
+        app.add_routes(module.routes)
+    return app

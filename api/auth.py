@@ -1,0 +1,113 @@
+"""Who is calling: Bearer keys (hashed, cached for under a second), roles, rate limits."""
+
+from __future__ import annotations
+
+import hmac
+import math
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from ledger.commands import hash_secret
+from ledger.errors import Forbidden, LedgerError, Unauthorized
+from ledger.sql import Backend
+from projections import keys
+from projections.keys import ApiKey
+
+KEY_CACHE_SECONDS = 0.5  # a key created or revoked elsewhere takes effect within a second
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The authenticated caller of one request."""
+
+    tenant: str
+    key_id: str
+    role: str
+    project: str | None  # the project every read and write of this request is scoped to
+
+
+class KeyRing:
+    """Looks up keys by the SHA-256 of their secret; remembers answers for half a second."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._cache: dict[str, tuple[float, ApiKey | None]] = {}
+
+    async def find(self, secret: str) -> ApiKey | None:
+        digest = hash_secret(secret)
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and now - hit[0] < KEY_CACHE_SECONDS:
+            key = hit[1]
+        else:
+            async with self._backend.read() as conn:
+                key = await keys.by_secret_hash(conn, digest)
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[digest] = (now, key)
+        if key is None or not hmac.compare_digest(key.secret_sha256, digest):
+            return None
+        return key
+
+
+def bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise Unauthorized("send Authorization: Bearer <api key>")
+    return secret.strip()
+
+
+async def authenticate(request: web.Request, ring: KeyRing) -> Caller:
+    key = await ring.find(bearer(request))
+    if key is None:
+        raise Unauthorized("the API key is not valid")
+    if key.revoked_at is not None:
+        raise Unauthorized("the API key has been revoked")
+    project = request.headers.get("X-Project-Id") or None
+    if key.project is not None:
+        if project is not None and project != key.project:
+            raise Forbidden(f"this key is limited to project {key.project}")
+        project = key.project
+    return Caller(tenant=key.tenant, key_id=key.key_id, role=key.role, project=project)
+
+
+class RateLimited(LedgerError):
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self.headers = headers
+
+
+class RateLimiter:
+    """A fixed one-minute window per key, like GitHub's: limit, remaining, reset (epoch s)."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.limit = per_minute
+        self._windows: dict[str, tuple[int, int]] = {}
+
+    def hit(self, key_id: str) -> dict[str, str]:
+        now = time.time()
+        window = int(now // 60)
+        start, count = self._windows.get(key_id, (window, 0))
+        if start != window:
+            start, count = window, 0
+        count += 1
+        self._windows[key_id] = (start, count)
+        reset = (start + 1) * 60
+        headers = {
+            "X-RateLimit-Limit": str(self.limit),
+            "X-RateLimit-Remaining": str(max(0, self.limit - count)),
+            "X-RateLimit-Reset": str(reset),
+        }
+        if count > self.limit:
+            headers["Retry-After"] = str(max(1, math.ceil(reset - now)))
+            raise RateLimited(
+                f"more than {self.limit} requests this minute; retry after "
+                f"{headers['Retry-After']} s",
+                headers=headers,
+            )
+        return headers

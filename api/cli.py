@@ -1,0 +1,374 @@
+"""``jobledger``: a thin shell over the functions the server uses.
+
+Exit codes: 0 success, 1 a check failed or the work could not be done, 2 usage error. Errors
+are one readable line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NoReturn, TextIO
+
+import structlog
+
+from api.settings import DEFAULT_DB, DEFAULT_MAX_BODY, Settings
+from ledger import audit, commands
+from ledger.backends import backend_for
+from ledger.clock import parse_duration, parse_us
+from ledger.errors import LedgerError
+from ledger.rebuild import rebuild
+from ledger.store import EventStore
+from projections import PROJECTORS, all_projectors
+from projections import keys as key_models
+
+
+class CliError(Exception):
+    """A failure to report as one line on stderr with exit code 1."""
+
+
+def configure_logging(stream: TextIO = sys.stderr) -> None:
+    """JSON lines (structlog); pretty output only on an interactive terminal."""
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer() if stream.isatty() else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _db(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        default=os.environ.get("JOBLEDGER_DB", DEFAULT_DB),
+        help="a file path, sqlite:///path or postgresql://... (env JOBLEDGER_DB)",
+    )
+
+
+def _rate(text: str) -> int:
+    number, _, unit = text.partition("/")
+    if unit not in ("", "min", "m") or not number.isdigit() or int(number) < 1:
+        raise argparse.ArgumentTypeError("use N/min, e.g. 600/min")
+    return int(number)
+
+
+def _duration(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _size(text: str) -> int:
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError("use bytes or e.g. 10MiB, 512k") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jobledger", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP API")
+    _db(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument(
+        "--result-retention",
+        type=_duration,
+        default="7d",
+        help="how long results stay readable (e.g. 7d, 12h)",
+    )
+    serve.add_argument("--rate-limit", type=_rate, default=None, help="requests per key, N/min")
+    serve.add_argument(
+        "--max-body",
+        type=_size,
+        default=DEFAULT_MAX_BODY,
+        help="largest request body (default 10MiB)",
+    )
+    serve.add_argument(
+        "--enforce-credits",
+        action="store_true",
+        help="refuse new jobs (402) for accounts without a positive balance",
+    )
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key; prints the secret once")
+    _db(create)
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--role", choices=commands.ROLES, default="admin")
+    create.add_argument("--name")
+    create.add_argument("--project")
+    listing = keys_sub.add_parser("list", help="list keys (never secrets)")
+    _db(listing)
+    listing.add_argument("--tenant")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key")
+    _db(revoke)
+    revoke.add_argument("key_id")
+
+    rb = sub.add_parser("rebuild", help="replay every event into fresh read models")
+    _db(rb)
+    rb.add_argument("--projection", choices=sorted(PROJECTORS))
+    rb.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare a replay with the live read models instead of swapping",
+    )
+
+    export = sub.add_parser("export", help="stream the audit log")
+    _db(export)
+    export.add_argument("--tenant")
+    export.add_argument("--format", choices=("ndjson", "csv"), default="ndjson")
+    export.add_argument("--out")
+    export.add_argument("--since")
+    export.add_argument("--until")
+    export.add_argument("--job")
+
+    verify = sub.add_parser("verify", help="recompute the hash chain")
+    _db(verify)
+    verify.add_argument("--tenant")
+    verify.add_argument("--file", help="an NDJSON export to verify instead of the database")
+    return parser
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from api.app import create_app
+    from api.context import STORE
+
+    settings = Settings(
+        db_url=args.db,
+        host=args.host,
+        port=args.port,
+        result_retention_s=args.result_retention,
+        rate_limit=args.rate_limit,
+        max_body=args.max_body,
+        enforce_credits=args.enforce_credits,
+    )
+    backend_for(args.db)  # a bad URL fails here, before the server starts
+    app = create_app(settings)
+
+    async def announce(app: web.Application) -> None:
+        async with app[STORE].backend.read() as conn:
+            existing = await key_models.listing(conn)
+        if not existing:
+            print(
+                "jobledger: no API keys yet. Create the first admin key with:\n"
+                f"  jobledger keys create --db {args.db} --tenant <your-org> --role admin",
+                flush=True,
+            )
+        print(f"jobledger: serving on http://{args.host}:{args.port}", flush=True)
+
+    app.on_startup.append(announce)
+    try:
+        web.run_app(
+            app, host=args.host, port=args.port, access_log=None, print=None, shutdown_timeout=30.0
+        )
+    except OSError as exc:
+        raise CliError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    return 0
+
+
+@contextmanager
+def _progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar on a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=max(total, 1))
+
+        yield update
+
+
+async def _open(db: str, *, create: bool = False, writer: bool = True) -> EventStore:
+    store = EventStore(backend_for(db, create=create), all_projectors())
+    await store.start(writer=writer)
+    return store
+
+
+async def cmd_keys(args: argparse.Namespace) -> int:
+    store = await _open(args.db, create=args.keys_command == "create")
+    try:
+        if args.keys_command == "create":
+            tenant = args.tenant.strip()
+            if not tenant:
+                raise CliError("--tenant must not be empty")
+            new = await store.execute(
+                lambda uow: commands.create_key(
+                    uow, tenant, args.role, name=args.name, project=args.project
+                ),
+                tenants=[tenant],
+            )
+            print(
+                f"created {new.key_id} for tenant {tenant} (role {args.role}); "
+                "the secret is shown only this once:"
+            )
+            print(new.secret)
+        elif args.keys_command == "list":
+            async with store.backend.read() as conn:
+                found = await key_models.listing(conn, args.tenant)
+            if args.tenant is not None and not found:
+                raise CliError(f"unknown tenant {args.tenant!r}: it has no keys")
+            for key in found:
+                state = "revoked" if key.revoked_at else "active"
+                print(
+                    f"{key.key_id} {key.tenant} {key.role} {key.project or '--'} "
+                    f"{key.created_at} {state}"
+                )
+        else:
+            async with store.backend.read() as conn:
+                key = await key_models.by_id(conn, args.key_id)
+            if key is None:
+                raise CliError(f"unknown key {args.key_id!r}")
+            await store.execute(
+                lambda uow: commands.revoke_key(uow, key.tenant, key.key_id),
+                tenants=[key.tenant],
+            )
+            print(f"revoked {key.key_id}")
+    finally:
+        await store.stop()
+    return 0
+
+
+async def cmd_rebuild(args: argparse.Namespace) -> int:
+    store = await _open(args.db, writer=False)
+    try:
+        projectors = [p for p in store.projectors if args.projection in (None, p.name)]
+        with _progress("rebuilding") as progress:
+            report = await rebuild(store.backend, projectors, verify=args.verify, progress=progress)
+    finally:
+        await store.stop()
+    if args.verify and report.difference is not None:
+        print(f"DIFFERENT {report.difference}", file=sys.stderr)
+    summary = {
+        "events": report.events,
+        "seconds": round(report.seconds, 3),
+        "events_per_second": round(report.events_per_second, 1),
+    }
+    if args.verify:
+        summary["identical"] = report.difference is None  # type: ignore[assignment]
+    print(json.dumps(summary))
+    return 1 if args.verify and report.difference is not None else 0
+
+
+async def _known_tenant(store: EventStore, tenant: str | None) -> None:
+    if tenant is not None and await store.head(tenant) is None:
+        raise CliError(f"unknown tenant {tenant!r}: it has no events")
+
+
+async def cmd_export(args: argparse.Namespace) -> int:
+    store = await _open(args.db, writer=False)
+    try:
+        await _known_tenant(store, args.tenant)
+        flt = audit.ExportFilter(
+            tenant=args.tenant,
+            since_us=None if args.since is None else parse_us(args.since, field="since"),
+            until_us=None if args.until is None else parse_us(args.until, field="until"),
+            stream=args.job,
+        )
+        total = await store.max_position()
+        out = open(args.out, "wb") if args.out else sys.stdout.buffer  # noqa: SIM115
+        try:
+            if args.format == "csv":
+                out.write(audit.csv_header())
+            with _progress("exporting") as progress:
+                async for events in audit.iter_events(store.backend, flt):
+                    out.write(
+                        audit.csv_lines(events)
+                        if args.format == "csv"
+                        else audit.ndjson_lines(events)
+                    )
+                    if progress is not None:
+                        progress(events[-1].position, total)
+            out.flush()
+        finally:
+            if args.out:
+                out.close()
+    finally:
+        await store.stop()
+    return 0
+
+
+async def cmd_verify(args: argparse.Namespace) -> int:
+    if args.file:
+        try:
+            verdict = audit.verify_lines(audit.read_lines(args.file))
+        except OSError as exc:
+            raise CliError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    else:
+        store = await _open(args.db, writer=False)
+        try:
+            await _known_tenant(store, args.tenant)
+            verdict = await audit.verify_store(store.backend, args.tenant)
+        finally:
+            await store.stop()
+    if verdict.ok:
+        print(f"OK {verdict.count} {verdict.head}")
+        return 0
+    where = verdict.bad_position if verdict.bad_position is not None else "-"
+    print(f"FAILED {where} {verdict.reason}")
+    print(f"jobledger: chain broken at position {where}: {verdict.reason}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging()
+    try:
+        if args.command == "serve":
+            code = cmd_serve(args)
+        else:
+            runner = {
+                "keys": cmd_keys,
+                "rebuild": cmd_rebuild,
+                "export": cmd_export,
+                "verify": cmd_verify,
+            }[args.command]
+            code = asyncio.run(runner(args))
+    except CliError as exc:
+        print(f"jobledger: {exc}", file=sys.stderr)
+        code = 1
+    except LedgerError as exc:
+        print(f"jobledger: {exc.message}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print("jobledger: interrupted", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:
+        code = 0
+    except Exception as exc:  # the last guard: one line, never a traceback
+        print(f"jobledger: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code = 1
+    sys.exit(code)

@@ -1,0 +1,32 @@
+"""The application's typed keys and the per-request accessors handlers use."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from api.auth import Caller, KeyRing, RateLimiter
+from api.settings import Settings
+from ledger.store import EventStore
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", EventStore)
+KEYRING = web.AppKey("keyring", KeyRing)
+LIMITER = web.AppKey("limiter", RateLimiter)
+STOPPING = web.AppKey("stopping", asyncio.Event)
+
+CALLER = "jobledger.caller"
+
+
+def caller(request: web.Request) -> Caller:
+    found: Caller = request[CALLER]
+    return found
+
+
+def store(request: web.Request) -> EventStore:
+    return request.app[STORE]
+
+
+def settings(request: web.Request) -> Settings:
+    return request.app[SETTINGS]

@@ -1,0 +1,245 @@
+"""Routes of section 5 (prices, grants, balances, statements) and per-account summaries."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+from aiohttp import web
+
+from api import schemas as s
+from api.context import caller, store
+from api.http import endpoint, json_response, read_body, read_query
+from api.idempotency import run_write
+from api.jobs import time_param
+from ledger import commands
+from ledger.clock import format_opt
+from ledger.credits import from_units, to_units, validate_price
+from ledger.errors import NotFound
+from ledger.events import CreditsGranted, Price
+from ledger.store import UnitOfWork
+from projections import counts, credits, jobs
+
+routes = web.RouteTableDef()
+
+
+def price_view(agent: str, price: Price, updated_at: str | None) -> s.PriceView:
+    return s.PriceView(
+        agent=agent,
+        per_job=from_units(to_units(price.per_job, field="per_job")),
+        per_row=from_units(to_units(price.per_row, field="per_row")),
+        per_execution=from_units(to_units(price.per_execution, field="per_execution")),
+        per_second=from_units(to_units(price.per_second, field="per_second")),
+        updated_at=updated_at,
+    )
+
+
+@endpoint(
+    routes,
+    "POST",
+    "/v1/prices",
+    role="admin",
+    summary="Set an agent's price (price.set)",
+    body=s.PriceBody,
+    response=s.PriceView,
+    status=201,
+    errors=(403, 422),
+    tag="credits",
+)
+async def set_price(request: web.Request) -> web.Response:
+    who = caller(request)
+    body = await read_body(request, s.PriceBody)
+    price = Price(
+        per_job=body.per_job,
+        per_row=body.per_row,
+        per_execution=body.per_execution,
+        per_second=body.per_second,
+    )
+    validate_price(price)
+
+    async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
+        recorded = await commands.set_price(uow, who.tenant, body.agent, price, actor=who.key_id)
+        return 201, price_view(body.agent, price, recorded.recorded_at), None
+
+    return await run_write(request, write)
+
+
+@endpoint(
+    routes,
+    "GET",
+    "/v1/prices",
+    role="reader",
+    summary="Prices in force",
+    response=s.PriceList,
+    tag="credits",
+)
+async def list_prices(request: web.Request) -> web.Response:
+    async with store(request).backend.read() as conn:
+        rows = await credits.prices(conn, caller(request).tenant)
+    return json_response(s.PriceList(prices=[price_view(a, p, at) for a, p, at in rows]))
+
+
+@endpoint(
+    routes,
+    "POST",
+    "/v1/credits/grants",
+    role="admin",
+    summary="Grant (or, negative, adjust) an account's credits",
+    body=s.GrantBody,
+    response=s.GrantView,
+    status=201,
+    errors=(403, 422),
+    tag="credits",
+)
+async def grant(request: web.Request) -> web.Response:
+    who = caller(request)
+    body = await read_body(request, s.GrantBody)
+    units = to_units(body.amount, field="amount", allow_negative=True)
+    event = CreditsGranted(account=body.account, amount=body.amount, reason=body.reason)
+
+    async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
+        recorded = await commands.grant(uow, who.tenant, event, actor=who.key_id)
+        totals = await credits.balance(await uow.flushed(), who.tenant, account=body.account)
+        return (
+            201,
+            s.GrantView(
+                account=body.account,
+                amount=from_units(units),
+                reason=body.reason,
+                position=recorded.position,
+                granted=from_units(totals["granted"]),
+                used=from_units(totals["used"]),
+                balance=from_units(totals["granted"] - totals["used"]),
+            ),
+            None,
+        )
+
+    return await run_write(request, write)
+
+
+@endpoint(
+    routes,
+    "GET",
+    "/v1/credits",
+    role="reader",
+    summary="Granted, used and balance",
+    query=s.CreditsQuery,
+    response=s.Credits,
+    tag="credits",
+)
+async def get_credits(request: web.Request) -> web.Response:
+    who = caller(request)
+    q = read_query(request, s.CreditsQuery)
+    async with store(request).backend.read(snapshot=True) as conn:
+        totals = await credits.balance(conn, who.tenant, account=q.account, project=who.project)
+    return json_response(
+        s.Credits(
+            granted=from_units(totals["granted"]),
+            used=from_units(totals["used"]),
+            balance=from_units(totals["granted"] - totals["used"]),
+            by_agent={a: from_units(u) for a, u in totals["by_agent"].items()},
+        )
+    )
+
+
+@endpoint(
+    routes,
+    "GET",
+    "/v1/credits/statement",
+    role="reader",
+    summary="Charges of jobs finished in a window (JSON or CSV)",
+    query=s.StatementQuery,
+    response=s.Statement,
+    tag="credits",
+)
+async def statement(request: web.Request) -> web.Response:
+    who = caller(request)
+    q = read_query(request, s.StatementQuery)
+    since, until = time_param(q.since, "since"), time_param(q.until, "until")
+    async with store(request).backend.read() as conn:
+        charged = await jobs.billable_between(
+            conn, who.tenant, q.account, since, until, project=who.project
+        )
+    lines = [
+        s.StatementLine(
+            job_id=j.id,
+            agent=j.agent,
+            finished_at=format_opt(j.finished_at),
+            row_count=j.row_count,
+            credits=from_units(j.credits_used),
+        )
+        for j in charged
+    ]
+    total = from_units(sum(j.credits_used for j in charged))
+    if q.format == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["job_id", "agent", "finished_at", "row_count", "credits"])
+        for line in lines:
+            writer.writerow(
+                [line.job_id, line.agent, line.finished_at, line.row_count, line.credits]
+            )
+        writer.writerow(["total", "", "", "", total])
+        return web.Response(text=out.getvalue(), content_type="text/csv")
+    return json_response(
+        s.Statement(account=q.account, since=q.since, until=q.until, lines=lines, total=total)
+    )
+
+
+async def _accounts(request: web.Request, account: str | None) -> list[s.AccountView]:
+    who = caller(request)
+    async with store(request).backend.read(snapshot=True) as conn:
+        job_counts = await counts.by_account(conn, who.tenant, project=who.project, account=account)
+        money = await credits.accounts_usage(conn, who.tenant, project=who.project)
+    names = sorted(set(job_counts) | (set(money) if who.project is None else set()))
+    if account is not None:
+        names = [n for n in names if n == account]
+    views = []
+    for name in names:
+        by_status = job_counts.get(name, counts.empty_by_status())
+        granted, used = money.get(name, (0, 0))
+        views.append(
+            s.AccountView(
+                account=name,
+                jobs=s.JobCounts(total=sum(by_status.values()), by_status=by_status),
+                executing=by_status["running"],
+                credits=s.Balance(
+                    granted=from_units(granted),
+                    used=from_units(used),
+                    balance=from_units(granted - used),
+                ),
+            )
+        )
+    return views
+
+
+@endpoint(
+    routes,
+    "GET",
+    "/v1/accounts",
+    role="reader",
+    summary="Every account's summary",
+    response=s.AccountList,
+    tag="accounts",
+)
+async def list_accounts(request: web.Request) -> web.Response:
+    return json_response(s.AccountList(accounts=await _accounts(request, None)))
+
+
+@endpoint(
+    routes,
+    "GET",
+    "/v1/accounts/{account}",
+    role="reader",
+    summary="One account's summary",
+    response=s.AccountView,
+    errors=(404,),
+    tag="accounts",
+)
+async def get_account(request: web.Request) -> web.Response:
+    account = request.match_info["account"]
+    views = await _accounts(request, account)
+    if not views:
+        raise NotFound(f"no account {account}")
+    return json_response(views[0])

@@ -1,0 +1,197 @@
+"""Routes of sections 6 and 7: the event feed, Server-Sent Events, audit export and erasure."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from api import schemas as s
+from api.context import STOPPING, caller, store
+from api.http import endpoint, json_response, read_optional_body, read_query
+from api.idempotency import run_write
+from api.jobs import job_id_of, read_job, time_param
+from ledger import audit, commands
+from ledger.errors import Invalid, NotFound
+from ledger.store import UnitOfWork
+from projections import jobs
+
+routes = web.RouteTableDef()
+HEARTBEAT_SECONDS = 15.0
+STREAM_BATCH = 500
+
+
+@endpoint(
+    routes,
+    "GET",
+    "/v1/events",
+    role="reader",
+    summary="The tenant's events in order",
+    query=s.EventsQuery,
+    response=s.EventsPage,
+    tag="events",
+)
+async def list_events(request: web.Request) -> web.Response:
+    q = read_query(request, s.EventsQuery)
+    types = tuple(t.strip() for t in (q.types or "").split(",") if t.strip())
+    events = await store(request).events(
+        caller(request).tenant, after=q.after, limit=q.limit, types=types, stream=q.job_id
+    )
+    next_after = events[-1].position if events else q.after
+    return json_response(
+        s.EventsPage(events=[s.event_view(e) for e in events], next_after=next_after)
+    )
+
+
+def _resume_from(request: web.Request, after: int | None) -> int:
+    last_id = request.headers.get("Last-Event-ID")
+    if last_id:
+        try:
+            return max(0, int(last_id))
+        except ValueError:
+            raise Invalid(
+                "Last-Event-ID must be an event position", field="Last-Event-ID"
+            ) from None
+    return after or 0
+
+
+@endpoint(
+    routes,
+    "GET",
+    "/v1/events/stream",
+    role="reader",
+    summary="Server-Sent Events: every new event, resumable",
+    query=s.StreamQuery,
+    content="text/event-stream",
+    tag="events",
+)
+async def stream_events(request: web.Request) -> web.StreamResponse:
+    q = read_query(request, s.StreamQuery)
+    cursor = _resume_from(request, q.after)
+    tenant = caller(request).tenant
+    ledger = store(request)
+    stopping = request.app[STOPPING]
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await response.prepare(request)
+    await response.write(b"retry: 1000\n\n")
+    last_sent = time.monotonic()
+    encode = msgspec.json.encode
+    while not stopping.is_set():
+        events = await ledger.events(tenant, after=cursor, limit=STREAM_BATCH)
+        if events:
+            chunk = b"".join(
+                b"id: %d\nevent: %s\ndata: %s\n\n"
+                % (e.position, e.type.encode(), encode(s.event_view(e)))
+                for e in events
+            )
+            await response.write(chunk)
+            cursor = events[-1].position
+            last_sent = time.monotonic()
+            continue
+        idle = time.monotonic() - last_sent
+        if idle >= HEARTBEAT_SECONDS:
+            await response.write(b": heartbeat\n\n")
+            last_sent = time.monotonic()
+            continue
+        waiter = asyncio.ensure_future(ledger.wait_for_change(HEARTBEAT_SECONDS - idle))
+        stop = asyncio.ensure_future(stopping.wait())
+        await asyncio.wait({waiter, stop}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (waiter, stop):
+            task.cancel()
+    return response
+
+
+@endpoint(
+    routes,
+    "GET",
+    "/v1/audit/head",
+    role="admin",
+    summary="The end of the tenant's chain",
+    response=s.AuditHead,
+    tag="audit",
+)
+async def audit_head(request: web.Request) -> web.Response:
+    head = await store(request).head(caller(request).tenant)
+    position, digest, count = head or (0, "0" * 64, 0)
+    return json_response(s.AuditHead(position=position, hash=digest, count=count))
+
+
+@endpoint(
+    routes,
+    "GET",
+    "/v1/audit/export",
+    role="admin",
+    summary="Stream the tenant's audit log (NDJSON or CSV)",
+    query=s.ExportQuery,
+    content="application/x-ndjson",
+    tag="audit",
+)
+async def audit_export(request: web.Request) -> web.StreamResponse:
+    who = caller(request)
+    q = read_query(request, s.ExportQuery)
+    streams: frozenset[str] | None = None
+    if q.account is not None:
+        async with store(request).backend.read() as conn:
+            ids = await jobs.ids_matching(conn, who.tenant, jobs.ListQuery(account=q.account))
+            deleted = await conn.fetchall(
+                "SELECT id FROM jobs WHERE tenant = ? AND account = ? AND deleted = 1",
+                (who.tenant, q.account),
+            )
+        streams = frozenset([*ids, *(r[0] for r in deleted), commands.credits_stream(q.account)])
+    flt = audit.ExportFilter(
+        tenant=who.tenant,
+        since_us=time_param(q.since, "since"),
+        until_us=time_param(q.until, "until"),
+        stream=q.job_id,
+        streams=streams,
+    )
+    csv_format = q.format == "csv"
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/csv" if csv_format else "application/x-ndjson",
+            "Content-Disposition": f'attachment; filename="audit.{q.format}"',
+        }
+    )
+    await response.prepare(request)
+    if csv_format:
+        await response.write(audit.csv_header())
+    async for events in audit.iter_events(store(request).backend, flt):
+        await response.write(audit.csv_lines(events) if csv_format else audit.ndjson_lines(events))
+    await response.write_eof()
+    return response
+
+
+@endpoint(
+    routes,
+    "POST",
+    "/v1/jobs/{id}/redact",
+    role="admin",
+    summary="Erase a job's data (job.redacted); hashes stay",
+    body=s.Reason,
+    response=s.JobView,
+    errors=(404,),
+    tag="audit",
+)
+async def redact(request: web.Request) -> web.Response:
+    who = caller(request)
+    job_id = job_id_of(request)
+    body = await read_optional_body(request, s.Reason)
+    await read_job(request, job_id)
+
+    async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
+        state = await commands.redact(uow, who.tenant, job_id, body.reason, actor=who.key_id)
+        return 200, s.job_view(state), None
+
+    return await run_write(request, write)
+
+
+__all__ = ["NotFound", "routes"]

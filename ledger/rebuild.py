@@ -1,0 +1,249 @@
+"""Rebuilding read models: replay every event from position 0 into shadow tables, then swap.
+
+The replay reads the history in chunks and folds job states with the same ``evolve`` the write
+path uses. Projections get *compacted* changes (each job once, from nothing to its final state),
+so a million events cost a fraction of a million row writes. Shadow tables fill in short
+transactions while servers keep writing; then, holding the write lock, the rebuild folds the
+events appended meanwhile, and drops, renames and indexes in one transaction: readers see the
+old read models or the new ones, never a half-built one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from ledger.events import JOB_EVENT_TYPES, Event, decode_stored
+from ledger.jobs import JobState, evolve
+from ledger.records import Batch, Change, Projector, Recorded
+from ledger.sql import Backend, Conn
+
+SUFFIX = "__rebuild"
+READ_CHUNK = 20_000
+WRITE_CHUNK = 20_000
+Progress = Callable[[int, int], None]
+_COLUMNS = "position, tenant, stream, version, type, occurred_us, data"
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    events: int
+    seconds: float
+    difference: str | None = None
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else float(self.events)
+
+
+class _Fold:
+    """Job states and tenant events folded so far."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[tuple[str, str], JobState] = {}
+        self.tenant_events: list[tuple[Recorded, Event | None]] = []
+        self.count = 0
+        self.position = 0
+
+    def feed(self, rows: Sequence[Sequence[Any]]) -> set[tuple[str, str]]:
+        touched: set[tuple[str, str]] = set()
+        jobs = self.jobs
+        for position, tenant, stream, version, type_, occurred, data in rows:
+            if type_ in JOB_EVENT_TYPES:
+                key = (tenant, stream)
+                jobs[key] = evolve(
+                    jobs.get(key),
+                    decode_stored(type_, data),
+                    type_=type_,
+                    job_id=stream,
+                    occurred_us=occurred,
+                    position=position,
+                )
+                touched.add(key)
+            else:
+                recorded = Recorded(
+                    position=position,
+                    tenant=tenant,
+                    stream=stream,
+                    version=version,
+                    event_id="",
+                    type=type_,
+                    occurred_at="",
+                    occurred_us=occurred,
+                    recorded_at="",
+                    actor="",
+                    data=data,
+                    data_hash="",
+                    prev_hash="",
+                    hash="",
+                )
+                self.tenant_events.append((recorded, decode_stored(type_, data)))
+            self.position = position
+        self.count += len(rows)
+        return touched
+
+
+async def _read_from(conn: Conn, after: int, until: int | None) -> list[Sequence[Any]]:
+    sql = f"SELECT {_COLUMNS} FROM events WHERE position > ?"
+    params: list[Any] = [after]
+    if until is not None:
+        sql += " AND position <= ?"
+        params.append(until)
+    return await conn.fetchall(sql + f" ORDER BY position LIMIT {READ_CHUNK}", params)
+
+
+async def _recorded_at(conn: Conn, fold: _Fold) -> None:
+    """Tenant events need their recorded times (keys and prices show them)."""
+    if not fold.tenant_events:
+        return
+    positions = [r.position for r, _ in fold.tenant_events]
+    found: dict[int, str] = {}
+    for i in range(0, len(positions), 500):
+        part = positions[i : i + 500]
+        rows = await conn.fetchall(
+            f"SELECT position, recorded_at FROM events WHERE position IN "
+            f"({', '.join('?' * len(part))})",
+            part,
+        )
+        found.update({r[0]: r[1] for r in rows})
+    for recorded, _ in fold.tenant_events:
+        recorded.recorded_at = found.get(recorded.position, "")
+
+
+async def rebuild(
+    backend: Backend,
+    projectors: Sequence[Projector],
+    *,
+    verify: bool = False,
+    progress: Progress | None = None,
+) -> Report:
+    """Replay into shadows of ``projectors``; swap them in, or (``verify``) compare them."""
+    started = time.perf_counter()
+    shadows = [p.with_suffix(SUFFIX) for p in projectors]
+    async with backend.write() as conn:
+        for p in projectors:
+            for table in p.tables:
+                await conn.execute(f"DROP TABLE IF EXISTS {table}{SUFFIX}")
+        for shadow, p in zip(shadows, projectors, strict=True):
+            for sql in p.ddl(SUFFIX):
+                await conn.execute(sql)
+    async with backend.read() as conn:
+        row = await conn.fetchone("SELECT max(position) FROM events")
+    end = (row[0] if row else None) or 0
+    fold = _Fold()
+    async with backend.read(snapshot=True) as conn:
+        while True:
+            rows = await _read_from(conn, fold.position, end)
+            if not rows:
+                break
+            fold.feed(rows)
+            if progress is not None:
+                progress(fold.position, end)
+        await _recorded_at(conn, fold)
+    await _fill(backend, shadows, fold)
+    difference: str | None = None
+    async with backend.write() as conn:
+        # events appended while we replayed: fold them on top, under the write lock
+        befores: dict[tuple[str, str], JobState | None] = {}
+        late: list[tuple[Recorded, Event | None]] = []
+        while True:
+            rows = await _read_from(conn, fold.position, None)
+            if not rows:
+                break
+            snapshot = dict(fold.jobs)
+            mark = len(fold.tenant_events)
+            for key in fold.feed(rows):
+                befores.setdefault(key, snapshot.get(key))
+            late.extend(fold.tenant_events[mark:])
+        if befores or late:
+            batch = Batch(events=late)
+            for key, before in befores.items():
+                batch.changes[key] = Change(key[0], before, fold.jobs[key])
+            for shadow in shadows:
+                await shadow.apply(conn, batch)
+        if verify:
+            difference = await _compare(conn, projectors)
+            for p in projectors:
+                for table in p.tables:
+                    await conn.execute(f"DROP TABLE IF EXISTS {table}{SUFFIX}")
+        else:
+            for p in projectors:
+                for table in p.tables:
+                    await conn.execute(f"DROP TABLE IF EXISTS {table}")
+                    await conn.execute(f"ALTER TABLE {table}{SUFFIX} RENAME TO {table}")
+                    if conn.dialect == "postgres":  # PostgreSQL names the key after the table
+                        await conn.execute(
+                            f"ALTER INDEX IF EXISTS {table}{SUFFIX}_pkey RENAME TO {table}_pkey"
+                        )
+                for sql in p.indexes():
+                    await conn.execute(sql)
+    if progress is not None:
+        progress(fold.position, max(end, fold.position))
+    return Report(fold.count, time.perf_counter() - started, difference)
+
+
+async def _fill(backend: Backend, shadows: Sequence[Projector], fold: _Fold) -> None:
+    """Write the folded states into the shadows in short transactions."""
+    if fold.tenant_events:
+        async with backend.write() as conn:
+            for shadow in shadows:
+                await shadow.apply(conn, Batch(events=fold.tenant_events))
+    items = list(fold.jobs.items())
+    for i in range(0, len(items), WRITE_CHUNK):
+        batch = Batch()
+        for key, state in items[i : i + WRITE_CHUNK]:
+            batch.changes[key] = Change(key[0], None, state)
+        async with backend.write() as conn:
+            for shadow in shadows:
+                await shadow.apply(conn, batch)
+
+
+def _normal(value: Any) -> Any:
+    """Compare JSON text by meaning (key order is not a difference)."""
+    if isinstance(value, str) and value[:1] in ("{", "["):
+        try:
+            return msgspec.json.decode(value)
+        except msgspec.DecodeError:
+            return value
+    return value
+
+
+async def _compare(conn: Conn, projectors: Sequence[Projector]) -> str | None:
+    """The first row where a live table and its replay differ, or ``None``."""
+    for p in projectors:
+        for table in p.tables:
+            live = await conn.fetchall(f"SELECT * FROM {table}")
+            fresh = await conn.fetchall(f"SELECT * FROM {table}{SUFFIX}")
+            live_rows = _rows(table, live)
+            fresh_rows = _rows(table, fresh)
+            for a, b in zip(live_rows, fresh_rows, strict=False):
+                if a != b:
+                    return f"{table}: live row {_show(a)} differs from replayed {_show(b)}"
+            if len(live_rows) != len(fresh_rows):
+                extra = live_rows[len(fresh_rows) :] or fresh_rows[len(live_rows) :]
+                side = "live" if len(live_rows) > len(fresh_rows) else "replayed"
+                return f"{table}: only the {side} model has row {_show(extra[0])}"
+    return None
+
+
+def _rows(table: str, rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
+    kept = [tuple(_normal(v) for v in r) for r in rows if not _is_zero(table, r)]
+    return sorted(kept, key=lambda r: tuple(str(v) for v in r))
+
+
+def _is_zero(table: str, row: Sequence[Any]) -> bool:
+    """Counter rows that sum to nothing are the same as no row."""
+    if table == "job_counts":
+        return row[6] == 0 and row[7] == 0
+    if table == "credit_usage":
+        return row[4] == 0
+    return False
+
+
+def _show(row: tuple[Any, ...]) -> str:
+    text = repr(row)
+    return text if len(text) < 300 else text[:300] + "..."
