@@ -248,14 +248,14 @@ async def cmd_keys(args: argparse.Namespace) -> int:
                 )
         else:
             async with store.backend.read() as conn:
-                key = await key_models.by_id(conn, args.key_id)
-            if key is None:
+                found_key = await key_models.by_id(conn, args.key_id)
+            if found_key is None:
                 raise CliError(f"unknown key {args.key_id!r}")
+            tenant, key_id = found_key.tenant, found_key.key_id
             await store.execute(
-                lambda uow: commands.revoke_key(uow, key.tenant, key.key_id),
-                tenants=[key.tenant],
+                lambda uow: commands.revoke_key(uow, tenant, key_id), tenants=[tenant]
             )
-            print(f"revoked {key.key_id}")
+            print(f"revoked {key_id}")
     finally:
         await store.stop()
     return 0
@@ -298,7 +298,7 @@ async def cmd_export(args: argparse.Namespace) -> int:
             stream=args.job,
         )
         total = await store.max_position()
-        out = open(args.out, "wb") if args.out else sys.stdout.buffer  # noqa: SIM115
+        out = open(args.out, "wb") if args.out else sys.stdout.buffer
         try:
             if args.format == "csv":
                 out.write(audit.csv_header())

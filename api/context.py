@@ -16,7 +16,8 @@ KEYRING = web.AppKey("keyring", KeyRing)
 LIMITER = web.AppKey("limiter", RateLimiter)
 STOPPING = web.AppKey("stopping", asyncio.Event)
 
-CALLER = "jobledger.caller"
+CALLER = web.RequestKey("caller", Caller)
+EXTRA_HEADERS = web.RequestKey("extra_headers", dict)
 
 
 def caller(request: web.Request) -> Caller:

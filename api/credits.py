@@ -99,8 +99,10 @@ async def grant(request: web.Request) -> web.Response:
     event = CreditsGranted(account=body.account, amount=body.amount, reason=body.reason)
 
     async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
-        recorded = await commands.grant(uow, who.tenant, event, actor=who.key_id)
+        # read before staging: flushed() holds the batch's earlier commands, not this one
         totals = await credits.balance(await uow.flushed(), who.tenant, account=body.account)
+        recorded = await commands.grant(uow, who.tenant, event, actor=who.key_id)
+        totals["granted"] += units
         return (
             201,
             s.GrantView(

@@ -184,8 +184,8 @@ async def audit_export(request: web.Request) -> web.StreamResponse:
 async def redact(request: web.Request) -> web.Response:
     who = caller(request)
     job_id = job_id_of(request)
-    body = await read_optional_body(request, s.Reason)
     await read_job(request, job_id)
+    body = await read_optional_body(request, s.Reason)
 
     async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
         state = await commands.redact(uow, who.tenant, job_id, body.reason, actor=who.key_id)

@@ -22,7 +22,7 @@ from api.http import (
 )
 from api.idempotency import run_write
 from ledger import commands
-from ledger.clock import now_us, parse_us
+from ledger.clock import format_opt, now_us, parse_us
 from ledger.credits import from_units
 from ledger.errors import (
     BadRequest,
@@ -96,7 +96,7 @@ async def result_answer(request: web.Request, job: JobState, *, compact: bool) -
         result_id=job.result_id,
         status=job.status,
         row_count=job.row_count,
-        expires_at=s.format_opt(job.expires_at),
+        expires_at=format_opt(job.expires_at),
     )
     if not compact:
         answer.data = msgspec.Raw(stored[2].encode())
@@ -174,7 +174,7 @@ async def running_answer(request: web.Request) -> s.Running:
             s.Executing(
                 job_id=job.id,
                 agent=job.agent,
-                started_at=s.format_opt(job.started_at),
+                started_at=format_opt(job.started_at),
                 elapsed=s.elapsed(job.started_at, now),
             )
         )
@@ -429,6 +429,7 @@ async def _transition(request: web.Request, make: Any, status: int = 200) -> web
     errors=(404, 409),
 )
 async def cancel(request: web.Request) -> web.Response:
+    await read_job(request, job_id_of(request))  # 404 comes before any body error
     body = await read_optional_body(request, s.Reason)
     return await _transition(
         request,

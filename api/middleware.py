@@ -9,7 +9,7 @@ import structlog
 from aiohttp import web
 
 from api.auth import RateLimited, authenticate
-from api.context import CALLER, KEYRING, LIMITER
+from api.context import CALLER, EXTRA_HEADERS, KEYRING, LIMITER
 from api.http import ROLE_RANK, Handler, error_body, json_response
 from ledger import errors
 from ledger.ids import ulid
@@ -77,7 +77,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     )
     started = time.perf_counter()
     extra_headers: dict[str, str] = {}
-    request["jobledger.headers"] = extra_headers
+    request[EXTRA_HEADERS] = extra_headers
     try:
         response = await handler(request)
     except errors.LedgerError as exc:
@@ -118,7 +118,7 @@ async def authorize(request: web.Request, handler: Handler) -> web.StreamRespons
     structlog.contextvars.bind_contextvars(key_id=caller.key_id, tenant=caller.tenant)
     limiter = request.app.get(LIMITER)
     if limiter is not None:
-        request["jobledger.headers"].update(limiter.hit(caller.key_id))
+        request[EXTRA_HEADERS].update(limiter.hit(caller.key_id))
     if ROLE_RANK[caller.role] < ROLE_RANK[role]:
         raise errors.Forbidden(f"this route needs the {role} role; the key has {caller.role}")
     return await handler(request)

@@ -12,11 +12,11 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from ledger.audit import EventRecord, record
 from ledger.clock import format_opt, format_us
 from ledger.credits import from_units
 from ledger.events import ErrorInfo, Person, Source
 from ledger.jobs import JobState
-from ledger.audit import EventRecord, record
 
 Agent = Annotated[str, Meta(min_length=1, max_length=200)]
 Label = Annotated[str, Meta(min_length=1, max_length=200)]

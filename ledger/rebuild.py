@@ -128,7 +128,7 @@ async def rebuild(
         for p in projectors:
             for table in p.tables:
                 await conn.execute(f"DROP TABLE IF EXISTS {table}{SUFFIX}")
-        for shadow, p in zip(shadows, projectors, strict=True):
+        for p in projectors:
             for sql in p.ddl(SUFFIX):
                 await conn.execute(sql)
     async with backend.read() as conn:
@@ -238,9 +238,9 @@ def _rows(table: str, rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
 def _is_zero(table: str, row: Sequence[Any]) -> bool:
     """Counter rows that sum to nothing are the same as no row."""
     if table == "job_counts":
-        return row[6] == 0 and row[7] == 0
+        return bool(row[6] == 0 and row[7] == 0)
     if table == "credit_usage":
-        return row[4] == 0
+        return bool(row[4] == 0)
     return False
 
 

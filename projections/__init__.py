@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from ledger.records import Projector
+from projections.base import SqlProjector
 from projections.counts import CountsProjector
 from projections.credits import CreditsProjector
 from projections.jobs import JobsProjector
 from projections.keys import KeysProjector
 
-PROJECTORS: dict[str, type[Projector]] = {
+PROJECTORS: dict[str, type[SqlProjector]] = {
     "jobs": JobsProjector,
     "counts": CountsProjector,
     "credits": CreditsProjector,
@@ -17,4 +18,4 @@ PROJECTORS: dict[str, type[Projector]] = {
 
 
 def all_projectors() -> list[Projector]:
-    return [cls() for cls in PROJECTORS.values()]  # type: ignore[call-arg]
+    return [cls() for cls in PROJECTORS.values()]

@@ -1,0 +1,413 @@
+"""PostgreSQL: several stateless server processes over one database (asyncpg).
+
+The SQL the store and the projections write once (``?`` placeholders, SQLite's types) is
+translated per statement and cached: ``?`` becomes ``$1..$n`` (never inside string literals,
+quoted names or comments), ``INTEGER`` becomes ``BIGINT`` (times are epoch microseconds),
+``LIKE`` becomes ``ILIKE`` (SQLite's ``LIKE`` ignores case) and ``TEXT`` columns are created
+``COLLATE "C"`` so text sorts by bytes, as in SQLite.
+
+Every write transaction first takes one transaction-level advisory lock, so appends from every
+process are serialised: positions are assigned as ``max(position) + 1`` under the lock, and commit
+order is position order. A reader tailing ``position > N`` can never see a later position commit
+before an earlier one (the gap a sequence would open between concurrent transactions). Reads are
+not locked and scale with processes and pool connections. After each committed batch a
+``NOTIFY jobledger`` wakes the long polls and event streams of every other process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import re
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from decimal import Decimal
+from functools import lru_cache
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import structlog
+
+from ledger.errors import StoreConflict, StoreUnavailable
+from ledger.sql import Conn, Row
+
+log = structlog.get_logger(__name__)
+
+CHANNEL = "jobledger"
+APPEND_LOCK = 0x6A6C_6170  # "jlap": held by every write transaction, in every process
+SCHEMA_LOCK = 0x6A6C_7363  # "jlsc": held while the schema is created or upgraded
+SCHEMA_DIGEST = "pg_schema_digest"
+POOL_MIN = 1
+POOL_MAX = 10
+CONNECT_TIMEOUT = 10.0
+RESIDUE_TABLES = ("events", "results", "idempotency", "jobs")
+
+# Errors that mean the server went away (restart, network), not that the SQL was wrong.
+_GONE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+
+# One token the translation cares about: a literal, a quoted name, a comment, ``?`` or a word.
+_TOKEN = re.compile(
+    r"""'(?:[^']|'')*'?|"(?:[^"]|"")*"?|--[^\n]*|/\*.*?(?:\*/|\Z)|\?|[A-Za-z_][A-Za-z0-9_$]*""",
+    re.DOTALL,
+)
+_DDL = re.compile(r"\s*(CREATE|ALTER)\s+TABLE\b", re.IGNORECASE)
+
+
+@lru_cache(maxsize=4096)
+def translate(sql: str) -> str:
+    """The PostgreSQL form of one statement written for both backends (cached per string)."""
+    ddl = _DDL.match(sql) is not None
+    count = 0
+
+    def token(match: re.Match[str]) -> str:
+        nonlocal count
+        text = match.group()
+        if text == "?":
+            count += 1
+            return f"${count}"
+        if text == "INTEGER":
+            return "BIGINT"
+        if text == "LIKE":
+            return "ILIKE"
+        if text == "TEXT" and ddl:
+            return 'TEXT COLLATE "C"'
+        return text
+
+    return _TOKEN.sub(token, sql)
+
+
+def _decode_numeric(text: str) -> int | Decimal:
+    """``sum()`` over BIGINT answers NUMERIC: give back an ``int`` when it is whole, as SQLite."""
+    value = Decimal(text)
+    return int(value) if value == value.to_integral_value() else value
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, fit for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "<unparsable URL>"
+
+
+class PostgresConn:
+    """A pooled asyncpg connection behind the shared ``Conn`` protocol.
+
+    In PostgreSQL a failed statement aborts its transaction, where SQLite only undoes the one
+    statement; so once a statement hits a constraint, every later one on this connection
+    raises the same ``StoreConflict`` (the store then retries its commands one by one).
+    """
+
+    dialect = "postgres"
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+        self._conflict: str | None = None
+
+    def _check(self) -> None:
+        if self._conflict is not None:
+            raise StoreConflict(self._conflict)
+
+    def _failed(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
+            self._conflict = exc.args[0] if exc.args else type(exc).__name__
+            return StoreConflict(str(self._conflict))
+        if isinstance(exc, _GONE):
+            return StoreUnavailable(f"lost the connection to PostgreSQL: {exc}")
+        return exc
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        self._check()
+        try:
+            await self._conn.execute(translate(sql), *params)
+        except Exception as exc:
+            failed = self._failed(exc)
+            if failed is exc:
+                raise
+            raise failed from exc
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self._check()
+        batch = list(rows)
+        if not batch:
+            return
+        try:
+            await self._conn.executemany(translate(sql), batch)
+        except Exception as exc:
+            failed = self._failed(exc)
+            if failed is exc:
+                raise
+            raise failed from exc
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        self._check()
+        try:
+            records = await self._conn.fetch(translate(sql), *params)
+        except Exception as exc:
+            failed = self._failed(exc)
+            if failed is exc:
+                raise
+            raise failed from exc
+        return [tuple(r) for r in records]
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        self._check()
+        try:
+            record = await self._conn.fetchrow(translate(sql), *params)
+        except Exception as exc:
+            failed = self._failed(exc)
+            if failed is exc:
+                raise
+            raise failed from exc
+        return None if record is None else tuple(record)
+
+
+class PostgresBackend:
+    """An asyncpg pool, an advisory lock for appends and LISTEN/NOTIFY for wake-ups."""
+
+    dialect = "postgres"
+
+    def __init__(self, url: str, *, min_size: int = POOL_MIN, max_size: int = POOL_MAX) -> None:
+        self.url = url
+        self.min_size = min_size
+        self.max_size = max_size
+        self._pool: asyncpg.Pool | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._signalled = asyncio.Event()
+        self._notify_task: asyncio.Task[None] | None = None
+        self._notify_again = False
+        self._vacuum_task: asyncio.Task[None] | None = None
+        self._vacuum_again = False
+
+    # -- life ------------------------------------------------------------------------------
+
+    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        """One readable line for a database that cannot be reached or used."""
+        where = redact_url(self.url)
+        if isinstance(exc, asyncpg.InvalidCatalogNameError):
+            return StoreUnavailable(f"PostgreSQL database does not exist: {exc} ({where})")
+        if isinstance(
+            exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
+        ):
+            return StoreUnavailable(f"PostgreSQL refused the login: {exc} ({where})")
+        if isinstance(exc, ValueError):  # asyncpg's ClientConfigurationError is one too
+            return StoreUnavailable(f"invalid PostgreSQL URL {where}: {exc}")
+        if isinstance(exc, TimeoutError):
+            return StoreUnavailable(f"cannot reach PostgreSQL at {where}: timed out")
+        if isinstance(exc, OSError):
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            return StoreUnavailable(f"cannot reach PostgreSQL at {where}: {reason}")
+        return StoreUnavailable(f"cannot open PostgreSQL database {where}: {exc}")
+
+    async def _init_connection(self, conn: asyncpg.Connection) -> None:
+        await conn.set_type_codec(
+            "numeric",
+            encoder=str,
+            decoder=_decode_numeric,
+            schema="pg_catalog",
+            format="text",
+        )
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=self.min_size,
+                max_size=self.max_size,
+                timeout=CONNECT_TIMEOUT,
+                init=self._init_connection,
+                max_inactive_connection_lifetime=300.0,
+                server_settings={"application_name": "jobledger"},
+            )
+        except Exception as exc:
+            raise self._unavailable(exc) from None
+
+    async def close(self) -> None:
+        for task in (self._notify_task, self._vacuum_task):
+            if task is not None and not task.done():
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(task), 30.0)
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+        self._notify_task = self._vacuum_task = None
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(listener.close(), 5.0)
+            if not listener.is_closed():
+                listener.terminate()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 10.0)
+            except (TimeoutError, Exception):
+                pool.terminate()
+
+    @asynccontextmanager
+    async def _acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        if self._pool is None:
+            raise RuntimeError("backend not open")
+        try:
+            conn = await self._pool.acquire(timeout=60.0)
+        except _GONE as exc:
+            raise StoreUnavailable(f"lost the connection to PostgreSQL: {exc}") from None
+        except TimeoutError:
+            raise StoreUnavailable("no PostgreSQL connection free within 60 s") from None
+        try:
+            yield conn
+        finally:
+            await self._pool.release(conn)
+
+    # -- transactions ----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[Conn]:
+        async with self._acquire() as conn:
+            tx = conn.transaction()
+            try:
+                await tx.start()
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK)
+            except _GONE as exc:
+                raise StoreUnavailable(f"lost the connection to PostgreSQL: {exc}") from None
+            try:
+                yield PostgresConn(conn)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await tx.rollback()
+                raise
+            try:
+                await tx.commit()
+            except asyncpg.IntegrityConstraintViolationError as exc:  # a deferred constraint
+                raise StoreConflict(str(exc)) from exc
+            except _GONE as exc:
+                raise StoreUnavailable(f"lost the connection to PostgreSQL: {exc}") from None
+
+    @asynccontextmanager
+    async def read(self, *, snapshot: bool = False) -> AsyncIterator[Conn]:
+        async with self._acquire() as conn:
+            if not snapshot:
+                yield PostgresConn(conn)
+                return
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                yield PostgresConn(conn)
+
+    # -- schema ----------------------------------------------------------------------------
+
+    async def ensure_schema(self, statements: Sequence[str]) -> None:
+        """Create what is missing; one process at a time, and not at all when up to date."""
+        digest = hashlib.sha256("\n;\n".join(statements).encode()).hexdigest()
+        async with self._acquire() as conn:
+            if await self._schema_digest(conn) == digest:
+                return
+            try:
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+                    for sql in statements:
+                        await conn.execute(translate(sql))
+                    await conn.execute(
+                        translate(
+                            "INSERT INTO ledger_meta (name, value) VALUES (?, ?) "
+                            "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+                        ),
+                        SCHEMA_DIGEST,
+                        digest,
+                    )
+            except _GONE as exc:
+                raise StoreUnavailable(f"lost the connection to PostgreSQL: {exc}") from None
+            except asyncpg.InsufficientPrivilegeError as exc:
+                raise StoreUnavailable(f"cannot create the schema: {exc}") from None
+
+    @staticmethod
+    async def _schema_digest(conn: asyncpg.Connection) -> str | None:
+        try:
+            value: str | None = await conn.fetchval(
+                "SELECT value FROM ledger_meta WHERE name = $1", SCHEMA_DIGEST
+            )
+        except asyncpg.UndefinedTableError:
+            return None
+        return value
+
+    # -- cross-process wake-ups ------------------------------------------------------------
+
+    def _on_notify(self, *_: Any) -> None:
+        self._signalled.set()
+
+    async def _listen(self) -> asyncpg.Connection | None:
+        if self._listener is not None and not self._listener.is_closed():
+            return self._listener
+        self._listener = None
+        try:
+            listener = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT)
+            await listener.add_listener(CHANNEL, self._on_notify)
+        except Exception as exc:
+            log.warning("postgres.listen_failed", error=str(exc))
+            return None
+        self._listener = listener
+        self._signalled.set()  # events may have been committed while nobody listened
+        return listener
+
+    async def wait_for_signal(self, seconds: float) -> None:
+        if await self._listen() is None:
+            await asyncio.sleep(seconds)  # polling the head position still finds new events
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._signalled.wait(), seconds)
+        self._signalled.clear()
+
+    async def signal(self) -> None:
+        """``NOTIFY`` in the background; concurrent signals collapse into one."""
+        if self._notify_task is not None and not self._notify_task.done():
+            self._notify_again = True
+            return
+        self._notify_task = asyncio.create_task(self._notify(), name="postgres-notify")
+
+    async def _notify(self) -> None:
+        while True:
+            self._notify_again = False
+            try:
+                async with self._acquire() as conn:
+                    await conn.execute(f"NOTIFY {CHANNEL}")
+            except Exception as exc:  # the others still poll the head position
+                log.warning("postgres.notify_failed", error=str(exc))
+            if not self._notify_again:
+                return
+
+    # -- erasure ---------------------------------------------------------------------------
+
+    async def erase_residue(self) -> None:
+        """``VACUUM`` the tables that held erased data, in the background (best effort).
+
+        This removes the old row versions, so no query can read them; reclaiming the very disk
+        blocks takes ``VACUUM FULL``, which locks the tables and is left to maintenance.
+        """
+        if self._vacuum_task is not None and not self._vacuum_task.done():
+            self._vacuum_again = True
+            return
+        self._vacuum_task = asyncio.create_task(self._vacuum(), name="postgres-vacuum")
+
+    async def _vacuum(self) -> None:
+        while True:
+            self._vacuum_again = False
+            for table in RESIDUE_TABLES:
+                try:
+                    async with self._acquire() as conn:
+                        await conn.execute(f"VACUUM {table}")
+                except Exception as exc:
+                    log.warning("postgres.vacuum_failed", table=table, error=str(exc))
+            if not self._vacuum_again:
+                return

@@ -1,0 +1,178 @@
+"""Fixtures: the real app over a real database, SQLite always and PostgreSQL when configured.
+
+Every test that takes ``db_url`` (directly or through ``app``/``api``) runs once on a SQLite
+file in ``tmp_path`` and once on a fresh PostgreSQL database of its own, created and dropped
+around the test, whenever ``JOBLEDGER_TEST_POSTGRES`` names a server.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from api.app import create_app
+from api.context import STORE
+from api.settings import Settings
+from ledger import commands
+from ledger.store import EventStore
+
+PG_ENV = "JOBLEDGER_TEST_POSTGRES"
+
+
+def pg_server_url() -> str | None:
+    return os.environ.get(PG_ENV) or None
+
+
+async def create_pg_database() -> str:
+    """A new empty database on the test server; its URL."""
+    import asyncpg
+
+    base = pg_server_url()
+    assert base is not None
+    name = f"jl_test_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(_with_db(base, "postgres"))
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return _with_db(base, name)
+
+
+async def drop_pg_database(url: str) -> None:
+    import asyncpg
+
+    base = pg_server_url()
+    assert base is not None
+    name = url.rsplit("/", 1)[1]
+    conn = await asyncpg.connect(_with_db(base, "postgres"))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def _with_db(url: str, name: str) -> str:
+    scheme, _, rest = url.partition("://")
+    host = rest.split("/", 1)[0]
+    return f"{scheme}://{host}/{name}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield str(tmp_path / "ledger.db")
+        return
+    if pg_server_url() is None:
+        pytest.skip(f"{PG_ENV} is not set: no PostgreSQL server to test against")
+    url = await create_pg_database()
+    try:
+        yield url
+    finally:
+        await drop_pg_database(url)
+
+
+@pytest.fixture
+def settings(db_url: str) -> Settings:
+    return Settings(db_url=db_url)
+
+
+@pytest.fixture
+def app(settings: Settings) -> web.Application:
+    return create_app(settings)
+
+
+@pytest.fixture
+async def client(
+    aiohttp_client: Callable[[web.Application], Coroutine[Any, Any, TestClient[Any, Any]]],
+    app: web.Application,
+) -> TestClient[Any, Any]:
+    return await aiohttp_client(app)
+
+
+@pytest.fixture
+def store(client: TestClient[Any, Any], app: web.Application) -> EventStore:
+    return app[STORE]
+
+
+class Api:
+    """A thin JSON client for one key; each call checks the status it expects."""
+
+    def __init__(
+        self, client: TestClient[Any, Any], secret: str | None, project: str | None = None
+    ) -> None:
+        self.client = client
+        self.headers: dict[str, str] = {}
+        if secret is not None:
+            self.headers["Authorization"] = f"Bearer {secret}"
+        if project is not None:
+            self.headers["X-Project-Id"] = project
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        status: int | None = None,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        data: bytes | str | None = None,
+    ) -> Any:
+        merged = {**self.headers, **(headers or {})}
+        async with self.client.request(
+            method, path, json=json, params=params, headers=merged, data=data
+        ) as resp:
+            body = await resp.read()
+            if status is not None:
+                assert resp.status == status, f"{method} {path}: {resp.status} {body[:500]!r}"
+            if resp.content_type == "application/json":
+                import json as json_module
+
+                return json_module.loads(body)
+            return body.decode()
+
+    async def get(self, path: str, status: int = 200, **kw: Any) -> Any:
+        return await self.call("GET", path, status=status, **kw)
+
+    async def post(self, path: str, json: Any = None, status: int = 201, **kw: Any) -> Any:
+        return await self.call("POST", path, status=status, json=json, **kw)
+
+    async def delete(self, path: str, status: int = 200, **kw: Any) -> Any:
+        return await self.call("DELETE", path, status=status, **kw)
+
+
+async def new_key(
+    store: EventStore, tenant: str, role: str = "admin", project: str | None = None
+) -> str:
+    """A fresh API key's secret, made the way ``jobledger keys create`` makes it."""
+    made = await store.execute(
+        lambda uow: commands.create_key(uow, tenant, role, project=project), tenants=[tenant]
+    )
+    return made.secret
+
+
+@pytest.fixture
+def make_api(
+    client: TestClient[Any, Any], store: EventStore
+) -> Callable[..., Coroutine[Any, Any, Api]]:
+    async def make(
+        tenant: str = "acme",
+        role: str = "admin",
+        project: str | None = None,
+        header_project: str | None = None,
+    ) -> Api:
+        return Api(client, await new_key(store, tenant, role, project), header_project)
+
+    return make
+
+
+@pytest.fixture
+async def api(make_api: Callable[..., Coroutine[Any, Any, Api]]) -> Api:
+    """An admin of tenant ``acme``."""
+    return await make_api()
