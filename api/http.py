@@ -87,7 +87,8 @@ def raw_json(body: bytes, status: int = 200) -> web.Response:
 def check_json(value: Any, path: str = "$", depth: int = 0) -> None:
     """Refuse what msgspec accepts but the ledger will not keep: deep nesting, huge integers."""
     if depth > MAX_DEPTH:
-        raise Invalid(f"JSON is nested more than {MAX_DEPTH} levels deep", field=path)
+        raise Invalid(f"JSON is nested more than {MAX_DEPTH} levels deep",
+                      field=path.removeprefix("$.") or "$")
     if isinstance(value, dict):
         for key, item in value.items():
             check_json(item, f"{path}.{key}", depth + 1)
@@ -95,7 +96,7 @@ def check_json(value: Any, path: str = "$", depth: int = 0) -> None:
         for index, item in enumerate(value):
             check_json(item, f"{path}[{index}]", depth + 1)
     elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
-        raise Invalid("integer out of range (|n| < 2^63)", field=path)
+        raise Invalid("integer out of range (|n| < 2^63)", field=path.removeprefix("$.") or "$")
 
 
 def decode_json(raw: bytes) -> Any:
@@ -105,7 +106,7 @@ def decode_json(raw: bytes) -> Any:
     try:
         value = msgspec.json.decode(raw)
     except msgspec.ValidationError as exc:
-        raise Invalid(f"invalid JSON value: {exc}", field=field_of(exc, "$")) from None
+        raise Invalid(f"invalid JSON value: {exc}", field=field_of(exc)) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
     except RecursionError:
@@ -116,7 +117,7 @@ def decode_json(raw: bytes) -> Any:
     return value
 
 
-def convert(value: Any, type_: type[T], *, prefix: str = "$") -> T:
+def convert(value: Any, type_: type[T], *, prefix: str = "") -> T:
     try:
         return msgspec.convert(value, type_)
     except msgspec.ValidationError as exc:
@@ -146,7 +147,7 @@ def read_query(request: web.Request, type_: type[T]) -> T:
     try:
         return msgspec.convert(dict(request.query), type_, strict=False)
     except msgspec.ValidationError as exc:
-        raise Invalid(str(exc), field=field_of(exc, "").lstrip(".") or None) from None
+        raise Invalid(str(exc), field=field_of(exc)) from None
 
 
 def fingerprint(request: web.Request, body: bytes) -> str:

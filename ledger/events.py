@@ -7,6 +7,7 @@ a result's hash) are marked *server*; callers that send them get ``422``.
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from typing import Any
 
@@ -216,9 +217,17 @@ def decode_stored(type_: str, raw: bytes | str | None) -> Event | None:
     return _DECODERS[type_].decode(raw)  # type: ignore[no-any-return]
 
 
-def field_of(exc: msgspec.ValidationError, prefix: str) -> str:
+def field_of(exc: msgspec.ValidationError, prefix: str = "") -> str:
+    """The dotted path of the field a msgspec error blames: ``data.row_count``, ``agent``."""
     text = str(exc)
-    if "at `$" in text:
-        path = text.rsplit("at `$", 1)[1].rstrip("`")
-        return prefix + path
-    return prefix
+    path = ""
+    if " - at `$" in text:
+        text, _, where = text.rpartition(" - at `$")
+        path = where.rstrip("`")
+    named = _NAMED_FIELD.search(text)
+    if named:
+        path += "." + named.group(1)
+    return (prefix + path).lstrip(".") or prefix or "$"
+
+
+_NAMED_FIELD = re.compile(r"(?:missing required|contains unknown) field `([^`]+)`")

@@ -140,9 +140,10 @@ async def test_malformed_bodies(api: Api) -> None:
     typo = await api.post("/v1/jobs", {"agent": "a", "acount": "x"}, status=422)
     assert typo["error"]["code"] == "invalid"
     missing = await api.post("/v1/jobs", {"account": "x"}, status=422)
-    assert "agent" in missing["error"]["message"]
+    assert missing["error"]["field"] == "agent"
     long_agent = await api.post("/v1/jobs", {"agent": "x" * 201}, status=422)
-    assert long_agent["error"]["field"] == "$.agent"
+    assert long_agent["error"]["field"] == "agent"
+    assert typo["error"]["field"] == "acount"
 
 
 async def test_oversized_body_is_413(
