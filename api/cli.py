@@ -9,15 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, NoReturn, TextIO
+from typing import Any, BinaryIO, NoReturn
 
-import structlog
-
+from api import logs
 from api.settings import DEFAULT_DB, DEFAULT_MAX_BODY, Settings
 from ledger import audit, commands
 from ledger.backends import backend_for
@@ -31,25 +29,6 @@ from projections import keys as key_models
 
 class CliError(Exception):
     """A failure to report as one line on stderr with exit code 1."""
-
-
-def configure_logging(stream: TextIO = sys.stderr) -> None:
-    """JSON lines (structlog); pretty output only on an interactive terminal."""
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer() if stream.isatty() else structlog.processors.JSONRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(stream),
-        cache_logger_on_first_use=True,
-    )
 
 
 def _db(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +51,13 @@ def _duration(text: str) -> int:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _time(text: str) -> int:
+    try:
+        return parse_us(text, field="time")
+    except LedgerError:
+        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r}") from None
 
 
 def _size(text: str) -> int:
@@ -141,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tenant")
     export.add_argument("--format", choices=("ndjson", "csv"), default="ndjson")
     export.add_argument("--out")
-    export.add_argument("--since")
-    export.add_argument("--until")
+    export.add_argument("--since", type=_time, help="RFC 3339; events that occurred at or after")
+    export.add_argument("--until", type=_time, help="RFC 3339; events that occurred before")
     export.add_argument("--job")
 
     verify = sub.add_parser("verify", help="recompute the hash chain")
@@ -156,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+
     from aiohttp import web
 
     from api.app import create_app
@@ -184,7 +171,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
         print(f"jobledger: serving on http://{args.host}:{args.port}", flush=True)
 
+    buffered = logs.configure_buffered()
+
+    async def flush_logs(app: web.Application) -> Any:
+        task = asyncio.create_task(buffered.flush_periodically())
+        yield
+        task.cancel()
+        buffered.sync()
+
     app.on_startup.append(announce)
+    app.cleanup_ctx.append(flush_logs)
     try:
         web.run_app(
             app, host=args.host, port=args.port, access_log=None, print=None, shutdown_timeout=30.0
@@ -291,14 +287,20 @@ async def cmd_export(args: argparse.Namespace) -> int:
     store = await _open(args.db, writer=False)
     try:
         await _known_tenant(store, args.tenant)
+        total = await store.max_position()
         flt = audit.ExportFilter(
             tenant=args.tenant,
-            since_us=None if args.since is None else parse_us(args.since, field="since"),
-            until_us=None if args.until is None else parse_us(args.until, field="until"),
+            since_us=args.since,
+            until_us=args.until,
             stream=args.job,
+            until_position=total,  # a consistent end: a running server may keep appending
         )
-        total = await store.max_position()
-        out = open(args.out, "wb") if args.out else sys.stdout.buffer
+        out: BinaryIO = sys.stdout.buffer
+        if args.out:
+            try:
+                out = await asyncio.to_thread(open, args.out, "wb")
+            except OSError as exc:
+                raise CliError(f"cannot write {args.out}: {exc.strerror or exc}") from None
         try:
             if args.format == "csv":
                 out.write(audit.csv_header())
@@ -345,7 +347,7 @@ async def cmd_verify(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging()
+    logs.configure()
     try:
         if args.command == "serve":
             code = cmd_serve(args)

@@ -140,7 +140,7 @@ async def audit_export(request: web.Request) -> web.StreamResponse:
     q = read_query(request, s.ExportQuery)
     streams: frozenset[str] | None = None
     if q.account is not None:
-        async with store(request).backend.read() as conn:
+        async with store(request).backend.read(bulk=True) as conn:
             ids = await jobs.ids_matching(conn, who.tenant, jobs.ListQuery(account=q.account))
             deleted = await conn.fetchall(
                 "SELECT id FROM jobs WHERE tenant = ? AND account = ? AND deleted = 1",
@@ -153,6 +153,7 @@ async def audit_export(request: web.Request) -> web.StreamResponse:
         until_us=time_param(q.until, "until"),
         stream=q.job_id,
         streams=streams,
+        until_position=await store(request).max_position(),  # a consistent end
     )
     csv_format = q.format == "csv"
     response = web.StreamResponse(

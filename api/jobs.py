@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -9,7 +10,7 @@ import msgspec
 from aiohttp import web
 
 from api import schemas as s
-from api.context import caller, settings, store
+from api.context import STOPPING, caller, settings, store
 from api.http import (
     convert,
     decode_json,
@@ -262,7 +263,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     )
     if who.project and q.project and q.project != who.project:
         return json_response(s.JobList(jobs=[], has_more=False, next_cursor=None))
-    async with store(request).backend.read() as conn:
+    async with store(request).backend.read(bulk=bool(query.q)) as conn:
         page, cursor = await jobs.page(conn, who.tenant, query)
     return json_response(
         s.JobList(
@@ -292,7 +293,7 @@ async def delete_jobs(request: web.Request) -> web.Response:
         created_before=time_param(q.created_before, "created_before"),
         finished_before=time_param(q.finished_before, "finished_before"),
     )
-    async with store(request).backend.read() as conn:
+    async with store(request).backend.read(bulk=True) as conn:
         ids = await jobs.ids_matching(conn, who.tenant, query)
 
     async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
@@ -322,14 +323,30 @@ async def get_job(request: web.Request) -> web.Response:
         return json_response(s.job_view(past))
     job = await read_job(request, job_id)
     if q.wait and q.after_version is not None:
+        stopping = request.app[STOPPING]
         deadline = time.monotonic() + q.wait
-        while job.version <= q.after_version:
+        while job.version <= q.after_version and not stopping.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            await store(request).wait_for_change(remaining)
+            await _change_or_stop(request, remaining)
             job = await read_job(request, job_id)
     return json_response(s.job_view(job))
+
+
+async def _change_or_stop(request: web.Request, seconds: float) -> None:
+    """Sleep until new events are committed, the server begins to stop, or ``seconds`` pass.
+
+    On SIGTERM a long poll answers the job as it stands at once, instead of holding the
+    shutdown until its wait runs out (or aiohttp's shutdown timeout cuts the connection).
+    """
+    change = asyncio.ensure_future(store(request).wait_for_change(seconds))
+    stop = asyncio.ensure_future(request.app[STOPPING].wait())
+    try:
+        await asyncio.wait({change, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (change, stop):
+            task.cancel()
 
 
 @endpoint(

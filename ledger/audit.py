@@ -16,6 +16,8 @@ from typing import Any
 import msgspec
 
 from ledger import chain
+from ledger.clock import parse_us
+from ledger.errors import Invalid
 from ledger.records import EVENT_COLUMNS, Recorded
 from ledger.sql import Backend
 
@@ -97,7 +99,7 @@ def csv_lines(events: Iterable[Recorded]) -> bytes:
                 e.occurred_at,
                 e.recorded_at,
                 e.actor,
-                "" if e.data is None else e.data,
+                "null" if e.data is None else e.data,  # JSON text, like the NDJSON export
                 e.data_hash,
                 e.prev_hash,
                 e.hash,
@@ -113,6 +115,7 @@ class ExportFilter:
     until_us: int | None = None
     stream: str | None = None
     streams: frozenset[str] | None = None  # e.g. an account's jobs and credit stream
+    until_position: int | None = None  # a consistent end: nothing appended after it
 
 
 async def iter_events(backend: Backend, flt: ExportFilter) -> AsyncIterator[list[Recorded]]:
@@ -130,6 +133,9 @@ async def iter_events(backend: Backend, flt: ExportFilter) -> AsyncIterator[list
     if flt.until_us is not None:
         where.append("occurred_us < ?")
         params.append(flt.until_us)
+    if flt.until_position is not None:
+        where.append("position <= ?")
+        params.append(flt.until_position)
     sql = (
         f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)} "
         f"ORDER BY position LIMIT {CHUNK}"
@@ -137,7 +143,7 @@ async def iter_events(backend: Backend, flt: ExportFilter) -> AsyncIterator[list
     after = 0
     while True:
         params[0] = after
-        async with backend.read() as conn:
+        async with backend.read(bulk=True) as conn:
             rows = await conn.fetchall(sql, params)
         if not rows:
             return
@@ -230,82 +236,124 @@ def _row_event(e: Recorded) -> dict[str, Any]:
         "recorded_at": e.recorded_at,
         "actor": e.actor,
         "data_hash": e.data_hash,
-        "prev_hash": e.prev_hash,
-        "hash": e.hash,
     }
 
 
-async def verify_store(backend: Backend, tenant: str | None = None) -> Verdict:
-    """Verify the chains in the database, and each chain's end against its stored head."""
+def _row_problem(e: Recorded, prev: str, redacted_before: int) -> str | None:
+    """Why a stored row breaks its tenant's chain after ``prev``; ``None`` if it is sound."""
+    if e.prev_hash != prev:
+        return "prev_hash does not link to the tenant's previous event (a row is missing or moved)"
+    if e.data is None:
+        if redacted_before <= e.position:
+            return "data was removed without a later job.redacted event"
+    elif chain.sha256_hex(e.data.encode()) != e.data_hash:
+        return "data does not match data_hash (the data was edited)"
+    if e.redacted != (e.data is None):
+        return "the redacted flag does not match the stored data (the row was edited)"
+    if chain.header_hash(prev, _row_event(e)) != e.hash:
+        return "hash does not match the header (the event was edited)"
+    try:
+        occurred = parse_us(e.occurred_at, field="occurred_at")
+    except Invalid:
+        occurred = None
+    if occurred != e.occurred_us:
+        return "the stored time differs from occurred_at (the row was edited)"
+    return None
+
+
+async def _first_missing(backend: Backend, after: int, before: int) -> int | None:
+    """The first position strictly between ``after`` and ``before`` that has no row."""
+    if before - after <= 1:
+        return None
     async with backend.read() as conn:
+        if await conn.fetchone("SELECT 1 FROM events WHERE position = ?", (after + 1,)) is None:
+            return after + 1
+        row = await conn.fetchone(
+            "SELECT min(e.position) FROM events e WHERE e.position > ? AND e.position < ? "
+            "AND NOT EXISTS (SELECT 1 FROM events f WHERE f.position = e.position + 1)",
+            (after, before - 1),
+        )
+    return None if row is None or row[0] is None else int(row[0]) + 1
+
+
+async def _last_redaction(backend: Backend, tenant: str, stream: str) -> int:
+    async with backend.read() as conn:
+        row = await conn.fetchone(
+            "SELECT max(position) FROM events WHERE tenant = ? AND stream = ? "
+            "AND type = 'job.redacted'",
+            (tenant, stream),
+        )
+    return int(row[0]) if row is not None and row[0] is not None else 0
+
+
+async def verify_store(backend: Backend, tenant: str | None = None) -> Verdict:
+    """Verify the chains in the database, and each chain's end against its stored head.
+
+    The heads and the last position are read in one snapshot and only events up to that
+    position are checked, so events appended meanwhile (a server keeps running) are no
+    failure. A break after a hole in the positions names the missing position.
+    """
+    async with backend.read(snapshot=True) as conn:
         rows = await conn.fetchall(
             "SELECT tenant, stream, max(position) FROM events WHERE type = 'job.redacted' "
             "GROUP BY tenant, stream"
         )
         redactions = {(r[0], r[1]): r[2] for r in rows}
         head_rows = await conn.fetchall("SELECT tenant, position, hash, count FROM chain_heads")
-    heads = {r[0]: (r[1], r[2], r[3]) for r in head_rows}
+        top = await conn.fetchone("SELECT max(position) FROM events")
+    upto = (top[0] if top else None) or 0
+    heads = {r[0]: (r[1], r[2], r[3]) for r in head_rows if tenant in (None, r[0])}
     chains: dict[str, tuple[str, int, int]] = {}  # tenant -> (hash, count, last position)
+    beyond: dict[str, int] = {}  # tenant -> its first event past the recorded head
     count, last = 0, chain.GENESIS
-    async for events in iter_events(backend, ExportFilter(tenant=tenant)):
+    flt = ExportFilter(tenant=tenant, until_position=upto)
+    async for events in iter_events(backend, flt):
         for e in events:
-            prev, n, _ = chains.get(e.tenant, (chain.GENESIS, 0, 0))
-            if e.data is None:
-                if redactions.get((e.tenant, e.stream), 0) <= e.position:
-                    return Verdict(
-                        False,
-                        count,
-                        last,
-                        e.position,
-                        "data was removed without a later job.redacted event",
-                    )
-                body = _row_event(e)
-            else:
-                if chain.sha256_hex(e.data.encode()) != e.data_hash:
-                    return Verdict(
-                        False,
-                        count,
-                        last,
-                        e.position,
-                        "data does not match data_hash (the data was edited)",
-                    )
-                body = _row_event(e)
-            if e.prev_hash != prev:
-                return Verdict(
-                    False,
-                    count,
-                    last,
-                    e.position,
-                    "prev_hash does not link to the tenant's previous event "
-                    "(a row is missing or moved)",
-                )
-            if chain.header_hash(prev, _header(body)) != e.hash:
-                return Verdict(
-                    False,
-                    count,
-                    last,
-                    e.position,
-                    "hash does not match the header (the event was edited)",
-                )
+            prev, n, last_pos = chains.get(e.tenant, (chain.GENESIS, 0, 0))
+            key = (e.tenant, e.stream)
+            if e.data is None and redactions.get(key, 0) <= e.position:
+                redactions[key] = await _last_redaction(backend, *key)  # one made meanwhile?
+            reason = _row_problem(e, prev, redactions.get(key, 0))
+            if reason is not None:
+                bad = e.position
+                if e.prev_hash != prev:
+                    missing = await _first_missing(backend, last_pos, e.position)
+                    if missing is not None:
+                        bad = missing
+                        reason = (
+                            f"the event at position {missing} is missing (deleted): "
+                            f"position {e.position} does not link to the tenant's previous event"
+                        )
+                return Verdict(False, count, last, bad, reason)
+            head = heads.get(e.tenant)
+            if head is not None and n + 1 > head[2]:
+                beyond.setdefault(e.tenant, e.position)
             chains[e.tenant] = (e.hash, n + 1, e.position)
             count += 1
             last = e.hash
+    broken: list[tuple[int, str]] = []
     for name, (position, digest, n) in heads.items():
-        if tenant is not None and name != tenant:
-            continue
         got_hash, got_n, got_pos = chains.get(name, (chain.GENESIS, 0, 0))
-        if (got_hash, got_n) != (digest, n):
-            return Verdict(
-                False,
-                count,
-                last,
-                got_pos + 1 if got_pos < position else position,
-                f"tenant {name}'s chain ends at {got_n} events, its head says {n} "
-                "(events were removed)",
+        if (got_hash, got_n) == (digest, n):
+            continue
+        if got_n > n:
+            reason = (
+                f"tenant {name}'s chain has {got_n} events, its head says {n} (rows were added)"
             )
-    for name in chains:
+            broken.append((beyond[name], reason))
+        else:
+            bad = await _first_missing(backend, got_pos, position + 1) or max(got_pos, position)
+            reason = (
+                f"tenant {name}'s chain ends at {got_n} events, its head says {n} "
+                f"(the event at position {bad} was removed)"
+            )
+            broken.append((bad, reason))
+    for name, (_, _, last_pos) in chains.items():
         if name not in heads:
-            return Verdict(False, count, last, None, f"tenant {name} has no recorded head")
+            broken.append((last_pos, f"tenant {name} has no recorded head"))
+    if broken:
+        bad, reason = min(broken)
+        return Verdict(False, count, last, bad, reason)
     if tenant is not None:
         return Verdict(True, count, chains.get(tenant, (chain.GENESIS, 0, 0))[0])
     return Verdict(True, count, last)

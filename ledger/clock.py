@@ -17,12 +17,21 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+_second_cache: dict[int, str] = {}
+
+
 def format_us(us: int) -> str:
     """RFC 3339 UTC ending in ``Z``; fractions only when there are any."""
-    dt = _EPOCH + timedelta(microseconds=us)
-    if dt.microsecond:
-        return dt.strftime("%Y-%m-%dT%H:%M:%S.%f").rstrip("0") + "Z"
-    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    seconds, fraction = divmod(us, 1_000_000)
+    prefix = _second_cache.get(seconds)
+    if prefix is None:
+        prefix = (_EPOCH + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S")
+        if len(_second_cache) > 4096:
+            _second_cache.clear()
+        _second_cache[seconds] = prefix
+    if fraction:
+        return f"{prefix}.{fraction:06d}".rstrip("0") + "Z"
+    return prefix + "Z"
 
 
 def format_opt(us: int | None) -> str | None:

@@ -96,11 +96,11 @@ async def _read_from(conn: Conn, after: int, until: int | None) -> list[Sequence
     return await conn.fetchall(sql + f" ORDER BY position LIMIT {READ_CHUNK}", params)
 
 
-async def _recorded_at(conn: Conn, fold: _Fold) -> None:
+async def _recorded_at(conn: Conn, tenant_events: Sequence[tuple[Recorded, Event | None]]) -> None:
     """Tenant events need their recorded times (keys and prices show them)."""
-    if not fold.tenant_events:
+    if not tenant_events:
         return
-    positions = [r.position for r, _ in fold.tenant_events]
+    positions = [r.position for r, _ in tenant_events]
     found: dict[int, str] = {}
     for i in range(0, len(positions), 500):
         part = positions[i : i + 500]
@@ -110,7 +110,7 @@ async def _recorded_at(conn: Conn, fold: _Fold) -> None:
             part,
         )
         found.update({r[0]: r[1] for r in rows})
-    for recorded, _ in fold.tenant_events:
+    for recorded, _ in tenant_events:
         recorded.recorded_at = found.get(recorded.position, "")
 
 
@@ -131,11 +131,11 @@ async def rebuild(
         for p in projectors:
             for sql in p.ddl(SUFFIX):
                 await conn.execute(sql)
-    async with backend.read() as conn:
+    async with backend.read(bulk=True) as conn:
         row = await conn.fetchone("SELECT max(position) FROM events")
     end = (row[0] if row else None) or 0
     fold = _Fold()
-    async with backend.read(snapshot=True) as conn:
+    async with backend.read(snapshot=True, bulk=True) as conn:
         while True:
             rows = await _read_from(conn, fold.position, end)
             if not rows:
@@ -143,7 +143,7 @@ async def rebuild(
             fold.feed(rows)
             if progress is not None:
                 progress(fold.position, end)
-        await _recorded_at(conn, fold)
+        await _recorded_at(conn, fold.tenant_events)
     await _fill(backend, shadows, fold)
     difference: str | None = None
     async with backend.write() as conn:
@@ -160,6 +160,7 @@ async def rebuild(
                 befores.setdefault(key, snapshot.get(key))
             late.extend(fold.tenant_events[mark:])
         if befores or late:
+            await _recorded_at(conn, late)  # keys and prices made meanwhile show their times
             batch = Batch(events=late)
             for key, before in befores.items():
                 batch.changes[key] = Change(key[0], before, fold.jobs[key])

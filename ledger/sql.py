@@ -42,8 +42,14 @@ class Backend(Protocol):
         """An exclusive write transaction: one writer at a time across every process."""
         ...
 
-    def read(self, *, snapshot: bool = False) -> AbstractAsyncContextManager[Conn]:
-        """A connection for reads; ``snapshot`` holds one consistent view for several queries."""
+    def read(
+        self, *, snapshot: bool = False, bulk: bool = False
+    ) -> AbstractAsyncContextManager[Conn]:
+        """A connection for reads; ``snapshot`` holds one consistent view for several queries.
+
+        ``bulk`` marks reads that may scan many rows (exports, searches, replays); a backend may
+        serve short indexed reads more cheaply than those.
+        """
         ...
 
     async def ensure_schema(self, statements: Sequence[str]) -> None: ...

@@ -298,7 +298,7 @@ class PostgresBackend:
                 raise StoreUnavailable(f"lost the connection to PostgreSQL: {exc}") from None
 
     @asynccontextmanager
-    async def read(self, *, snapshot: bool = False) -> AsyncIterator[Conn]:
+    async def read(self, *, snapshot: bool = False, bulk: bool = False) -> AsyncIterator[Conn]:
         async with self._acquire() as conn:
             if not snapshot:
                 yield PostgresConn(conn)

@@ -2,12 +2,18 @@
 
 Writes run inside ``BEGIN IMMEDIATE`` with ``synchronous=FULL``, so an acknowledged append
 survives power loss; the store batches concurrent appends into one such transaction.
+
+Readers are aiosqlite connections. The writer is a stdlib ``sqlite3`` connection on a thread of
+its own, behind a ``Conn`` that *buffers* statements and runs them together with the next read
+or the ``COMMIT``: a whole batch costs two thread hops instead of one per statement (each hop
+pays a GIL hand-off, about 0.3 ms on this machine, which aiosqlite's public API cannot batch).
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -43,9 +49,91 @@ class SqliteConn:
         return list(await self._conn.execute_fetchall(sql, params))
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
-        async with self._conn.execute(sql, params) as cur:
-            row: Row | None = await cur.fetchone()
-            return row
+        rows = list(await self._conn.execute_fetchall(sql, params))  # one thread hop, not three
+        return rows[0] if rows else None
+
+
+class InlineConn:
+    """Short indexed reads run right on the event loop's thread.
+
+    A point query takes ~7 µs in-thread against ~40-120 µs through a worker thread (a futex
+    wake, a GIL hand-off and a self-pipe write each way). WAL readers never wait for the
+    writer, so these reads do not block; anything that may scan goes to ``read(bulk=True)``.
+    """
+
+    dialect = "sqlite"
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        self._conn.execute(sql, params)
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self._conn.executemany(sql, rows)
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return self._conn.execute(sql, params).fetchall()
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        row: Row | None = self._conn.execute(sql, params).fetchone()
+        return row
+
+
+class BufferedWriteConn:
+    """The writer's connection: statements wait in a buffer until something needs an answer."""
+
+    dialect = "sqlite"
+
+    def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+        self._conn = conn
+        self._executor = executor
+        self._pending: list[tuple[str, Any, bool]] = []
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        self._pending.append((sql, params, False))
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self._pending.append((sql, list(rows), True))
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return await self._run(sql, params, all_rows=True)  # type: ignore[no-any-return]
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        return await self._run(sql, params, all_rows=False)  # type: ignore[no-any-return]
+
+    async def _run(
+        self, sql: str | None, params: Sequence[Any] = (), *, all_rows: bool = True
+    ) -> Any:
+        pending, self._pending = self._pending, []
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, _run_statements, self._conn, pending, sql, params, all_rows
+        )
+
+    async def flush(self, final: str | None = None) -> None:
+        await self._run(final)
+
+
+def _run_statements(
+    conn: sqlite3.Connection,
+    pending: list[tuple[str, Any, bool]],
+    sql: str | None,
+    params: Sequence[Any],
+    all_rows: bool,
+) -> Any:
+    try:
+        for statement, args, many in pending:
+            if many:
+                conn.executemany(statement, args)
+            else:
+                conn.execute(statement, args)
+        if sql is None:
+            return None
+        cursor = conn.execute(sql, params)
+        return cursor.fetchall() if all_rows else cursor.fetchone()
+    except sqlite3.IntegrityError as exc:
+        raise StoreConflict(str(exc)) from exc
 
 
 def sqlite_path(url: str) -> str:
@@ -63,23 +151,32 @@ class SqliteBackend:
         self.url = url
         self.path = sqlite_path(url)
         self._create = create
-        self._writer: aiosqlite.Connection | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._inline: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
         self._all: list[aiosqlite.Connection] = []
         self._write_lock = asyncio.Lock()
 
-    async def _connect(self, *, reader: bool) -> aiosqlite.Connection:
+    async def _connect_reader(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.daemon = True  # type: ignore[attr-defined]
         await conn.execute("PRAGMA busy_timeout = 10000")
-        if reader:
-            await conn.execute("PRAGMA query_only = 1")
-        else:
-            await conn.execute("PRAGMA journal_mode = WAL")
-            await conn.execute("PRAGMA synchronous = FULL")
-            await conn.execute("PRAGMA secure_delete = ON")
+        await conn.execute("PRAGMA query_only = 1")
         self._all.append(conn)
         return conn
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA secure_delete = ON")
+        return conn
+
+    async def _in_writer(self, fn: Any, *args: Any) -> Any:
+        assert self._executor is not None, "backend not open"
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def check_path(self) -> None:
         path = Path(self.path)
@@ -91,9 +188,13 @@ class SqliteBackend:
     async def open(self) -> None:
         await asyncio.to_thread(self.check_path)
         try:
-            self._writer = await self._connect(reader=False)
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+            self._writer = await self._in_writer(self._connect_writer)
             for _ in range(READERS):
-                self._readers.put_nowait(await self._connect(reader=True))
+                self._readers.put_nowait(await self._connect_reader())
+            self._inline = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._inline.execute("PRAGMA busy_timeout = 1000")
+            self._inline.execute("PRAGMA query_only = 1")
         except sqlite3.Error as exc:
             await self.close()
             raise StoreUnavailable(f"cannot open database {self.path}: {exc}") from None
@@ -105,22 +206,42 @@ class SqliteBackend:
             except Exception:  # closing is best effort; the file stays consistent
                 pass
         self._all.clear()
-        self._writer = None
+        if self._inline is not None:
+            self._inline.close()
+            self._inline = None
+        if self._writer is not None:
+            await self._in_writer(self._writer.close)
+            self._writer = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[Conn]:
-        assert self._writer is not None, "backend not open"
+        assert self._writer is not None and self._executor is not None, "backend not open"
         async with self._write_lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
+            conn = BufferedWriteConn(self._writer, self._executor)
+            await conn.execute("BEGIN IMMEDIATE")
             try:
-                yield SqliteConn(self._writer)
+                yield conn
+                await conn.flush("COMMIT")
             except BaseException:
-                await self._writer.execute("ROLLBACK")
+                await self._in_writer(_rollback, self._writer)
                 raise
-            await self._writer.execute("COMMIT")
 
     @asynccontextmanager
-    async def read(self, *, snapshot: bool = False) -> AsyncIterator[Conn]:
+    async def read(self, *, snapshot: bool = False, bulk: bool = False) -> AsyncIterator[Conn]:
+        if not bulk and self._inline is not None:
+            inline = self._inline
+            if snapshot:
+                inline.execute("BEGIN")
+                try:
+                    yield InlineConn(inline)
+                finally:
+                    inline.execute("COMMIT")
+            else:
+                yield InlineConn(inline)
+            return
         conn = await self._readers.get()
         try:
             if snapshot:
@@ -149,4 +270,9 @@ class SqliteBackend:
     async def erase_residue(self) -> None:
         assert self._writer is not None
         async with self._write_lock:
-            await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            await self._in_writer(self._writer.execute, "PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")

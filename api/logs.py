@@ -1,0 +1,108 @@
+"""structlog configuration: JSON lines (pretty on a terminal), buffered for the server.
+
+structlog's loggers flush after every line, which is a write syscall per request; the server
+instead hands them a stream whose ``flush`` is a no-op and writes the buffer out every 200 ms,
+when it grows large, and at exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+import sys
+import time
+from datetime import UTC, datetime
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import msgspec
+import structlog
+
+FLUSH_SECONDS = 0.2
+MAX_BUFFERED = 512
+
+
+class BufferedLines:
+    """A text stream that writes in blocks; ``sync`` is the real flush."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self._parts.append(text)
+        if len(self._parts) > MAX_BUFFERED:
+            self.sync()
+        return len(text)
+
+    def flush(self) -> None:
+        """Loggers call this after every line; the buffer is written by ``sync``."""
+
+    def sync(self) -> None:
+        if self._parts:
+            text, self._parts = "".join(self._parts), []
+            with contextlib.suppress(OSError, ValueError):
+                self._stream.write(text)
+                self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    async def flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            self.sync()
+
+
+_ENCODER = msgspec.json.Encoder(enc_hook=str)
+_seconds: dict[int, str] = {}
+
+
+def _serialize(event: Any, **_: Any) -> str:
+    return _ENCODER.encode(event).decode()
+
+
+def _timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """RFC 3339 UTC with microseconds; the date part is formatted once a second."""
+    now = time.time()
+    second = int(now)
+    prefix = _seconds.get(second)
+    if prefix is None:
+        _seconds.clear()
+        prefix = _seconds[second] = datetime.fromtimestamp(second, UTC).strftime(
+            "%Y-%m-%dT%H:%M:%S"
+        )
+    event["timestamp"] = f"{prefix}.{int((now - second) * 1e6):06d}Z"
+    return event
+
+
+def configure(stream: Any = None) -> None:
+    """JSON lines on ``stream`` (stderr by default); pretty output only on a terminal."""
+    stream = sys.stderr if stream is None else stream
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer()
+        if stream.isatty()
+        else structlog.processors.JSONRenderer(serializer=_serialize)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            _timestamp,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.WriteLoggerFactory(stream),
+        cache_logger_on_first_use=True,
+    )
+
+
+def configure_buffered() -> BufferedLines:
+    """Buffered JSON lines on stderr for the server; written out at exit too."""
+    buffered = BufferedLines(sys.stderr)
+    atexit.register(buffered.sync)
+    configure(buffered)
+    return buffered
