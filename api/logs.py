@@ -13,8 +13,8 @@ import contextlib
 import logging
 import sys
 import time
-from datetime import UTC, datetime
 from collections.abc import MutableMapping
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import msgspec

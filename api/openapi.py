@@ -84,7 +84,7 @@ def _operation(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
         for name in _PARAM.findall(op.path)
     ]
     if op.query is not None:
-        (schema,), comps = msgspec.json.schema_components([op.query])
+        _, comps = msgspec.json.schema_components([op.query])
         query = comps[op.query.__name__]
         for name, prop in query.get("properties", {}).items():
             params.append(
