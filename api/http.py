@@ -87,8 +87,10 @@ def raw_json(body: bytes, status: int = 200) -> web.Response:
 def check_json(value: Any, path: str = "$", depth: int = 0) -> None:
     """Refuse what msgspec accepts but the ledger will not keep: deep nesting, huge integers."""
     if depth > MAX_DEPTH:
-        raise Invalid(f"JSON is nested more than {MAX_DEPTH} levels deep",
-                      field=path.removeprefix("$.") or "$")
+        raise Invalid(
+            f"JSON is nested more than {MAX_DEPTH} levels deep",
+            field=path.removeprefix("$.") or "$",
+        )
     if isinstance(value, dict):
         for key, item in value.items():
             check_json(item, f"{path}.{key}", depth + 1)

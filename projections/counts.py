@@ -117,7 +117,7 @@ async def stats(conn: Conn, tenant: str, *, project: str | None = None) -> dict[
 async def by_account(
     conn: Conn, tenant: str, *, project: str | None = None, account: str | None = None
 ) -> dict[str, dict[str, int]]:
-    """``{account: {status: n}}`` for every account that has (or had) a job."""
+    """``{account: {status: n}}`` for every account that has a (live) job."""
     where, params = _scope(tenant, project, account)
     rows = await conn.fetchall(
         f"SELECT account, status, sum(n) FROM job_counts WHERE {where} "
@@ -126,5 +126,6 @@ async def by_account(
     )
     out: dict[str, dict[str, int]] = {}
     for acct, status, n in rows:
-        out.setdefault(acct, empty_by_status())[status] += int(n)
+        if int(n):  # rows summing to nothing (every job deleted) are no account, as in a replay
+            out.setdefault(acct, empty_by_status())[status] += int(n)
     return out

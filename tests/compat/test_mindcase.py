@@ -1,0 +1,196 @@
+"""Mindcase dialect (seed 000): the seed's example answers, rebuilt from native history."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from tests.conftest import Api
+
+BASE = "/compat/mindcase/api/v1"
+ROW_KEYS = {"id", "status", "agent", "row_count", "credits_used", "created_at", "completed_at"}
+SECONDS_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+MakeApi = Callable[..., Coroutine[Any, Any, Api]]
+
+# The seed's examples, verbatim.
+SEED_LIST = {
+    "jobs": [
+        {
+            "id": "job_7f3a2b1c",
+            "status": "completed",
+            "agent": "instagram/profile-scraper",
+            "row_count": 3,
+            "credits_used": 3,
+            "created_at": "2026-03-30T10:15:00Z",
+            "completed_at": "2026-03-30T10:15:32Z",
+        },
+        {
+            "id": "job_9e2d4a5b",
+            "status": "running",
+            "agent": "linkedin/company-employees",
+            "row_count": 0,
+            "credits_used": 0,
+            "created_at": "2026-03-30T10:12:00Z",
+            "completed_at": None,
+        },
+    ]
+}
+SEED_ROWS = [
+    {
+        "username": "nike",
+        "fullName": "Nike",
+        "followersCount": 306000000,
+        "verified": True,
+        "biography": "Just Do It.",
+    },
+    {
+        "username": "adidas",
+        "fullName": "adidas",
+        "followersCount": 28000000,
+        "verified": True,
+        "biography": "Impossible is nothing.",
+    },
+    {
+        "username": "puma",
+        "fullName": "PUMA",
+        "followersCount": 13000000,
+        "verified": True,
+        "biography": "Forever Faster.",
+    },
+]
+
+
+async def seed_history(api: Api) -> None:
+    """The two jobs of the seed's list example, made through the native API."""
+    await api.post(
+        "/v1/jobs",
+        {
+            "id": "job_9e2d4a5b",
+            "agent": "linkedin/company-employees",
+            "occurred_at": "2026-03-30T10:12:00Z",
+        },
+    )
+    await api.post(
+        "/v1/jobs/job_9e2d4a5b/events",
+        {"type": "job.started", "occurred_at": "2026-03-30T10:12:01Z"},
+    )
+    await api.post(
+        "/v1/jobs",
+        {
+            "id": "job_7f3a2b1c",
+            "agent": "instagram/profile-scraper",
+            "occurred_at": "2026-03-30T10:15:00Z",
+        },
+    )
+    await api.post(
+        "/v1/jobs/job_7f3a2b1c/events",
+        {
+            "events": [
+                {"type": "job.started", "occurred_at": "2026-03-30T10:15:02.250Z"},
+                {
+                    "type": "job.completed",
+                    "data": {"row_count": 3},
+                    "occurred_at": "2026-03-30T10:15:32.999Z",
+                },
+            ]
+        },
+    )
+
+
+async def test_list_answers_the_seed_example(api: Api) -> None:
+    """GET /jobs answers the seed's example exactly: newest first, its seven fields, seconds."""
+    await seed_history(api)
+    assert await api.get(f"{BASE}/jobs") == SEED_LIST
+
+
+async def test_get_adds_expires_at(api: Api) -> None:
+    """GET /jobs/{id} answers the list fields plus expires_at, in the seed's time format."""
+    await seed_history(api)
+    job = await api.get(f"{BASE}/jobs/job_7f3a2b1c")
+    assert set(job) == ROW_KEYS | {"expires_at"}
+    assert {k: job[k] for k in ROW_KEYS} == SEED_LIST["jobs"][0]
+    assert SECONDS_Z.match(job["expires_at"])
+    native = await api.get("/v1/jobs/job_7f3a2b1c")
+    assert native["expires_at"].startswith(job["expires_at"][:-1])
+    running = await api.get(f"{BASE}/jobs/job_9e2d4a5b")
+    assert running["expires_at"] is None and running["completed_at"] is None
+
+
+async def test_results_answer_seed_shape_and_404_while_running(api: Api) -> None:
+    """Results are 404 while the job runs, then status, row_count and data as in the seed."""
+    await api.post("/v1/jobs", {"id": "r1", "agent": "instagram/profile-scraper"})
+    await api.post("/v1/jobs/r1/events", {"type": "job.started"})
+    body = await api.get(f"{BASE}/jobs/r1/results", status=404)
+    assert body["error"]["code"] == "results_not_ready"
+    await api.post("/v1/jobs/r1/events", {"type": "job.completed", "data": {"result": SEED_ROWS}})
+    result = await api.get(f"{BASE}/jobs/r1/results")
+    assert result == {"status": "completed", "row_count": 3, "data": SEED_ROWS}
+
+
+async def test_partial_failed_shows_as_completed(api: Api) -> None:
+    """A partial_failed job shows as completed in the list, the job and its results."""
+    await api.post("/v1/jobs", {"id": "p1", "agent": "a/b", "executions_total": 2})
+    await api.post(
+        "/v1/jobs/p1/events",
+        {
+            "events": [
+                {"type": "job.execution_succeeded", "data": {"execution_id": "e1"}},
+                {"type": "job.execution_failed", "data": {"execution_id": "e2"}},
+            ]
+        },
+    )
+    assert (await api.get("/v1/jobs/p1"))["status"] == "partial_failed"
+    assert (await api.get(f"{BASE}/jobs/p1"))["status"] == "completed"
+    listed = await api.get(f"{BASE}/jobs")
+    assert [j["status"] for j in listed["jobs"]] == ["completed"]
+
+
+async def test_delete_cancels_with_the_seed_answer(api: Api) -> None:
+    """DELETE /jobs/{id} cancels a running job and answers the seed's message; no credits."""
+    await api.post("/v1/jobs", {"id": "job_9e2d4a5b", "agent": "linkedin/company-employees"})
+    await api.post("/v1/jobs/job_9e2d4a5b/events", {"type": "job.started"})
+    answer = await api.delete(f"{BASE}/jobs/job_9e2d4a5b")
+    assert answer == {
+        "job_id": "job_9e2d4a5b",
+        "status": "cancelled",
+        "message": "Job has been cancelled.",
+    }
+    native = await api.get("/v1/jobs/job_9e2d4a5b")
+    assert native["status"] == "cancelled" and native["credits_used"] == 0
+    assert (await api.get(f"{BASE}/jobs/job_9e2d4a5b"))["status"] == "cancelled"
+    again = await api.delete(f"{BASE}/jobs/job_9e2d4a5b", status=409)
+    assert again["error"]["code"] == "invalid_transition"
+
+
+async def test_credits_remaining(api: Api) -> None:
+    """GET /credits answers credits_remaining: granted minus what finished jobs used."""
+    assert await api.get(f"{BASE}/credits") == {"credits_remaining": 0}
+    await api.post("/v1/credits/grants", {"account": "default", "amount": "100"})
+    await seed_history(api)
+    assert await api.get(f"{BASE}/credits") == {"credits_remaining": 97}
+
+
+async def test_auth_failures(api: Api, make_api: MakeApi) -> None:
+    """A missing or bad key is 401 and a reader may not cancel (403), in the native envelope."""
+    await api.post("/v1/jobs", {"id": "j1", "agent": "a/b"})
+    anonymous = Api(api.client, None)
+    body = await anonymous.get(f"{BASE}/jobs", status=401)
+    assert body["error"]["code"] == "unauthorized"
+    bad = Api(api.client, "not-a-key")
+    assert (await bad.get(f"{BASE}/jobs/j1", status=401))["error"]["code"] == "unauthorized"
+    reader = await make_api(role="reader")
+    assert (await reader.get(f"{BASE}/jobs/j1"))["status"] == "queued"
+    body = await reader.delete(f"{BASE}/jobs/j1", status=403)
+    assert body["error"]["code"] == "forbidden"
+
+
+async def test_other_tenants_jobs_are_invisible(api: Api, make_api: MakeApi) -> None:
+    """Another tenant's job is 404 in every route and absent from the list."""
+    await seed_history(api)
+    other = await make_api(tenant="globex")
+    assert await other.get(f"{BASE}/jobs") == {"jobs": []}
+    for path in ("/jobs/job_7f3a2b1c", "/jobs/job_7f3a2b1c/results"):
+        assert (await other.get(BASE + path, status=404))["error"]["code"] == "not_found"
+    await other.delete(f"{BASE}/jobs/job_9e2d4a5b", status=404)
+    assert (await api.get(f"{BASE}/jobs/job_9e2d4a5b"))["status"] == "running"
