@@ -13,7 +13,7 @@ from api import compat, credits, feed, jobs, openapi
 from api.auth import KeyRing, RateLimiter
 from api.context import KEYRING, LIMITER, SETTINGS, STOPPING, STORE
 from api.http import endpoint, json_response
-from api.middleware import authorize, request_context
+from api.middleware import handle
 from api.schemas import Health
 from api.settings import Settings
 from ledger.backends import backend_for
@@ -75,9 +75,7 @@ async def _on_shutdown(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(
-        middlewares=[request_context, authorize], client_max_size=settings.max_body
-    )
+    app = web.Application(middlewares=[handle], client_max_size=settings.max_body)
     app[SETTINGS] = settings
     app[STOPPING] = asyncio.Event()
     if settings.rate_limit:

@@ -17,7 +17,6 @@ LIMITER = web.AppKey("limiter", RateLimiter)
 STOPPING = web.AppKey("stopping", asyncio.Event)
 
 CALLER = web.RequestKey("caller", Caller)
-EXTRA_HEADERS = web.RequestKey("extra_headers", dict)
 
 
 def caller(request: web.Request) -> Caller:

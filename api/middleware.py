@@ -1,4 +1,4 @@
-"""Request context, authentication and the one error envelope, as aiohttp middlewares."""
+"""Request context, authentication and the one error envelope, as one aiohttp middleware."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import structlog
 from aiohttp import web
 
 from api.auth import RateLimited, authenticate
-from api.context import CALLER, EXTRA_HEADERS, KEYRING, LIMITER
+from api.context import CALLER, KEYRING, LIMITER
 from api.http import ROLE_RANK, Handler, error_body, json_response
 from ledger import errors
 from ledger.ids import ulid
@@ -68,21 +68,40 @@ def _render(request: web.Request, status: int, error: errors.LedgerError) -> web
 
 
 @web.middleware
-async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bind a request id, answer every error in the envelope, log one line per request."""
+async def handle(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One middleware for every request: context, auth, roles, rate limit, error envelope.
+
+    It binds a request id for the logs, resolves the caller from the Bearer key, checks the
+    route's role and the key's rate limit, answers every error in the envelope (or the
+    dialect's shape), and logs one line per request.
+    """
     request_id = request.headers.get("X-Request-Id", "")[:64] or ulid()
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(
         request_id=request_id, method=request.method, path=request.path
     )
     started = time.perf_counter()
-    extra_headers: dict[str, str] = {}
-    request[EXTRA_HEADERS] = extra_headers
+    extra: dict[str, str] = {}
     try:
+        match = request.match_info
+        if match.http_exception is not None:
+            raise match.http_exception
+        role = getattr(match.handler, "__role__", "public")
+        if role != "public":
+            caller = await authenticate(request, request.app[KEYRING])
+            request[CALLER] = caller
+            structlog.contextvars.bind_contextvars(key_id=caller.key_id, tenant=caller.tenant)
+            limiter = request.app.get(LIMITER)
+            if limiter is not None:
+                extra = limiter.hit(caller.key_id)
+            if ROLE_RANK[caller.role] < ROLE_RANK[role]:
+                raise errors.Forbidden(
+                    f"this route needs the {role} role; the key has {caller.role}"
+                )
         response = await handler(request)
     except errors.LedgerError as exc:
         if isinstance(exc, RateLimited):
-            extra_headers.update(exc.headers)
+            extra = exc.headers
         response = _render(request, status_of(exc), exc)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -94,7 +113,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         err.code = "internal"
         response = _render(request, 500, err)
     if not response.prepared:
-        response.headers.update(extra_headers)
+        if extra:
+            response.headers.update(extra)
         response.headers["X-Request-Id"] = request_id
     log.info(
         "http.request",
@@ -102,23 +122,3 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         ms=round((time.perf_counter() - started) * 1000, 2),
     )
     return response
-
-
-@web.middleware
-async def authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Resolve the caller from the Bearer key and check the route's role and rate limit."""
-    match = request.match_info
-    if match.http_exception is not None:
-        raise match.http_exception
-    role = getattr(match.handler, "__role__", "public")
-    if role == "public":
-        return await handler(request)
-    caller = await authenticate(request, request.app[KEYRING])
-    request[CALLER] = caller
-    structlog.contextvars.bind_contextvars(key_id=caller.key_id, tenant=caller.tenant)
-    limiter = request.app.get(LIMITER)
-    if limiter is not None:
-        request[EXTRA_HEADERS].update(limiter.hit(caller.key_id))
-    if ROLE_RANK[caller.role] < ROLE_RANK[role]:
-        raise errors.Forbidden(f"this route needs the {role} role; the key has {caller.role}")
-    return await handler(request)
