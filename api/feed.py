@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
 from api import schemas as s
+from api.auth import Caller
 from api.context import STOPPING, caller, store
 from api.http import endpoint, json_response, read_optional_body, read_query
 from api.idempotency import run_write
 from api.jobs import job_id_of, read_job, time_param
 from ledger import audit, commands
 from ledger.errors import Invalid, NotFound
+from ledger.records import EVENT_COLUMNS, Recorded
 from ledger.store import UnitOfWork
 from projections import jobs
 
@@ -37,13 +40,44 @@ STREAM_BATCH = 500
 async def list_events(request: web.Request) -> web.Response:
     q = read_query(request, s.EventsQuery)
     types = tuple(t.strip() for t in (q.types or "").split(",") if t.strip())
-    events = await store(request).events(
-        caller(request).tenant, after=q.after, limit=q.limit, types=types, stream=q.job_id
+    events = await _events(
+        request, caller(request), after=q.after, limit=q.limit, types=types, stream=q.job_id
     )
     next_after = events[-1].position if events else q.after
     return json_response(
         s.EventsPage(events=[s.event_view(e) for e in events], next_after=next_after)
     )
+
+
+async def _events(
+    request: web.Request,
+    who: Caller,
+    *,
+    after: int,
+    limit: int,
+    types: Sequence[str] = (),
+    stream: str | None = None,
+) -> list[Recorded]:
+    """The caller's events after ``after``: the tenant's, or (``X-Project-Id`` or a key
+    limited to a project) only the events of that project's jobs."""
+    if who.project is None:
+        return await store(request).events(
+            who.tenant, after=after, limit=limit, types=types, stream=stream
+        )
+    sql = (
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE tenant = ? AND position > ? "
+        "AND stream IN (SELECT id FROM jobs WHERE tenant = ? AND project = ?)"
+    )
+    params: list[Any] = [who.tenant, after, who.tenant, who.project]
+    if stream is not None:
+        sql += " AND stream = ?"
+        params.append(stream)
+    if types:
+        sql += f" AND type IN ({', '.join('?' * len(types))})"
+        params.extend(types)
+    async with store(request).backend.read() as conn:
+        rows = await conn.fetchall(sql + " ORDER BY position LIMIT ?", [*params, limit])
+    return [Recorded.from_row(r) for r in rows]
 
 
 def _resume_from(request: web.Request, after: int | None) -> int:
@@ -71,7 +105,7 @@ def _resume_from(request: web.Request, after: int | None) -> int:
 async def stream_events(request: web.Request) -> web.StreamResponse:
     q = read_query(request, s.StreamQuery)
     cursor = _resume_from(request, q.after)
-    tenant = caller(request).tenant
+    who = caller(request)
     ledger = store(request)
     stopping = request.app[STOPPING]
     response = web.StreamResponse(
@@ -86,7 +120,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     last_sent = time.monotonic()
     encode = msgspec.json.encode
     while not stopping.is_set():
-        events = await ledger.events(tenant, after=cursor, limit=STREAM_BATCH)
+        events = await _events(request, who, after=cursor, limit=STREAM_BATCH)
         if events:
             chunk = b"".join(
                 b"id: %d\nevent: %s\ndata: %s\n\n"
@@ -147,6 +181,13 @@ async def audit_export(request: web.Request) -> web.StreamResponse:
                 (who.tenant, q.account),
             )
         streams = frozenset([*ids, *(r[0] for r in deleted), commands.credits_stream(q.account)])
+    if who.project is not None:  # a project's export holds that project's jobs alone
+        async with store(request).backend.read() as conn:
+            rows = await conn.fetchall(
+                "SELECT id FROM jobs WHERE tenant = ? AND project = ?", (who.tenant, who.project)
+            )
+        mine = frozenset(r[0] for r in rows)
+        streams = mine if streams is None else streams & mine
     flt = audit.ExportFilter(
         tenant=who.tenant,
         since_us=time_param(q.since, "since"),

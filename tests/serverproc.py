@@ -1,0 +1,294 @@
+"""Real ``jobledger serve`` subprocesses on free loopback ports, and keys made with the CLI.
+
+A ``Server`` is started and stopped explicitly (``start``/``astart``, ``kill``, ``terminate``)
+so a test can crash it, restart it on the same database, or stop it while requests are in
+flight; its stdout and stderr go to one log file that survives restarts (``log_text()``).
+``served()``/``running()`` wrap a server in a block that always stops it. Every wait is bounded:
+a hung server fails the test instead of hanging it.
+
+    async with served(db_url) as server:
+        key = await acreate_key(db_url, "acme")
+        async with aiohttp.ClientSession(server.base, headers=key.headers) as http: ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+JOBLEDGER = str(Path(sys.executable).parent / "jobledger")
+START_SECONDS = 30.0  # a server that is not healthy by then fails the test
+STOP_SECONDS = 40.0  # longer than serve's own 30 s shutdown timeout
+CLI_SECONDS = 120.0
+
+_LIVE: set[subprocess.Popen[bytes]] = set()
+
+
+def _kill_leftovers() -> None:
+    """The last guard: no server outlives the test run, whatever happened."""
+    for proc in list(_LIVE):
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+atexit.register(_kill_leftovers)
+
+
+def env() -> dict[str, str]:
+    """The environment for a ``jobledger`` subprocess: no inherited ``JOBLEDGER_DB``."""
+    out = {k: v for k, v in os.environ.items() if k != "JOBLEDGER_DB"}
+    out["PYTHONUNBUFFERED"] = "1"
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """A finished CLI command: exit code and output."""
+
+    code: int
+    out: str
+    err: str
+
+    @property
+    def last_line(self) -> str:
+        lines = self.out.splitlines()
+        return lines[-1] if lines else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """An API key made by ``jobledger keys create``."""
+
+    key_id: str
+    secret: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.secret}"}
+
+
+def cli(*args: str, timeout: float = CLI_SECONDS) -> Done:
+    """Run ``jobledger ARGS...`` to completion (blocking)."""
+    done = subprocess.run(
+        [JOBLEDGER, *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=env(),
+        timeout=timeout,
+        check=False,
+    )
+    return Done(done.returncode, done.stdout.decode(), done.stderr.decode())
+
+
+async def acli(*args: str, seconds: float = CLI_SECONDS) -> Done:
+    """Run ``jobledger ARGS...`` to completion without blocking the event loop."""
+    proc = await asyncio.create_subprocess_exec(
+        JOBLEDGER,
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env(),
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), seconds)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return Done(proc.returncode, out.decode(), err.decode())
+
+
+def _key_of(done: Done, args: tuple[str, ...]) -> Key:
+    assert done.code == 0, f"jobledger {' '.join(args)}: {done.code} {done.err}"
+    key_id = next(w for w in done.out.split() if w.startswith("key_"))
+    return Key(key_id=key_id, secret=done.last_line.strip())
+
+
+def _key_args(db: str, tenant: str, role: str, project: str | None) -> tuple[str, ...]:
+    args = ("keys", "create", "--db", db, "--tenant", tenant, "--role", role)
+    return (*args, "--project", project) if project is not None else args
+
+
+def create_key(db: str, tenant: str, role: str = "admin", project: str | None = None) -> Key:
+    """A new key made with the CLI (which also creates the schema on a new database)."""
+    args = _key_args(db, tenant, role, project)
+    return _key_of(cli(*args), args)
+
+
+async def acreate_key(db: str, tenant: str, role: str = "admin", project: str | None = None) -> Key:
+    args = _key_args(db, tenant, role, project)
+    return _key_of(await acli(*args), args)
+
+
+class Server:
+    """One ``jobledger serve`` process at a time over ``db``; restartable on a new port."""
+
+    def __init__(self, db: str, *extra: str, log_dir: str | Path | None = None) -> None:
+        self.db = db
+        self.extra = extra
+        directory = Path(log_dir) if log_dir is not None else Path(tempfile.gettempdir())
+        fd, name = tempfile.mkstemp(prefix="jobledger-serve-", suffix=".log", dir=directory)
+        os.close(fd)
+        self.log_path = Path(name)
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.returncodes: list[int] = []  # exit codes of earlier runs, in order
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        """Everything every run of this server wrote to stdout and stderr."""
+        return self.log_path.read_text(errors="replace")
+
+    def _spawn(self) -> None:
+        assert not self.alive, "the server is already running"
+        self.port = free_port()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [JOBLEDGER, "serve", "--db", self.db, "--port", str(self.port), *self.extra],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env(),
+            )
+        _LIVE.add(self.proc)
+
+    def _not_started(self) -> AssertionError:
+        self.kill()
+        return AssertionError(f"jobledger serve did not become healthy:\n{self.log_text()[-3000:]}")
+
+    def start(self) -> Server:
+        """Start and wait (blocking) until ``/healthz`` answers."""
+        self._spawn()
+        deadline = time.monotonic() + START_SECONDS
+        while time.monotonic() < deadline:
+            if not self.alive:
+                raise self._not_started()
+            try:
+                with urllib.request.urlopen(f"{self.base}/healthz", timeout=2) as resp:
+                    if resp.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        raise self._not_started()
+
+    async def astart(self) -> Server:
+        """Start and wait (without blocking the loop) until ``/healthz`` answers."""
+        self._spawn()
+        deadline = time.monotonic() + START_SECONDS
+        timeout = aiohttp.ClientTimeout(total=2)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while time.monotonic() < deadline:
+                if not self.alive:
+                    raise self._not_started()
+                try:
+                    async with http.get(f"{self.base}/healthz") as resp:
+                        if resp.status == 200:
+                            return self
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+                await asyncio.sleep(0.05)
+        raise self._not_started()
+
+    def _reap(self) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout=STOP_SECONDS)
+        _LIVE.discard(self.proc)
+        self.returncodes.append(code)
+        self.proc = None
+        return code
+
+    def kill(self) -> int | None:
+        """SIGKILL: the crash. Its exit code (``-9``), or ``None`` if it was not running."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        return self._reap()
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        """Send ``sig`` and return at once (the process may still be finishing requests)."""
+        assert self.proc is not None and self.proc.poll() is None
+        self.proc.send_signal(sig)
+
+    async def wait(self, seconds: float = STOP_SECONDS) -> int:
+        """Wait (without blocking the loop) for the process to exit; its exit code."""
+        assert self.proc is not None
+        deadline = time.monotonic() + seconds
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(
+                    f"jobledger serve did not exit within {seconds} s:\n{self.log_text()[-3000:]}"
+                )
+            await asyncio.sleep(0.05)
+        return self._reap()
+
+    async def terminate(self, seconds: float = STOP_SECONDS) -> int:
+        """SIGTERM and wait for a clean exit; its exit code."""
+        self.signal(signal.SIGTERM)
+        return await self.wait(seconds)
+
+    def stop(self) -> None:
+        """Stop whatever is running, politely first (blocking); never raises on a dead server."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._reap()
+
+
+@contextlib.asynccontextmanager
+async def served(db: str, *extra: str, log_dir: str | Path | None = None) -> AsyncIterator[Server]:
+    """A started server for the block; always stopped afterwards."""
+    server = Server(db, *extra, log_dir=log_dir)
+    try:
+        yield await server.astart()
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def running(db: str, *extra: str, log_dir: str | Path | None = None) -> Iterator[Server]:
+    """``served`` for synchronous tests."""
+    server = Server(db, *extra, log_dir=log_dir)
+    try:
+        yield server.start()
+    finally:
+        server.stop()

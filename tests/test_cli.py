@@ -1,0 +1,246 @@
+"""The ``jobledger`` command line, run as a real subprocess (section 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pty
+import re
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import Api
+from tests.serverproc import JOBLEDGER, Done, acli, acreate_key, env, served
+
+KEY_LINE = re.compile(
+    r"^(key_[0-9A-Za-z]+) (\S+) (admin|writer|reader) (\S+) "
+    r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z) (active|revoked)$"
+)
+
+
+def one_line_error(done: Done) -> str:
+    """Exit 1 with one readable line on stderr and no traceback; that line."""
+    assert done.code == 1, (done.code, done.out, done.err)
+    lines = done.err.strip().splitlines()
+    assert len(lines) == 1, done.err
+    assert "Traceback" not in done.err
+    assert lines[0].startswith("jobledger: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["bogus"],
+        ["keys"],
+        ["keys", "create"],
+        ["keys", "create", "--tenant", "acme", "--role", "root"],
+        ["keys", "revoke"],
+        ["export", "--format", "xml"],
+        ["export", "--since", "last tuesday"],
+        ["rebuild", "--projection", "nope"],
+        ["serve", "--port", "http"],
+        ["serve", "--rate-limit", "fast"],
+        ["verify", "--nope"],
+    ],
+)
+async def test_usage_errors_exit_2(argv: list[str], tmp_path: Path) -> None:
+    """A malformed command line exits 2 with usage help and no traceback."""
+    done = await acli(*argv, *(["--db", str(tmp_path / "x.db")] if len(argv) > 1 else []))
+    assert done.code == 2, (done.out, done.err)
+    assert "usage:" in done.err and "Traceback" not in done.err
+    assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["verify"],
+        ["verify", "--tenant", "acme"],
+        ["export"],
+        ["rebuild"],
+        ["rebuild", "--verify"],
+        ["keys", "list"],
+        ["keys", "revoke", "key_0"],
+    ],
+)
+async def test_missing_database_is_one_line(argv: list[str], tmp_path: Path) -> None:
+    """A command on a database that does not exist exits 1 with one line and creates nothing."""
+    db = tmp_path / "missing.db"
+    line = one_line_error(await acli(*argv, "--db", str(db)))
+    assert "missing.db" in line
+    assert not db.exists()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["mysql://localhost/x", "/no/such/dir/ledger.db", "sqlite:////no/such/dir/x.db"],
+)
+async def test_bad_database_urls_are_one_line(url: str) -> None:
+    """An unsupported URL or a missing directory exits 1 with one line."""
+    one_line_error(await acli("keys", "create", "--db", url, "--tenant", "acme"))
+    one_line_error(await acli("verify", "--db", url))
+
+
+async def test_a_file_that_is_not_a_database_is_one_line(tmp_path: Path) -> None:
+    """Pointing ``--db`` at a file that is not SQLite exits 1 with one line."""
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database\n" * 100)
+    one_line_error(await acli("verify", "--db", str(junk)))
+    one_line_error(await acli("keys", "list", "--db", str(junk)))
+
+
+async def test_unknown_tenant_and_key_are_one_line(tmp_path: Path) -> None:
+    """An unknown tenant or key id exits 1 with one line naming it."""
+    db = str(tmp_path / "ledger.db")
+    await acreate_key(db, "acme")
+    for argv in (
+        ["export", "--tenant", "nobody"],
+        ["verify", "--tenant", "nobody"],
+        ["keys", "list", "--tenant", "nobody"],
+    ):
+        assert "nobody" in one_line_error(await acli(*argv, "--db", db))
+    assert "key_nope" in one_line_error(await acli("keys", "revoke", "key_nope", "--db", db))
+    missing = str(tmp_path / "none.ndjson")
+    assert "none.ndjson" in one_line_error(await acli("verify", "--file", missing))
+
+
+async def test_keys_create_prints_the_secret_last(tmp_path: Path) -> None:
+    """``keys create`` prints the secret alone on the last line; the ledger keeps only its hash."""
+    db = str(tmp_path / "ledger.db")
+    done = await acli(
+        "keys",
+        "create",
+        "--db",
+        db,
+        "--tenant",
+        "acme",
+        "--role",
+        "writer",
+        "--name",
+        "ci",
+        "--project",
+        "p1",
+    )
+    assert done.code == 0, done.err
+    secret = done.last_line
+    assert secret == secret.strip() and " " not in secret and len(secret) >= 32
+    assert secret not in "\n".join(done.out.splitlines()[:-1])
+    assert secret.encode() not in _file_bytes(db)
+    second = await acli("keys", "create", "--db", db, "--tenant", "acme")
+    assert second.last_line != secret
+
+
+def _file_bytes(db: str) -> bytes:
+    paths = [Path(db + suffix) for suffix in ("", "-wal", "-shm")]
+    return b"".join(p.read_bytes() for p in paths if p.exists())
+
+
+async def test_keys_list_format(tmp_path: Path) -> None:
+    """``keys list`` prints ``KEY_ID TENANT ROLE PROJECT-or-- CREATED_AT active|revoked``."""
+    db = str(tmp_path / "ledger.db")
+    keys = [
+        await acreate_key(db, "acme"),
+        await acreate_key(db, "acme", "writer", "p1"),
+        await acreate_key(db, "globex", "reader"),
+    ]
+    admin, writer, reader = (k.key_id for k in keys)
+    revoked = await acli("keys", "revoke", writer, "--db", db)
+    assert revoked.code == 0, revoked.err
+    again = await acli("keys", "revoke", writer, "--db", db)
+    one_line_error(again)
+
+    listing = await acli("keys", "list", "--db", db)
+    assert listing.code == 0
+    rows = [KEY_LINE.match(line) for line in listing.out.splitlines()]
+    assert all(rows), listing.out
+    found = {m.group(1): (*m.groups()[1:4], m.group(6)) for m in rows if m}
+    assert found == {
+        admin: ("acme", "admin", "--", "active"),
+        writer: ("acme", "writer", "p1", "revoked"),
+        reader: ("globex", "reader", "--", "active"),
+    }
+    for secret in (k.secret for k in keys):
+        assert secret not in listing.out
+    acme = await acli("keys", "list", "--db", db, "--tenant", "acme")
+    assert {line.split()[0] for line in acme.out.splitlines()} == {admin, writer}
+
+
+async def test_cli_revocation_reaches_a_running_server(tmp_path: Path) -> None:
+    """A key revoked with the CLI is refused (401) by a running server within a second."""
+    db = str(tmp_path / "ledger.db")
+    old = await acreate_key(db, "acme", "reader")
+    async with served(db) as server, aiohttp.ClientSession(base_url=server.base) as session:
+        reader = Api(session, old.secret)  # type: ignore[arg-type]
+        assert (await reader.get("/v1/jobs"))["jobs"] == []
+        new = await acreate_key(db, "acme", "writer")
+        await asyncio.sleep(1.0)  # the contract's bound for keys made elsewhere
+        writer = Api(session, new.secret)  # type: ignore[arg-type]
+        await writer.post("/v1/jobs", {"agent": "a"})
+        done = await acli("keys", "revoke", old.key_id, "--db", db)
+        assert done.code == 0, done.err
+        await asyncio.sleep(1.0)
+        body = await reader.get("/v1/jobs", status=401)
+        assert body["error"]["code"] == "unauthorized"
+        assert len((await writer.get("/v1/jobs"))["jobs"]) == 1
+
+
+async def test_export_progress_stays_off_stdout(tmp_path: Path) -> None:
+    """``export`` to stdout is pure NDJSON; ``--out`` writes the file and nothing to stdout."""
+    db = str(tmp_path / "ledger.db")
+    await acreate_key(db, "acme")
+    await acreate_key(db, "globex")
+    done = await acli("export", "--db", db)
+    assert done.code == 0 and len(done.out.splitlines()) == 2
+    assert all(line.startswith('{"position":') for line in done.out.splitlines())
+    out = tmp_path / "acme.csv"
+    to_file = await acli(
+        "export", "--db", db, "--tenant", "acme", "--format", "csv", "--out", str(out)
+    )
+    assert to_file.code == 0 and to_file.out == ""
+    assert out.read_text().splitlines()[0].startswith("position,event_id,stream,")
+    assert len(out.read_text().splitlines()) == 2
+
+
+def _with_terminal_stderr(*args: str) -> tuple[int, bytes, bytes]:
+    """Run ``jobledger ARGS`` with stderr on a pseudo-terminal; code, stdout, terminal bytes."""
+    master, slave = pty.openpty()
+    with subprocess.Popen(
+        [JOBLEDGER, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env=env(),
+    ) as proc:
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        out, _ = proc.communicate(timeout=120)
+    os.close(master)
+    return proc.returncode, out, seen
+
+
+async def test_progress_goes_to_the_terminal_not_stdout(tmp_path: Path) -> None:
+    """On a terminal the progress bar draws on stderr; stdout stays the export or the summary."""
+    db = str(tmp_path / "ledger.db")
+    await acreate_key(db, "acme")
+    await acreate_key(db, "acme")
+    code, out, terminal = await asyncio.to_thread(_with_terminal_stderr, "export", "--db", db)
+    assert code == 0 and b"exporting" in terminal
+    lines = out.decode().splitlines()
+    assert len(lines) == 2 and all(line.startswith('{"position":') for line in lines)
+    code, out, terminal = await asyncio.to_thread(_with_terminal_stderr, "rebuild", "--db", db)
+    assert code == 0 and b"rebuilding" in terminal
+    assert list(json.loads(out)) == ["events", "seconds", "events_per_second"]

@@ -1,0 +1,480 @@
+"""Rebuilding read models: every answer is the same after a replay, also under load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from api.app import create_app
+from api.context import STORE
+from api.settings import Settings
+from ledger import commands
+from ledger import rebuild as rebuild_module
+from ledger.rebuild import rebuild
+from ledger.store import EventStore
+from tests.conftest import Api
+from tests.serverproc import acli
+
+MakeApi = Callable[..., Coroutine[Any, Any, Api]]
+AiohttpClient = Callable[[web.Application], Coroutine[Any, Any, TestClient[Any, Any]]]
+
+
+# -- a rich history ------------------------------------------------------------------------------
+
+
+async def event(api: Api, job: str, type_: str, at: str | None = None, **data: Any) -> None:
+    body: dict[str, Any] = {"type": type_, "data": data}
+    if at is not None:
+        body["occurred_at"] = at
+    await api.post(f"/v1/jobs/{job}/events", body)
+
+
+async def job(api: Api, job_id: str, agent: str, account: str, at: str, **extra: Any) -> None:
+    await api.post(
+        "/v1/jobs", {"id": job_id, "agent": agent, "account": account, "occurred_at": at, **extra}
+    )
+
+
+async def build_rich_history(api: Api, store: EventStore, make_api: MakeApi) -> list[str]:
+    """Every status, prices and price changes, grants, deletions, archive, redaction, links.
+
+    Returns every job id ever created in tenant acme.
+    """
+    await api.post(
+        "/v1/prices",
+        {"agent": "scraper/a", "per_job": "1.5", "per_row": "0.25", "per_second": "0.01"},
+    )
+    await api.post("/v1/prices", {"agent": "exec/b", "per_execution": 2, "per_job": 1})
+    await api.post("/v1/credits/grants", {"account": "acct-1", "amount": 500, "reason": "plan"})
+    await api.post("/v1/credits/grants", {"account": "acct-2", "amount": "12.3456"})
+    await api.post("/v1/credits/grants", {"account": "acct-1", "amount": -20, "reason": "fix"})
+
+    # completed with a result, charged by job, rows and seconds
+    await job(api, "done", "scraper/a", "acct-1", "2025-01-01T10:00:00Z", params={"q": "x"})
+    await event(api, "done", "job.started", "2025-01-01T10:00:01Z")
+    await event(api, "done", "job.progressed", "2025-01-01T10:00:02Z", row_count=1, message="m")
+    await event(api, "done", "job.completed", "2025-01-01T10:01:03.5Z", result=[1, 2, 3, 4])
+    # the price changes: later jobs pay the new one, the earlier one keeps its charge
+    await api.post("/v1/prices", {"agent": "scraper/a", "per_job": 3, "per_row": 1})
+    await job(api, "done2", "scraper/a", "acct-1", "2025-01-02T00:00:00Z", project="p1")
+    await event(api, "done2", "job.completed", "2025-01-02T00:00:09Z", row_count=5)
+    # still queued, running, progressing
+    await job(api, "queued", "scraper/a", "acct-2", "2025-01-03T00:00:00Z")
+    await job(api, "run", "scraper/a", "acct-2", "2025-01-03T00:00:01Z", project="p1")
+    await event(api, "run", "job.started", "2025-01-03T00:00:02Z")
+    await event(api, "run", "job.progressed", "2025-01-03T00:00:03Z", row_count=9)
+    # failed, cancelled from queued and from running
+    await job(api, "failed", "scraper/c", "acct-2", "2025-01-04T00:00:00Z")
+    await event(api, "failed", "job.started", "2025-01-04T00:00:01Z")
+    await event(
+        api, "failed", "job.failed", "2025-01-04T00:00:02Z", error={"code": "x", "message": "y"}
+    )
+    await job(api, "cancel-q", "scraper/c", "acct-1", "2025-01-05T00:00:00Z")
+    await api.post("/v1/jobs/cancel-q/cancel", {"reason": "dup"}, status=200)
+    await job(api, "cancel-r", "scraper/c", "acct-1", "2025-01-05T00:00:01Z")
+    await event(api, "cancel-r", "job.started", "2025-01-05T00:00:02Z")
+    await api.post("/v1/jobs/cancel-r/cancel", status=200)
+    # executions: partial_failed, all succeeded, all failed, one still retrying
+    await job(api, "partial", "exec/b", "acct-1", "2025-01-06T00:00:00Z", executions_total=3)
+    await event(api, "partial", "job.execution_succeeded", "2025-01-06T00:00:01Z", execution_id="1")
+    await event(api, "partial", "job.execution_retrying", "2025-01-06T00:00:02Z", execution_id="2")
+    await event(api, "partial", "job.execution_failed", "2025-01-06T00:00:03Z", execution_id="2")
+    await event(api, "partial", "job.execution_succeeded", "2025-01-06T00:00:04Z", execution_id="3")
+    await job(api, "all-ok", "exec/b", "acct-2", "2025-01-06T01:00:00Z")
+    await event(api, "all-ok", "job.executions_planned", "2025-01-06T01:00:01Z", total=2)
+    await event(api, "all-ok", "job.execution_succeeded", "2025-01-06T01:00:02Z", execution_id="a")
+    await event(api, "all-ok", "job.execution_succeeded", "2025-01-06T01:00:03Z", execution_id="b")
+    await job(api, "all-bad", "exec/b", "acct-2", "2025-01-06T02:00:00Z", executions_total=1)
+    await event(api, "all-bad", "job.execution_failed", "2025-01-06T02:00:01Z", execution_id="z")
+    await job(api, "retrying", "exec/b", "acct-1", "2025-01-06T03:00:00Z", executions_total=2)
+    await event(api, "retrying", "job.execution_retrying", "2025-01-06T03:00:01Z", execution_id="r")
+    # archive, pr link, deletion (single and bulk), redaction
+    await job(api, "archived", "docs/agent", "acct-1", "2025-01-07T00:00:00Z", project="p2")
+    await event(api, "archived", "job.completed", "2025-01-07T00:00:01Z", row_count=2)
+    await event(api, "archived", "job.pr_linked", None, pr_link="https://x/pr/1")
+    await api.post("/v1/jobs/archived/archive", status=200)
+    await job(api, "deleted", "scraper/a", "acct-1", "2025-01-08T00:00:00Z")
+    await event(api, "deleted", "job.completed", "2025-01-08T00:00:01Z", row_count=7)
+    await api.delete("/v1/jobs/deleted")
+    for i in range(3):
+        await job(api, f"bulk{i}", "bulk/agent", "acct-3", f"2025-01-09T00:00:0{i}Z")
+    await event(api, "bulk1", "job.completed", "2025-01-09T00:01:00Z", row_count=3)
+    assert (await api.delete("/v1/jobs", params={"agent": "bulk/agent"}))["deleted"] == 3
+    await job(
+        api,
+        "secret",
+        "scraper/a",
+        "acct-2",
+        "2025-01-10T00:00:00Z",
+        params={"email": "a@b.c"},
+        created_by={"email": "a@b.c", "first_name": "A"},
+    )
+    await event(api, "secret", "job.started", "2025-01-10T00:00:01Z")
+    await event(api, "secret", "job.completed", "2025-01-10T00:00:05Z", result=[{"a": 1}])
+    await api.post("/v1/jobs/secret/redact", {"reason": "erase"}, status=200)
+    await api.post("/v1/jobs/secret/archive", status=200)
+    # many plain jobs, so lists page
+    for i in range(12):
+        await job(api, f"plain{i:02d}", "plain/agent", f"acct-{i % 3}", "2025-01-11T00:00:00Z")
+    # keys: one revoked; another tenant with its own jobs
+    revoked = await store.execute(
+        lambda uow: commands.create_key(uow, "acme", "reader"), tenants=["acme"]
+    )
+    await store.execute(
+        lambda uow: commands.revoke_key(uow, "acme", revoked.key_id), tenants=["acme"]
+    )
+    globex = await make_api(tenant="globex")
+    await globex.post("/v1/jobs", {"id": "done", "agent": "g/agent", "account": "acct-1"})
+    await globex.post("/v1/jobs/done/events", {"type": "job.completed", "data": {"row_count": 1}})
+    return [
+        "done", "done2", "queued", "run", "failed", "cancel-q", "cancel-r", "partial",
+        "all-ok", "all-bad", "retrying", "archived", "deleted", "bulk0", "bulk1", "bulk2",
+        "secret", *(f"plain{i:02d}" for i in range(12)), "nope",
+    ]  # fmt: skip
+
+
+# -- every read-model answer ---------------------------------------------------------------------
+
+
+async def answer(api: Api, path: str, **params: Any) -> tuple[int, Any]:
+    async with api.client.get(path, params=params, headers=api.headers) as resp:
+        body = await resp.read()
+        if resp.content_type == "application/json":
+            return resp.status, json.loads(body)
+        return resp.status, body.decode()
+
+
+def steady(running: dict[str, Any]) -> dict[str, Any]:
+    """The running answer without ``elapsed``, which moves with the clock."""
+    for jobs in running["executing"].values():
+        for entry in jobs:
+            assert ":" in entry.pop("elapsed")
+    return running
+
+
+async def snapshot(api: Api, job_ids: list[str]) -> dict[str, Any]:
+    """Every answer a read model serves, keyed by what was asked."""
+    seen: dict[str, Any] = {}
+    for order in ("desc", "asc"):
+        cursor: str | None = None
+        for page in range(20):
+            params: dict[str, Any] = {"limit": 4, "order": order}
+            if cursor:
+                params["cursor"] = cursor
+            status, body = await answer(api, "/v1/jobs", **params)
+            seen[f"jobs {order} page {page}"] = (status, body)
+            cursor = body["next_cursor"]
+            if not cursor:
+                break
+    for filters in (
+        {"status": "running,queued"},
+        {"status": "completed"},
+        {"archived": "true"},
+        {"archived": "false", "account": "acct-1"},
+        {"agent": "exec/b"},
+        {"project": "p1"},
+        {"q": "plain0"},
+        {"created_after": "2025-01-05T00:00:00Z", "created_before": "2025-01-08T00:00:00Z"},
+    ):
+        seen[f"jobs {filters}"] = await answer(api, "/v1/jobs", limit=1000, **filters)
+    for job_id in job_ids:
+        seen[f"job {job_id}"] = await answer(api, f"/v1/jobs/{job_id}")
+        seen[f"results {job_id}"] = await answer(api, f"/v1/jobs/{job_id}/results")
+    status, running = await answer(api, "/v1/jobs/running")
+    seen["running"] = (status, steady(running))
+    seen["stats"] = await answer(api, "/v1/jobs/stats")
+    seen["accounts"] = await answer(api, "/v1/accounts")
+    for account in ("acct-0", "acct-1", "acct-2", "acct-3", "nobody"):
+        seen[f"account {account}"] = await answer(api, f"/v1/accounts/{account}")
+        seen[f"credits {account}"] = await answer(api, "/v1/credits", account=account)
+        seen[f"statement {account}"] = await answer(api, "/v1/credits/statement", account=account)
+        seen[f"statement csv {account}"] = await answer(
+            api, "/v1/credits/statement", account=account, format="csv"
+        )
+    seen["credits"] = await answer(api, "/v1/credits")
+    seen["prices"] = await answer(api, "/v1/prices")
+    project = Api(api.client, None)
+    project.headers = {**api.headers, "X-Project-Id": "p1"}
+    seen["p1 stats"] = await answer(project, "/v1/jobs/stats")
+    seen["p1 jobs"] = await answer(project, "/v1/jobs")
+    seen["p1 accounts"] = await answer(project, "/v1/accounts")
+    seen["p1 credits"] = await answer(project, "/v1/credits")
+    status, running = await answer(project, "/v1/jobs/running")
+    seen["p1 running"] = (status, steady(running))
+    return seen
+
+
+def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
+    assert before.keys() == after.keys()
+    for key in before:
+        assert before[key] == after[key], key
+
+
+def check_history(seen: dict[str, Any]) -> None:
+    """The history really holds what the rebuild has to reproduce."""
+    stats = seen["stats"][1]
+    assert all(stats["by_status"][s] > 0 for s in stats["by_status"]), stats
+    assert stats["archived"] == 2
+    assert seen["job deleted"][0] == 404 and seen["job bulk1"][0] == 404
+    assert seen["job done"][1]["credits_used"] == 3.13  # 1.5 + 4 × 0.25 + 63 s × 0.01
+    assert seen["job done2"][1]["credits_used"] == 3 + 5
+    assert seen["job partial"][1]["status"] == "partial_failed"
+    assert seen["job partial"][1]["credits_used"] == 1 + 2 * 2
+    assert seen["job secret"][1]["params"] == {} and seen["results secret"][0] == 410
+    assert seen["credits acct-3"][1]["used"] == 3  # a deleted job stays charged
+    assert seen["account acct-1"][1]["credits"]["granted"] == 480
+
+
+# -- the rebuilds --------------------------------------------------------------------------------
+
+
+def sqlite_file(db_url: str) -> str:
+    if db_url.startswith(("postgres://", "postgresql://")):
+        pytest.skip("tampers with a SQLite file")
+    return db_url
+
+
+async def test_rebuild_reproduces_every_answer(
+    db_url: str,
+    client: TestClient[Any, Any],
+    app: web.Application,
+    api: Api,
+    make_api: MakeApi,
+    aiohttp_client: AiohttpClient,
+) -> None:
+    """In process and through the CLI, a rebuild leaves every read-model answer identical."""
+    db = db_url
+    store = app[STORE]
+    job_ids = await build_rich_history(api, store, make_api)
+    before = await snapshot(api, job_ids)
+    check_history(before)
+    position = store.head_position
+
+    report = await rebuild(store.backend, store.projectors)
+    assert report.events == position and report.difference is None
+    assert_same(before, await snapshot(api, job_ids))
+    verified = await rebuild(store.backend, store.projectors, verify=True)
+    assert verified.difference is None
+
+    await client.close()
+    done = await acli("rebuild", "--db", db)
+    assert done.code == 0, done.err
+    summary = json.loads(done.last_line)
+    assert summary["events"] == position
+    assert summary["seconds"] >= 0 and summary["events_per_second"] > 0
+    check = await acli("rebuild", "--db", db, "--verify")
+    assert check.code == 0, check.err
+    assert json.loads(check.last_line)["events"] == position
+    keys = await acli("keys", "list", "--db", db)
+    assert sum(line.endswith(" revoked") for line in keys.out.splitlines()) == 1
+
+    restarted = Api(await aiohttp_client(create_app(Settings(db_url=db))), None)
+    restarted.headers = dict(api.headers)
+    assert_same(before, await snapshot(restarted, job_ids))
+
+
+async def test_verify_names_a_tampered_row(
+    db_url: str, client: TestClient[Any, Any], api: Api, app: web.Application, make_api: MakeApi
+) -> None:
+    """``rebuild --verify`` exits 1 naming a tampered read model; a rebuild repairs it."""
+    db = sqlite_file(db_url)
+    await build_rich_history(api, app[STORE], make_api)
+    await client.close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE job_counts SET n = n + 1 WHERE status = 'failed'")
+    conn.close()
+
+    done = await acli("rebuild", "--db", db, "--verify")
+    assert done.code == 1
+    assert "job_counts" in done.err and "failed" in done.err
+    assert "Traceback" not in done.err
+    summary = json.loads(done.last_line)
+    assert summary["events"] > 0 and summary["identical"] is False
+    again = await acli("rebuild", "--db", db, "--verify")
+    assert again.code == 1  # verifying never repairs
+
+    assert (await acli("rebuild", "--db", db)).code == 0
+    fixed = await acli("rebuild", "--db", db, "--verify")
+    assert fixed.code == 0 and json.loads(fixed.last_line)["identical"] is True
+
+
+@pytest.mark.parametrize(
+    ("table", "tamper"),
+    [
+        ("jobs", "UPDATE jobs SET status = 'running' WHERE id = 'failed'"),
+        ("credit_usage", "UPDATE credit_usage SET used = used + 1"),
+        ("credit_grants", "DELETE FROM credit_grants WHERE account = 'acct-2'"),
+        ("prices", "UPDATE prices SET per_row = '9'"),
+        ("api_keys", "UPDATE api_keys SET role = 'admin'"),
+    ],
+)
+async def test_verify_covers_every_read_model(
+    db_url: str,
+    client: TestClient[Any, Any],
+    api: Api,
+    app: web.Application,
+    make_api: MakeApi,
+    table: str,
+    tamper: str,
+) -> None:
+    """Each read model's table is compared by ``rebuild --verify``."""
+    db = sqlite_file(db_url)
+    await build_rich_history(api, app[STORE], make_api)
+    await client.close()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute(tamper).rowcount > 0
+    conn.close()
+    done = await acli("rebuild", "--db", db, "--verify")
+    assert done.code == 1 and done.err.split()[1].startswith(f"{table}:"), done.err
+
+
+async def test_projection_option_rebuilds_only_one(
+    db_url: str, client: TestClient[Any, Any], api: Api, app: web.Application, make_api: MakeApi
+) -> None:
+    """``--projection NAME`` replays and swaps that read model alone."""
+    db = sqlite_file(db_url)
+    await build_rich_history(api, app[STORE], make_api)
+    await client.close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE job_counts SET n = n + 1")
+        conn.execute("UPDATE jobs SET version = version + 100 WHERE id = 'done'")
+    conn.close()
+
+    jobs_only = await acli("rebuild", "--db", db, "--projection", "jobs", "--verify")
+    assert jobs_only.code == 1 and "jobs:" in jobs_only.err and "job_counts" not in jobs_only.err
+    assert (await acli("rebuild", "--db", db, "--projection", "jobs")).code == 0
+    assert (await acli("rebuild", "--db", db, "--projection", "jobs", "--verify")).code == 0
+    counts = await acli("rebuild", "--db", db, "--verify")
+    assert counts.code == 1 and "job_counts" in counts.err  # untouched by the jobs rebuild
+    assert (await acli("rebuild", "--db", db, "--projection", "counts")).code == 0
+    assert (await acli("rebuild", "--db", db, "--verify")).code == 0
+    bad = await acli("rebuild", "--db", db, "--projection", "nope")
+    assert bad.code == 2
+
+
+async def test_rebuild_while_appending_loses_nothing(
+    db_url: str, api: Api, app: web.Application, make_api: MakeApi
+) -> None:
+    """A rebuild racing appends through the API keeps every append; lists never shrink."""
+    store = app[STORE]
+    await build_rich_history(api, store, make_api)
+    for i in range(150):
+        await job(api, f"pre{i:03d}", "load/agent", f"acct-{i % 4}", "2025-02-01T00:00:00Z")
+    listed_before = len((await api.get("/v1/jobs", params={"limit": 1000}))["jobs"])
+    started = asyncio.Event()
+    done = asyncio.Event()
+    during: list[int] = []
+    appended: list[str] = []
+    counts_seen: list[int] = []
+
+    def progress(position: int, total: int) -> None:
+        started.set()
+
+    async def appender() -> None:
+        await started.wait()
+        i = 0
+        while not done.is_set() or i < 5:
+            job_id = f"live{i:03d}"
+            await api.post("/v1/jobs", {"id": job_id, "agent": "live/agent", "account": "a"})
+            await api.post(f"/v1/jobs/{job_id}/events", {"type": "job.started"})
+            await api.post(
+                f"/v1/jobs/{job_id}/events", {"type": "job.completed", "data": {"row_count": 2}}
+            )
+            await api.post("/v1/credits/grants", {"account": "a", "amount": 1})
+            await api.post("/v1/prices", {"agent": f"price/{i:03d}", "per_row": 1})
+            appended.append(job_id)
+            if not done.is_set():
+                during.append(i)
+            i += 1
+
+    async def reader() -> None:
+        await started.wait()
+        while not done.is_set():
+            page = await api.get("/v1/jobs", params={"limit": 1000})
+            counts_seen.append(len(page["jobs"]))
+            stats = await api.get("/v1/jobs/stats")
+            assert stats["total_jobs"] >= listed_before
+            await asyncio.sleep(0)
+
+    old_read, old_write = rebuild_module.READ_CHUNK, rebuild_module.WRITE_CHUNK
+    rebuild_module.READ_CHUNK = rebuild_module.WRITE_CHUNK = 5  # many batches, many interleavings
+    try:
+        tasks = [asyncio.create_task(appender()), asyncio.create_task(reader())]
+        report = await rebuild(store.backend, store.projectors, progress=progress)
+        done.set()
+        await asyncio.gather(*tasks)
+    finally:
+        rebuild_module.READ_CHUNK, rebuild_module.WRITE_CHUNK = old_read, old_write
+
+    assert report.difference is None
+    assert len(during) >= 2, "appends hardly ran while the rebuild did"
+    assert counts_seen and min(counts_seen) >= listed_before
+    verified = await rebuild(store.backend, store.projectors, verify=True)
+    assert verified.difference is None
+    live = [
+        j
+        for j in (await api.get("/v1/jobs", params={"limit": 1000}))["jobs"]
+        if j["agent"] == "live/agent"
+    ]
+    assert sorted(j["id"] for j in live) == sorted(appended)
+    assert all(j["status"] == "completed" and j["credits_used"] == 2 for j in live)
+    credits = await api.get("/v1/credits", params={"account": "a"})
+    assert credits["granted"] == len(live) and credits["used"] == 2 * len(live)
+    prices = [p for p in (await api.get("/v1/prices"))["prices"] if p["agent"].startswith("price/")]
+    assert len(prices) == len(appended)
+    assert all(p["updated_at"] and p["updated_at"].endswith("Z") for p in prices)
+
+
+async def test_cli_rebuild_beside_a_running_server(
+    db_url: str, api: Api, app: web.Application, make_api: MakeApi, tmp_path: Path
+) -> None:
+    """``jobledger rebuild`` in another process, while this server appends, loses nothing."""
+    db = db_url
+    store = app[STORE]
+    await build_rich_history(api, store, make_api)
+    for i in range(300):
+        await job(api, f"pre{i:03d}", "load/agent", "acct-1", "2025-02-01T00:00:00Z")
+    stop = asyncio.Event()
+    appended: list[str] = []
+
+    async def appender() -> None:
+        i = 0
+        while not stop.is_set():
+            job_id = f"live{i:03d}"
+            await api.post("/v1/jobs", {"id": job_id, "agent": "live/agent", "account": "b"})
+            await api.post(
+                f"/v1/jobs/{job_id}/events", {"type": "job.completed", "data": {"row_count": 1}}
+            )
+            appended.append(job_id)
+            i += 1
+
+    totals: list[int] = []
+
+    async def reader() -> None:
+        while not stop.is_set():
+            stats = await api.get("/v1/jobs/stats")  # never a 500, never a half-built model
+            totals.append(stats["total_jobs"])
+            page = await api.get("/v1/jobs", params={"agent": "load/agent", "limit": 1000})
+            assert len(page["jobs"]) == 300
+
+    tasks = [asyncio.create_task(appender()), asyncio.create_task(reader())]
+    try:
+        done = await acli("rebuild", "--db", db)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert done.code == 0, done.err
+    assert totals == sorted(totals)  # appends only add jobs: the count never goes back
+    check = await acli("rebuild", "--db", db, "--verify")
+    assert check.code == 0, check.err
+    stats = await api.get("/v1/jobs/stats")
+    assert stats["by_agent"]["live/agent"]["total"] == len(appended)
+    assert (await api.get("/v1/credits", params={"account": "b"}))["used"] == len(appended)
