@@ -169,7 +169,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"  jobledger keys create --db {args.db} --tenant <your-org> --role admin",
                 flush=True,
             )
-        print(f"jobledger: serving on http://{args.host}:{args.port}", flush=True)
 
     buffered = logs.configure_buffered()
 
@@ -183,7 +182,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app.cleanup_ctx.append(flush_logs)
     try:
         web.run_app(
-            app, host=args.host, port=args.port, access_log=None, print=None, shutdown_timeout=30.0
+            app,
+            host=args.host,
+            port=args.port,
+            access_log=None,
+            shutdown_timeout=30.0,
+            # called once the socket is bound, so the line is never a lie
+            print=lambda _: print(
+                f"jobledger: serving on http://{args.host}:{args.port}", flush=True
+            ),
         )
     except OSError as exc:
         raise CliError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
