@@ -6,6 +6,7 @@ count, so every amount is a whole number of units and sums never drift.
 
 from __future__ import annotations
 
+import functools
 import math
 from decimal import Decimal, InvalidOperation
 
@@ -47,6 +48,17 @@ def validate_price(price: Price) -> None:
         to_units(getattr(price, name), field=name)
 
 
+@functools.lru_cache(maxsize=4096)
+def price_units(price: Price) -> tuple[int, int, int, int]:
+    """A price's four amounts in units (prices are frozen, so this is computed once each)."""
+    return (
+        to_units(price.per_job, field="per_job"),
+        to_units(price.per_row, field="per_row"),
+        to_units(price.per_execution, field="per_execution"),
+        to_units(price.per_second, field="per_second"),
+    )
+
+
 def charge(
     price: Price,
     *,
@@ -59,9 +71,5 @@ def charge(
     seconds = 0
     if started_us is not None and finished_us is not None and finished_us > started_us:
         seconds = math.ceil((finished_us - started_us) / 1_000_000)
-    return (
-        to_units(price.per_job, field="per_job")
-        + to_units(price.per_row, field="per_row") * row_count
-        + to_units(price.per_execution, field="per_execution") * succeeded
-        + to_units(price.per_second, field="per_second") * seconds
-    )
+    per_job, per_row, per_execution, per_second = price_units(price)
+    return per_job + per_row * row_count + per_execution * succeeded + per_second * seconds

@@ -10,19 +10,25 @@ old read models or the new ones, never a half-built one.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+import structlog
 
 from ledger.events import JOB_EVENT_TYPES, Event, decode_stored
 from ledger.jobs import JobState, evolve
 from ledger.records import Batch, Change, Projector, Recorded
 from ledger.sql import Backend, Conn
 
+log = structlog.get_logger(__name__)
 SUFFIX = "__rebuild"
+DECODE_MEMO = 50_000
+_MISSING = object()
 READ_CHUNK = 20_000
 WRITE_CHUNK = 20_000
 Progress = Callable[[int, int], None]
@@ -45,23 +51,35 @@ class _Fold:
 
     def __init__(self) -> None:
         self.jobs: dict[tuple[str, str], JobState] = {}
+        self.decoded: dict[tuple[str, str | None], Event | None] = {}
+        self.difference: str | None = None
         self.tenant_events: list[tuple[Recorded, Event | None]] = []
         self.count = 0
         self.position = 0
 
-    def feed(self, rows: Sequence[Sequence[Any]]) -> set[tuple[str, str]]:
+    def feed(self, rows: Sequence[Sequence[Any]], *, copy: bool = True) -> set[tuple[str, str]]:
+        """Fold ``rows``; ``copy=False`` mutates the states in place (nobody else holds them)."""
         touched: set[tuple[str, str]] = set()
         jobs = self.jobs
+        job_types = JOB_EVENT_TYPES
+        decoded = self.decoded
         for position, tenant, stream, version, type_, occurred, data in rows:
-            if type_ in JOB_EVENT_TYPES:
+            if type_ in job_types:
                 key = (tenant, stream)
+                # events are frozen, so equal texts can share one decoded event
+                event = decoded.get((type_, data), _MISSING)
+                if event is _MISSING:
+                    event = decode_stored(type_, data)
+                    if len(decoded) < DECODE_MEMO:
+                        decoded[(type_, data)] = event
                 jobs[key] = evolve(
                     jobs.get(key),
-                    decode_stored(type_, data),
+                    event,  # type: ignore[arg-type]
                     type_=type_,
                     job_id=stream,
                     occurred_us=occurred,
                     position=position,
+                    copy=copy,
                 )
                 touched.add(key)
             else:
@@ -135,16 +153,64 @@ async def rebuild(
         row = await conn.fetchone("SELECT max(position) FROM events")
     end = (row[0] if row else None) or 0
     fold = _Fold()
+    gc.disable()  # a replay allocates millions of objects that all live until the end
+    try:
+        await _replay_and_swap(backend, projectors, shadows, fold, end, verify, progress)
+    finally:
+        gc.enable()
+    log.info("rebuild.swapped" if not verify else "rebuild.compared",
+             seconds=round(time.perf_counter() - started, 3), cpu=round(time.process_time(), 3))
+    if progress is not None:
+        progress(fold.position, max(end, fold.position))
+    return Report(fold.count, time.perf_counter() - started, fold.difference)
+
+
+async def _replay_and_swap(
+    backend: Backend,
+    projectors: Sequence[Projector],
+    shadows: Sequence[Projector],
+    fold: _Fold,
+    end: int,
+    verify: bool,
+    progress: Progress | None,
+) -> None:
+    started = time.perf_counter()
     async with backend.read(snapshot=True, bulk=True) as conn:
-        while True:
-            rows = await _read_from(conn, fold.position, end)
-            if not rows:
-                break
-            fold.feed(rows)
+        # the next chunk is read (in the database's thread) while this one is folded
+        rows = await _read_from(conn, 0, end)
+        while rows:
+            following = asyncio.ensure_future(_read_from(conn, rows[-1][0], end))
+            fold.feed(rows, copy=False)
             if progress is not None:
                 progress(fold.position, end)
+            rows = await following
         await _recorded_at(conn, fold.tenant_events)
-    await _fill(backend, shadows, fold)
+    # shadows are disposable until the swap: fill them without waiting for the disk
+    log.info("rebuild.replayed", events=fold.count, jobs=len(fold.jobs),
+             seconds=round(time.perf_counter() - started, 3), cpu=round(time.process_time(), 3))
+    await backend.set_durable(False)
+    try:
+        await _fill(backend, shadows, fold)
+        log.info("rebuild.filled", seconds=round(time.perf_counter() - started, 3),
+                 cpu=round(time.process_time(), 3))
+        fold.difference = await _catch_up_and_swap(backend, projectors, shadows, fold, verify)
+    finally:
+        await backend.set_durable(True)
+
+
+async def _catch_up_and_swap(
+    backend: Backend,
+    projectors: Sequence[Projector],
+    shadows: Sequence[Projector],
+    fold: _Fold,
+    verify: bool,
+) -> str | None:
+    """Under the write lock: fold what was appended meanwhile, then swap (or compare).
+
+    Runs with durability relaxed: the old tables hold only current data (a redaction
+    overwrote erased rows when it happened), so dropping them need not zero their pages, and a
+    swap lost to a crash leaves the old, consistent read models in place to rebuild again.
+    """
     difference: str | None = None
     async with backend.write() as conn:
         # events appended while we replayed: fold them on top, under the write lock
@@ -182,9 +248,7 @@ async def rebuild(
                         )
                 for sql in p.indexes():
                     await conn.execute(sql)
-    if progress is not None:
-        progress(fold.position, max(end, fold.position))
-    return Report(fold.count, time.perf_counter() - started, difference)
+    return difference
 
 
 async def _fill(backend: Backend, shadows: Sequence[Projector], fold: _Fold) -> None:

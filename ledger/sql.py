@@ -62,6 +62,15 @@ class Backend(Protocol):
         """Tell other processes that events were committed."""
         ...
 
+    async def set_durable(self, durable: bool) -> None:
+        """``False`` lets bulk writes of disposable tables skip waiting for the disk.
+
+        The database must stay consistent across a crash, but the last commits may be lost, so
+        use it only where losing them is harmless (a rebuild can run again), and never around
+        writes that erase data (redactions rely on freed pages being zeroed).
+        """
+        ...
+
     async def erase_residue(self) -> None:
         """Make erased bytes unreadable in the database files (after a redaction)."""
         ...

@@ -43,6 +43,8 @@ POOL_MIN = 1
 POOL_MAX = 10
 CONNECT_TIMEOUT = 10.0
 RESIDUE_TABLES = ("events", "results", "idempotency", "jobs")
+STATEMENT_CACHE = 512
+_BEGIN_WRITE = f"BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK})"
 
 # Errors that mean the server went away (restart, network), not that the SQL was wrong.
 _GONE: tuple[type[BaseException], ...] = (
@@ -101,6 +103,14 @@ def redact_url(url: str) -> str:
         return urlunsplit(parts._replace(netloc=netloc))
     except ValueError:
         return "<unparsable URL>"
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Nothing to reset on release: we leave no session state behind.
+
+    asyncpg still rolls back an open transaction first; its default reset would cost one more
+    round trip per checkout (``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``).
+    """
 
 
 class PostgresConn:
@@ -230,6 +240,8 @@ class PostgresBackend:
                 timeout=CONNECT_TIMEOUT,
                 init=self._init_connection,
                 max_inactive_connection_lifetime=300.0,
+                statement_cache_size=STATEMENT_CACHE,
+                reset=_keep_session,
                 server_settings={"application_name": "jobledger"},
             )
         except Exception as exc:
@@ -278,20 +290,23 @@ class PostgresBackend:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[Conn]:
         async with self._acquire() as conn:
-            tx = conn.transaction()
             try:
-                await tx.start()
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK)
+                await conn.execute(_BEGIN_WRITE)  # one round trip: BEGIN and the lock
             except _GONE as exc:
                 raise StoreUnavailable(f"lost the connection to PostgreSQL: {exc}") from None
+            pg = PostgresConn(conn)
             try:
-                yield PostgresConn(conn)
+                yield pg
+                if pg._conflict is not None:
+                    # COMMIT would quietly roll back the aborted transaction: never report
+                    # success for it, even if the caller swallowed the conflict
+                    raise StoreConflict(pg._conflict)
             except BaseException:
                 with contextlib.suppress(Exception):
-                    await tx.rollback()
+                    await conn.execute("ROLLBACK")
                 raise
             try:
-                await tx.commit()
+                await conn.execute("COMMIT")
             except asyncpg.IntegrityConstraintViolationError as exc:  # a deferred constraint
                 raise StoreConflict(str(exc)) from exc
             except _GONE as exc:
@@ -388,6 +403,9 @@ class PostgresBackend:
                 return
 
     # -- erasure ---------------------------------------------------------------------------
+
+    async def set_durable(self, durable: bool) -> None:
+        return None  # each transaction's commit is cheap next to the work; nothing to relax
 
     async def erase_residue(self) -> None:
         """``VACUUM`` the tables that held erased data, in the background (best effort).

@@ -267,6 +267,15 @@ class SqliteBackend:
     async def signal(self) -> None:
         return None
 
+    async def set_durable(self, durable: bool) -> None:
+        """Off: WAL ``synchronous=NORMAL`` (never corrupt, but a crash may roll back the last
+        commits) and no zeroing of freed pages, for disposable or replaced tables."""
+        assert self._writer is not None
+        level, secure = ("FULL", "ON") if durable else ("NORMAL", "OFF")
+        async with self._write_lock:
+            await self._in_writer(self._writer.execute, f"PRAGMA synchronous = {level}")
+            await self._in_writer(self._writer.execute, f"PRAGMA secure_delete = {secure}")
+
     async def erase_residue(self) -> None:
         assert self._writer is not None
         async with self._write_lock:
