@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -356,7 +357,12 @@ async def cmd_verify(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logs.configure()
+    # one-shot commands keep stderr for their one line; JOBLEDGER_LOG_LEVEL=info shows phases
+    logs.configure(
+        level=logging.getLevelNamesMapping().get(
+            os.environ.get("JOBLEDGER_LOG_LEVEL", "warning").upper(), logging.WARNING
+        )
+    )
     try:
         if args.command == "serve":
             code = cmd_serve(args)

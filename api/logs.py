@@ -78,7 +78,7 @@ def _timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMappi
     return event
 
 
-def configure(stream: Any = None) -> None:
+def configure(stream: Any = None, level: int = logging.INFO) -> None:
     """JSON lines on ``stream`` (stderr by default); pretty output only on a terminal."""
     stream = sys.stderr if stream is None else stream
     renderer: Any = (
@@ -94,7 +94,7 @@ def configure(stream: Any = None) -> None:
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
