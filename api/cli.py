@@ -315,14 +315,10 @@ async def cmd_export(args: argparse.Namespace) -> int:
             if args.format == "csv":
                 out.write(audit.csv_header())
             with _progress("exporting") as progress:
-                async for events in audit.iter_events(store.backend, flt):
-                    out.write(
-                        audit.csv_lines(events)
-                        if args.format == "csv"
-                        else audit.ndjson_lines(events)
-                    )
+                async for chunk, position in audit.export_chunks(store.backend, flt, args.format):
+                    out.write(chunk)
                     if progress is not None:
-                        progress(events[-1].position, total)
+                        progress(position, total)
             out.flush()
         finally:
             if args.out:

@@ -13,7 +13,7 @@ from aiohttp import web
 from api import schemas as s
 from api.auth import Caller
 from api.context import STOPPING, caller, store
-from api.http import endpoint, json_response, read_optional_body, read_query
+from api.http import MAX_INT, endpoint, json_response, read_optional_body, read_query
 from api.idempotency import run_write
 from api.jobs import job_id_of, read_job, time_param
 from ledger import audit, commands
@@ -84,11 +84,12 @@ def _resume_from(request: web.Request, after: int | None) -> int:
     last_id = request.headers.get("Last-Event-ID")
     if last_id:
         try:
-            return max(0, int(last_id))
+            position = int(last_id)
         except ValueError:
-            raise Invalid(
-                "Last-Event-ID must be an event position", field="Last-Event-ID"
-            ) from None
+            position = MAX_INT + 1
+        if position > MAX_INT:
+            raise Invalid("Last-Event-ID must be an event position", field="Last-Event-ID")
+        return max(0, position)
     return after or 0
 
 
@@ -116,6 +117,8 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
+    if request.method == "HEAD":  # aiohttp routes HEAD here too: headers only, no body
+        return response
     await response.write(b"retry: 1000\n\n")
     last_sent = time.monotonic()
     encode = msgspec.json.encode
@@ -167,6 +170,7 @@ async def audit_head(request: web.Request) -> web.Response:
     summary="Stream the tenant's audit log (NDJSON or CSV)",
     query=s.ExportQuery,
     content="application/x-ndjson",
+    also=("text/csv",),
     tag="audit",
 )
 async def audit_export(request: web.Request) -> web.StreamResponse:
@@ -204,10 +208,12 @@ async def audit_export(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
+    if request.method == "HEAD":  # aiohttp routes HEAD here too: headers only, no body
+        return response
     if csv_format:
         await response.write(audit.csv_header())
-    async for events in audit.iter_events(store(request).backend, flt):
-        await response.write(audit.csv_lines(events) if csv_format else audit.ndjson_lines(events))
+    async for chunk, _ in audit.export_chunks(store(request).backend, flt, q.format):
+        await response.write(chunk)
     await response.write_eof()
     return response
 
