@@ -44,12 +44,13 @@ BILLABLE = frozenset({"completed", "partial_failed"})
 AFTER_FINISH = frozenset({JobArchived, JobPrLinked, JobDeleted, JobRedacted})
 
 
-class JobState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+class JobState(msgspec.Struct, kw_only=True, gc=False):
     """Everything the ledger knows about one job; times are epoch microseconds.
 
-    Stored as JSON without its default values (most are null or zero): read models stay small.
     ``gc=False``: its fields are decoded JSON and strings, which cannot form a reference
     cycle, so the cyclic collector need not walk the hundreds of thousands a replay holds.
+    (Not ``omit_defaults``: msgspec omits a default only when it is the same object, so a live
+    state and its replay would be stored differently.)
     """
 
     id: str

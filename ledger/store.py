@@ -35,6 +35,7 @@ log = structlog.get_logger(__name__)
 
 MAX_BATCH = 512
 JOB_CACHE = 50_000
+CATCH_UP_MAX = 10_000  # events another process appended; more and the caches start afresh
 _INSERT_EVENT = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES ({', '.join('?' * 15)})"
 _SELECT_EVENTS = f"SELECT {EVENT_COLUMNS} FROM events"
 
@@ -384,6 +385,7 @@ class EventStore:
         self._pending_versions: dict[tuple[str, str], int] = {}
         self._pending_jobs: dict[tuple[str, str], JobState] = {}
         self._erased = False
+        self._watching = False
         self._last_position = -1
         self.head_position = 0
         self._tick = asyncio.Event()
@@ -400,6 +402,7 @@ class EventStore:
         self.head_position = await self.max_position()
         if writer:
             self._writer = asyncio.create_task(self._write_loop(), name="ledger-writer")
+            self._watching = True
             self._watcher = asyncio.create_task(self._watch_loop(), name="ledger-watcher")
 
     async def stop(self) -> None:
@@ -409,6 +412,7 @@ class EventStore:
             await self._writer
             self._writer = None
         if self._watcher is not None:
+            self._watching = False  # ends the loop even if the cancellation below is lost
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
@@ -481,7 +485,7 @@ class EventStore:
         async with self.backend.write() as conn:
             position = await _max_position(conn)
             if position != self._last_position:
-                self._forget()  # another process wrote: cached states may be stale
+                await self._catch_up(conn, position)  # another process wrote
             uow = UnitOfWork(self, conn, position + 1)
             await uow._prepare([t for r in requests for t in r.tenants])
             for request in requests:
@@ -518,6 +522,20 @@ class EventStore:
         if len(self._jobs) > JOB_CACHE:
             self._jobs.popitem(last=False)
 
+    async def _catch_up(self, conn: Conn, position: int) -> None:
+        """Forget the cached states that another process's events (or a failure) made stale."""
+        if self._last_position < 0 or not 0 < position - self._last_position <= CATCH_UP_MAX:
+            self._forget()
+            return
+        rows = await conn.fetchall(
+            "SELECT DISTINCT tenant, stream FROM events WHERE position > ?",
+            (self._last_position,),
+        )
+        for tenant, stream in rows:
+            self._jobs.pop((tenant, stream), None)
+            self._versions.pop((tenant, stream), None)
+            self._heads.pop(tenant, None)
+
     def _forget(self) -> None:
         self._jobs.clear()
         self._heads.clear()
@@ -537,7 +555,10 @@ class EventStore:
             await asyncio.wait_for(tick.wait(), seconds)
 
     async def _watch_loop(self) -> None:
-        while True:
+        # Not ``while True``: on Python 3.11 ``asyncio.wait_for`` (in the backends' waits) can
+        # swallow a cancellation that arrives as its timeout fires, and ``stop()`` would then
+        # wait for this task forever.
+        while self._watching:
             try:
                 await self.backend.wait_for_signal(0.25)
                 position = await self.max_position()

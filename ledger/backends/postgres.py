@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import re
+import socket
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from decimal import Decimal
@@ -91,6 +93,13 @@ def _decode_numeric(text: str) -> int | Decimal:
     """``sum()`` over BIGINT answers NUMERIC: give back an ``int`` when it is whole, as SQLite."""
     value = Decimal(text)
     return int(value) if value == value.to_integral_value() else value
+
+
+def _reason(exc: OSError) -> str:
+    """``Connection refused`` rather than asyncio's ``Connect call failed ('::1', 5432)``."""
+    if isinstance(exc, socket.gaierror) or not exc.errno:
+        return exc.strerror or str(exc) or type(exc).__name__
+    return os.strerror(exc.errno)
 
 
 def redact_url(url: str) -> str:
@@ -208,7 +217,7 @@ class PostgresBackend:
         """One readable line for a database that cannot be reached or used."""
         where = redact_url(self.url)
         if isinstance(exc, asyncpg.InvalidCatalogNameError):
-            return StoreUnavailable(f"PostgreSQL database does not exist: {exc} ({where})")
+            return StoreUnavailable(f"cannot open {where}: {exc} (create it first: createdb)")
         if isinstance(
             exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
         ):
@@ -218,8 +227,7 @@ class PostgresBackend:
         if isinstance(exc, TimeoutError):
             return StoreUnavailable(f"cannot reach PostgreSQL at {where}: timed out")
         if isinstance(exc, OSError):
-            reason = exc.strerror or str(exc) or type(exc).__name__
-            return StoreUnavailable(f"cannot reach PostgreSQL at {where}: {reason}")
+            return StoreUnavailable(f"cannot reach PostgreSQL at {where}: {_reason(exc)}")
         return StoreUnavailable(f"cannot open PostgreSQL database {where}: {exc}")
 
     async def _init_connection(self, conn: asyncpg.Connection) -> None:
