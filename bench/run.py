@@ -1,0 +1,526 @@
+"""``make bench``: every scenario next to its baseline, a table of ratios, bench/results.json.
+
+This machine is noisy and the load generator shares its cores with the server, so absolute
+numbers move from run to run; each figure is therefore a ratio against a baseline measured in
+the same run with the same tool and settings (see docs/bench.md for what each one means).
+
+    python -m bench.run                 # full sizes (1 M events, 1 M jobs); ~15 min
+    python -m bench.run --quick         # small sizes, every scenario; ~1-2 min
+    python -m bench.run --only append,reads --profile
+
+Sizes also come from the environment: BENCH_HISTORY_EVENTS, BENCH_SMALL_HISTORY_EVENTS,
+BENCH_JOBS_LARGE, BENCH_JOBS_SMALL, BENCH_APPEND_JOBS, BENCH_DURATION, BENCH_ROUNDS,
+BENCH_CONNECTIONS, BENCH_ES_EVENTS, BENCH_DATAGEN_BUDGET_S, BENCH_POSTGRES (auto|on|off),
+BENCH_POSTGRES_URL
+(default $JOBLEDGER_TEST_POSTGRES's server or postgresql://postgres@127.0.0.1:5432).
+Generated databases live in a temporary directory that is removed at the end (``--keep``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import procs, scenarios
+from bench.load import have_wrk
+from bench.scenarios import Sizes
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
+SCENARIOS = ("append", "rebuild", "reads", "export", "postgres")
+QUICK = Sizes(
+    history_events=50_000,
+    small_history_events=10_000,
+    jobs_large=20_000,
+    jobs_small=2_000,
+    append_jobs=200,
+    duration_s=3.0,
+    warmup_s=1.0,
+    latency_duration_s=2.0,
+    rounds=1,
+    es_events=300,
+)
+ENV = {
+    "BENCH_HISTORY_EVENTS": "history_events",
+    "BENCH_SMALL_HISTORY_EVENTS": "small_history_events",
+    "BENCH_JOBS_LARGE": "jobs_large",
+    "BENCH_JOBS_SMALL": "jobs_small",
+    "BENCH_APPEND_JOBS": "append_jobs",
+    "BENCH_DURATION": "duration_s",
+    "BENCH_ROUNDS": "rounds",
+    "BENCH_CONNECTIONS": "connections",
+    "BENCH_ES_EVENTS": "es_events",
+    "BENCH_DATAGEN_BUDGET_S": "datagen_budget_s",
+    "BENCH_POSTGRES": "postgres",
+    "BENCH_POSTGRES_URL": "postgres_url",
+}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def sizes_from(args: argparse.Namespace) -> Sizes:
+    sizes = dataclasses.replace(QUICK) if args.quick else Sizes()
+    test_pg = os.environ.get("JOBLEDGER_TEST_POSTGRES")
+    if test_pg and "://" in test_pg:
+        scheme, rest = test_pg.split("://", 1)
+        sizes.postgres_url = f"{scheme}://{rest.split('/', 1)[0]}"
+    types = {f.name: f.type for f in dataclasses.fields(Sizes)}
+    for var, name in ENV.items():
+        if var in os.environ:
+            kind = types[name]
+            raw = os.environ[var]
+            value: Any = raw
+            if kind in ("int", int):
+                value = int(float(raw))
+            elif kind in ("float", float):
+                value = float(raw)
+            setattr(sizes, name, value)
+    if args.rounds is not None:
+        sizes.rounds = args.rounds
+    if args.duration is not None:
+        sizes.duration_s = args.duration
+    if args.no_postgres:
+        sizes.postgres = "off"
+    sizes.profile = args.profile
+    return sizes
+
+
+# -- figures ------------------------------------------------------------------------------------
+
+
+def figure(
+    scenario: str,
+    name: str,
+    value: float | None,
+    unit: str,
+    *,
+    baseline: float | None = None,
+    baseline_name: str = "",
+    ratio: float | None = None,
+    target: str = "",
+    check: Callable[[float], bool] | None = None,
+    on: str = "ratio",
+) -> dict[str, Any]:
+    subject = ratio if on == "ratio" else value
+    met = None if check is None or subject is None else bool(check(subject))
+    return {
+        "scenario": scenario,
+        "figure": name,
+        "value": value,
+        "unit": unit,
+        "baseline": baseline,
+        "baseline_name": baseline_name,
+        "ratio": ratio,
+        "target": target,
+        "met": met,
+    }
+
+
+def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    a = results.get("append")
+    if a and "error" not in a:
+        out.append(
+            figure(
+                "append",
+                "POST /v1/jobs/{id}/events, 32 conns",
+                a["ledger_rps"],
+                "req/s",
+                baseline=a["echo_rps"],
+                baseline_name="echo POST /echo",
+                ratio=a["ratio_vs_echo"],
+                target="ratio >= 0.6",
+                check=lambda r: r >= 0.6,
+            )
+        )
+        if "ratio_vs_eventsourcing" in a:
+            out.append(
+                figure(
+                    "append",
+                    "HTTP appends vs pyeventsourcing save()",
+                    a["ledger_rps"],
+                    "req/s",
+                    baseline=a["eventsourcing_events_per_s"],
+                    baseline_name="eventsourcing events/s",
+                    ratio=a["ratio_vs_eventsourcing"],
+                    target="ratio >= 3",
+                    check=lambda r: r >= 3,
+                )
+            )
+    b = results.get("rebuild")
+    if b and "error" not in b:
+        rb, raw = b["rebuild"], b["raw_fold"]
+        out.append(
+            figure(
+                "rebuild",
+                f"jobledger rebuild, {rb['events']:,} events",
+                rb["events_per_second"],
+                "events/s",
+                baseline=raw["events_per_second"],
+                baseline_name="raw sqlite3 fold",
+                ratio=b["ratio"],
+                target="ratio >= 0.5",
+                check=lambda r: r >= 0.5,
+            )
+        )
+        out.append(
+            figure(
+                "rebuild",
+                "rebuild time",
+                rb["seconds"],
+                "s",
+                target="<= 5 s (at 1 M events)",
+                check=(lambda v: v <= 5) if rb["events"] >= 1_000_000 else None,
+                on="value",
+            )
+        )
+    c = results.get("reads")
+    if c and "error" not in c:
+        out.append(
+            figure(
+                "reads",
+                "GET /v1/jobs/{id}, 32 conns",
+                c["get_rps"],
+                "req/s",
+                baseline=c["ping_rps"],
+                baseline_name="echo GET /ping",
+                ratio=c["get_ratio"],
+                target="ratio >= 0.7",
+                check=lambda r: r >= 0.7,
+            )
+        )
+        out.append(
+            figure(
+                "reads",
+                f"GET /v1/jobs/stats p50 at {c['jobs_large']:,} jobs, 1 conn",
+                c["stats_large"]["latency_p50_ms"],
+                "ms",
+                baseline=c["stats_small"]["latency_p50_ms"],
+                baseline_name=f"same at {c['jobs_small']:,} jobs",
+                ratio=c["stats_ratio"],
+                target="ratio <= 1.5",
+                check=lambda r: r <= 1.5,
+            )
+        )
+        ping_p99 = (c.get("ping_one_connection") or {}).get("latency_p99_ms")
+        for key in ("list_status", "list_account"):
+            out.append(
+                figure(
+                    "reads",
+                    f"GET {c[key]['path']} p99, 1 conn",
+                    c[key]["latency_p99_ms"],
+                    "ms",
+                    baseline=ping_p99,
+                    baseline_name="echo GET /ping p99, 1 conn",
+                    target="<= 10 ms",
+                    check=lambda v: v <= 10,
+                    on="value",
+                )
+            )
+        rss = c["memory_after_reads_mib"].get("VmRSS")
+        out.append(
+            figure(
+                "memory",
+                f"server RSS after reads, {c['jobs_large']:,} jobs",
+                rss,
+                "MiB",
+                target="<= 150 MB",
+                check=lambda v: v <= 143,
+                on="value",
+            )
+        )
+    d = results.get("export")
+    if d and "error" not in d:
+        big, small = d["history"], d["history_small"]
+        for way in ("cli", "http"):
+            label = "jobledger export" if way == "cli" else "GET /v1/audit/export"
+            out.append(
+                figure(
+                    "export",
+                    f"{label}, {big[way]['events']:,} events",
+                    big[way]["events_per_second"],
+                    "events/s",
+                    target=">= 150,000/s",
+                    check=lambda v: v >= 150_000,
+                    on="value",
+                )
+            )
+        out.append(
+            figure(
+                "export",
+                "server peak RSS (VmHWM) after HTTP export",
+                big["http"]["memory_after_mib"].get("VmHWM"),
+                "MiB",
+                baseline=small["http"]["memory_after_mib"].get("VmHWM"),
+                baseline_name=f"same at {small['history_events']:,} events",
+                ratio=d["peak_rss_ratio"],
+                target="flat (ratio ~1)",
+                check=lambda r: r <= 1.2,
+            )
+        )
+    f = results.get("postgres")
+    if f and "error" not in f and "skipped" not in f:
+        out.append(
+            figure(
+                "postgres",
+                "appends, 2 processes vs 1, one database",
+                f["two_rps"],
+                "req/s",
+                baseline=f["one_rps"],
+                baseline_name="1 process",
+                ratio=f["ratio"],
+                target="reported",
+            )
+        )
+    return out
+
+
+def _num(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if unit in ("ms", "s", "MiB") or abs(value) < 100:
+        return f"{value:,.2f}"
+    return f"{value:,.0f}"
+
+
+def table(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> str:
+    header = ("scenario", "figure", "ledger", "baseline", "ratio", "target", "met")
+    body = []
+    for r in rows:
+        ledger = f"{_num(r['value'], r['unit'])} {r['unit']}"
+        base = (
+            f"{_num(r['baseline'], r['unit'])} ({r['baseline_name']})"
+            if r["baseline"] is not None
+            else "-"
+        )
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
+        met = {True: "yes", False: "NO", None: "-"}[r["met"]]
+        body.append((r["scenario"], r["figure"], ledger, base, ratio, r["target"], met))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    rows_text = [
+        "| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)) + " |"
+        for row in body
+    ]
+    return "\n".join([line, sep, *rows_text, "", *notes])
+
+
+def diagnostics(results: dict[str, Any]) -> list[str]:
+    """Lines under the table that explain it: CPU per request, datagen and process times."""
+    out: list[str] = []
+    a, c = results.get("append") or {}, results.get("reads") or {}
+    cpu = []
+    if "ledger_cpu_us_per_request" in a:
+        cpu.append(
+            f"append {a['ledger_cpu_us_per_request']:,.0f} us vs echo POST "
+            f"{a['echo_cpu_us_per_request']:,.0f} us"
+        )
+    if c.get("get_job"):
+        cpu.append(
+            f"GET job {_median_cpu(c['get_job'])} us vs ping {_median_cpu(c.get('ping'))} us"
+        )
+    if cpu:
+        out.append("server CPU per request (all threads): " + "; ".join(cpu))
+    for name, d in (results.get("datagen") or {}).items():
+        if d.get("substituted"):
+            continue  # the note above says which database stood in
+        out.append(
+            f"datagen {name}: {d['jobs']:,} jobs, {d['events']:,} events in {d['seconds']} s "
+            f"({d['events_per_second']:,.0f} events/s, {d.get('jobs_per_second', 0):,.0f} jobs/s)"
+        )
+    b = results.get("rebuild") or {}
+    if "rebuild" in b:
+        out.append(
+            f"rebuild process wall time {b['rebuild']['wall_seconds']} s; raw fold "
+            f"{b['raw_fold']['seconds']:.2f} s"
+        )
+    return out
+
+
+def _median_cpu(runs: list[dict[str, Any]] | None) -> str:
+    values = sorted(r.get("server_cpu_us_per_request") or 0 for r in runs or [])
+    if not values:
+        return "-"
+    mid = len(values) // 2
+    median = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+    return f"{median:,.0f}"
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": os.getloadavg(),
+        "wrk": shutil.which("wrk") is not None,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    sizes = sizes_from(args)
+    only = [s.strip() for s in (args.only or ",".join(SCENARIOS)).split(",") if s.strip()]
+    for name in only:
+        if name not in SCENARIOS:
+            raise SystemExit(f"unknown scenario {name!r}; one of {', '.join(SCENARIOS)}")
+    if sizes.postgres == "off" and "postgres" in only:
+        only.remove("postgres")
+    if not have_wrk():
+        log(
+            "wrk is not installed: using the slower aiohttp load generator "
+            "(apt-get install -y wrk for the figures in docs/bench.md)"
+        )
+    tmp = Path(tempfile.mkdtemp(prefix="jobledger-bench-", dir=args.tmp_dir))
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "mode": "quick" if args.quick else "full",
+        "machine": machine(),
+        "sizes": dataclasses.asdict(sizes),
+    }
+    log(f"bench: {results['mode']} run in {tmp}")
+    try:
+        needs_data = {"rebuild", "reads", "export"} & set(only)
+        data: dict[str, Any] = {}
+        if needs_data:
+            data = scenarios.make_data(tmp, sizes, log, needs_data)
+            keep = (
+                "jobs",
+                "events",
+                "seconds",
+                "events_per_second",
+                "jobs_per_second",
+                "mix",
+                "path",
+                "substituted",
+            )
+            results["datagen"] = {k: {x: v[x] for x in keep if x in v} for k, v in data.items()}
+        steps: dict[str, Callable[[], dict[str, Any]]] = {
+            "append": lambda: scenarios.append(tmp, sizes, log),
+            "rebuild": lambda: scenarios.rebuild(tmp, data, sizes, log),
+            "reads": lambda: scenarios.reads(tmp, data, sizes, log),
+            "export": lambda: scenarios.export(tmp, data, sizes, log),
+            "postgres": lambda: scenarios.postgres(tmp, sizes, log),
+        }
+        for name in only:
+            log(f"[{name}]")
+            t0 = time.perf_counter()
+            try:
+                results[name] = steps[name]()
+            except Exception as exc:
+                log(traceback.format_exc())
+                results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            results[name]["scenario_seconds"] = round(time.perf_counter() - t0, 1)
+            procs.stop_all()
+    finally:
+        procs.stop_all()
+        if args.keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    results["total_seconds"] = round(time.perf_counter() - started, 1)
+    render(results)
+    out = Path(args.out) if args.out else RESULTS
+    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    log(f"wrote {out}")
+    failed = [n for n in SCENARIOS if isinstance(results.get(n), dict) and "error" in results[n]]
+    return 1 if failed else 0
+
+
+def render(results: dict[str, Any]) -> str:
+    """Compute the figures, notes and table of ``results`` (in place), print and return them."""
+    results["figures"] = figures(results)
+    notes = [
+        f"{k}: {v['error']}" for k, v in results.items() if isinstance(v, dict) and "error" in v
+    ]
+    es_skipped = (results.get("append") or {}).get("eventsourcing_skipped")
+    if es_skipped:
+        notes.append(f"append: {es_skipped}")
+    pg = results.get("postgres")
+    if isinstance(pg, dict) and "skipped" in pg:
+        notes.append(f"postgres: skipped: {pg['skipped']}")
+    substituted = results.get("datagen", {}).get("jobs_large", {}).get("substituted")
+    if substituted:
+        notes.append(f"reads: {substituted}")
+    results["notes"] = notes
+    results["diagnostics"] = diagnostics(results)
+    text = table(results["figures"], [*notes, *results["diagnostics"]])
+    results["table"] = text
+    m = results["machine"]
+    print(
+        f"jobledger bench, {results['date']}, {m['nproc']} cores ({m['cpu']}), "
+        f"Python {m['python']}, {results['mode']} run, {results.get('total_seconds')} s"
+    )
+    print(text)
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (~1-2 min)")
+    parser.add_argument("--only", help=f"comma list of {', '.join(SCENARIOS)}")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also record py-spy profiles (append, GET, rebuild, export)",
+    )
+    parser.add_argument("--rounds", type=int, help="baseline/subject rounds (median)")
+    parser.add_argument("--duration", type=float, help="seconds of each throughput run")
+    parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--tmp-dir", help="where to make the temporary directory")
+    parser.add_argument("--out", help=f"results file (default {RESULTS})")
+    parser.add_argument(
+        "--render",
+        metavar="RESULTS_JSON",
+        help="measure nothing: recompute the figures and table of a results file, rewrite it",
+    )
+    args = parser.parse_args(argv)
+    if args.render:
+        path = Path(args.render)
+        results = json.loads(path.read_text())
+        render(results)
+        path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        sys.exit(0)
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        code = run(args)
+    except KeyboardInterrupt:
+        procs.stop_all()
+        log("interrupted")
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

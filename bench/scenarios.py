@@ -1,0 +1,607 @@
+"""The benchmark's scenarios, each measured next to its baseline in the same run.
+
+Every function returns a dict of raw measurements; ``bench/run.py`` turns them into figures
+(ratios against the baselines, targets) and the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench import procs
+from bench.baselines.sqlite_fold import raw_fold
+from bench.datagen import account_name, generate
+from bench.load import LUA_DIR, have_wrk, run_aiohttp_load, run_append_load, run_wrk
+from bench.profile import summarise
+
+GET_JOB_LUA = LUA_DIR / "get_job.lua"
+APPEND_BODY = '{"type":"job.progressed","data":{"row_count":1}}'
+PG_URL = "postgresql://postgres@127.0.0.1:5432"
+
+
+@dataclass
+class Sizes:
+    """Every size and duration of a run (``--quick`` shrinks them)."""
+
+    history_events: int = 1_000_000  # rebuild and export (5 events a job)
+    small_history_events: int = 100_000  # export RSS at the small size
+    jobs_large: int = 1_000_000  # reads and memory ("backlog" jobs of 1-2 events)
+    jobs_small: int = 10_000  # stats at the small size
+    # Generate the large jobs database only if the datagen rate measured on the small one
+    # promises it within this many seconds; else the reads use the history database.
+    datagen_budget_s: float = 300.0
+    append_jobs: int = 1_000
+    duration_s: float = 10.0
+    warmup_s: float = 2.0
+    latency_duration_s: float = 5.0
+    connections: int = 32
+    threads: int = 2
+    rounds: int = 2
+    es_events: int = 2_000
+    accounts: int = 100
+    agents: int = 10
+    profile: bool = False
+    postgres: str = "auto"  # auto | on | off
+    postgres_url: str = PG_URL
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _load(url: str, **kw: Any) -> dict[str, Any]:
+    """wrk with ``request.lua`` (or ``lua_path``), else the aiohttp fallback."""
+    if have_wrk():
+        return run_wrk(url, **kw)
+    kw.pop("threads", None)
+    kw.pop("lua_path", None)
+    kw.pop("env", None)
+    return run_aiohttp_load(url, **kw)
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@contextlib.contextmanager
+def profiled(
+    pid: int, out: Path, seconds: float, enabled: bool, result: dict[str, Any]
+) -> Iterator[None]:
+    """Sample ``pid`` with py-spy (non-blocking) while the body runs; top functions in result."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not enabled or not Path(spy).exists():
+        yield
+        return
+    argv = [
+        spy,
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(max(1, round(seconds))),
+        "--rate",
+        "200",
+        "--format",
+        "raw",
+        "--output",
+        str(out),
+        "--nonblocking",
+    ]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs._started[proc.pid] = proc
+    try:
+        yield
+    finally:
+        try:
+            proc.wait(seconds + 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        procs._started.pop(proc.pid, None)
+    if out.exists():
+        result["profile"] = summarise(out, top=15)
+
+
+def _py_spy_command(argv: list[str], out: Path, enabled: bool) -> list[str]:
+    spy = Path(sys.executable).parent / "py-spy"
+    if not enabled or not spy.exists():
+        return argv
+    return [
+        str(spy),
+        "record",
+        "--rate",
+        "200",
+        "--format",
+        "raw",
+        "--output",
+        str(out),
+        "--",
+        *argv,
+    ]
+
+
+def _eventsourcing_rate(tmp_dir: Path, n_events: int) -> float | None:
+    """pyeventsourcing's per-event save rate, or ``None`` when the library is not installed."""
+    try:
+        from bench.baselines.eventsourcing_save import eventsourcing_append_rate
+    except ImportError:
+        return None
+    return eventsourcing_append_rate(tmp_dir, n_events)
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _slim(load: dict[str, Any]) -> dict[str, Any]:
+    keys = (
+        "requests_per_s",
+        "latency_p50_ms",
+        "latency_p99_ms",
+        "latency_mean_ms",
+        "requests",
+        "non_2xx",
+        "errors",
+        "tool",
+        "server_cpu_percent",
+        "server_cpu_us_per_request",
+    )
+    return {k: load[k] for k in keys if k in load}
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def make_data(
+    tmp: Path, sizes: Sizes, log: Callable[[str], None], needs: set[str]
+) -> dict[str, Any]:
+    """Generate every database the scenarios read; their datagen summaries.
+
+    ``history`` (5 events a job) serves rebuild and export, ``history_small`` the export's
+    small size, ``jobs_small``/``jobs_large`` (the backlog mix) the reads. When the large jobs
+    database would take longer than ``datagen_budget_s`` at the rate just measured, the reads
+    run on ``history`` instead and the summary says so. Only what ``needs`` (the scenarios to
+    run) read is generated.
+    """
+    common: dict[str, Any] = {"accounts": sizes.accounts, "agents": sizes.agents}
+    out: dict[str, Any] = {}
+
+    def make(name: str, events: int, **options: Any) -> dict[str, Any]:
+        db = tmp / f"{name}.db"
+        summary = generate(db, events, "bench", **options, **common)
+        log(
+            f"  datagen {name}: {summary['jobs']:,} jobs, {summary['events']:,} events in "
+            f"{summary['seconds']} s ({summary['events_per_second']:,.0f} events/s, "
+            f"{summary['jobs_per_second']:,.0f} jobs/s)"
+        )
+        out[name] = summary
+        return summary
+
+    reads = "reads" in needs
+    if reads:
+        small = make("jobs_small", 0, jobs=sizes.jobs_small, mix="backlog")
+    if "export" in needs:
+        make("history_small", sizes.small_history_events, events_per_job=5)
+    if needs & {"rebuild", "export"}:
+        make("history", sizes.history_events, events_per_job=5)
+    if not reads:
+        return out
+    estimate = sizes.jobs_large / max(small["jobs_per_second"], 1.0)
+    if estimate <= sizes.datagen_budget_s or "history" not in out:
+        make("jobs_large", 0, jobs=sizes.jobs_large, mix="backlog")
+    else:
+        note = (
+            f"{sizes.jobs_large:,} jobs would take about {estimate:,.0f} s to generate at "
+            f"{small['jobs_per_second']:,.0f} jobs/s (budget {sizes.datagen_budget_s:,.0f} "
+            f"s, BENCH_DATAGEN_BUDGET_S): reads ran on the history database, "
+            f"{out['history']['jobs']:,} jobs"
+        )
+        log(f"  {note}")
+        out["jobs_large"] = {**out["history"], "substituted": note}
+    return out
+
+
+# -- (a) append ---------------------------------------------------------------------------------
+
+
+def append(tmp: Path, sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
+    """Rounds of: echo POST /echo, ledger appends, pyeventsourcing saves; medians of each."""
+    db = str(tmp / "append.db")
+    token = procs.create_key(db, "bench")  # the CLI creates the schema and the first key
+    seed = generate(
+        db,
+        sizes.append_jobs * 2,
+        events_per_job=2,
+        mix="running",
+        key_role=None,
+        accounts=sizes.accounts,
+        agents=sizes.agents,
+    )
+    job_ids: list[str] = seed["job_ids_sample"]
+    load = {"connections": sizes.connections, "threads": sizes.threads}
+    body = {
+        "method": "POST",
+        "body": APPEND_BODY,
+        "headers": {"Content-Type": "application/json"},
+        **load,
+    }
+    echo_runs: list[dict[str, Any]] = []
+    ledger_runs: list[dict[str, Any]] = []
+    es_rates: list[float] = []
+    es_dir = tmp / "eventsourcing"
+    es_dir.mkdir(exist_ok=True)
+    result: dict[str, Any] = {"jobs": len(job_ids), "seed_seconds": seed["seconds"]}
+    for round_ in range(sizes.rounds):
+        with procs.echo_server(tmp) as echo:
+            _load(echo.url + "/echo", duration_s=sizes.warmup_s, **body)
+            echo_runs.append(
+                echo.measure(lambda: _load(echo.url + "/echo", duration_s=sizes.duration_s, **body))
+            )
+        with procs.ledger_server(db, tmp, name="append") as server:
+            run_append_load(server.url, job_ids, token, duration_s=sizes.warmup_s, **load)
+            ledger_runs.append(
+                server.measure(
+                    lambda: run_append_load(
+                        server.url, job_ids, token, duration_s=sizes.duration_s, **load
+                    )
+                )
+            )
+            if sizes.profile and round_ == sizes.rounds - 1:
+                with profiled(
+                    server.pid, tmp / "profile-append.txt", sizes.duration_s, True, result
+                ):
+                    result["profiled_run"] = _slim(
+                        run_append_load(
+                            server.url, job_ids, token, duration_s=sizes.duration_s, **load
+                        )
+                    )
+            result["server_memory_mib"] = server.memory()
+        es_rate = _eventsourcing_rate(es_dir, sizes.es_events)
+        if es_rate is not None:
+            es_rates.append(es_rate)
+        e, lr = echo_runs[-1], ledger_runs[-1]
+        log(
+            f"  round {round_ + 1}: echo {e['requests_per_s']:,.0f} req/s "
+            f"({e['server_cpu_us_per_request']} us CPU/req), ledger "
+            f"{lr['requests_per_s']:,.0f} req/s ({lr['server_cpu_us_per_request']} us CPU/req, "
+            f"non-2xx {lr['non_2xx']}), eventsourcing "
+            + (f"{es_rate:,.0f} saves/s" if es_rate is not None else "not installed")
+        )
+    result.update(
+        echo=[_slim(r) for r in echo_runs],
+        ledger=[_slim(r) for r in ledger_runs],
+        echo_rps=_median([r["requests_per_s"] for r in echo_runs]),
+        ledger_rps=_median([r["requests_per_s"] for r in ledger_runs]),
+        ratios=[
+            lr["requests_per_s"] / er["requests_per_s"]
+            for lr, er in zip(ledger_runs, echo_runs, strict=True)
+        ],
+        non_2xx=sum(r["non_2xx"] for r in ledger_runs),
+        eventsourcing_runs=es_rates,
+        echo_cpu_us_per_request=_median([r["server_cpu_us_per_request"] or 0 for r in echo_runs]),
+        ledger_cpu_us_per_request=_median(
+            [r["server_cpu_us_per_request"] or 0 for r in ledger_runs]
+        ),
+    )
+    result["ratio_vs_echo"] = _median(result["ratios"])
+    if es_rates:
+        result["eventsourcing_events_per_s"] = _median(es_rates)
+        result["es_ratios"] = [
+            lr["requests_per_s"] / es for lr, es in zip(ledger_runs, es_rates, strict=True)
+        ]
+        result["ratio_vs_eventsourcing"] = _median(result["es_ratios"])
+    else:
+        result["eventsourcing_skipped"] = (
+            "pyeventsourcing is not installed (pip install eventsourcing)"
+        )
+    return result
+
+
+# -- (b) rebuild --------------------------------------------------------------------------------
+
+
+def rebuild(
+    tmp: Path, data: dict[str, Any], sizes: Sizes, log: Callable[[str], None]
+) -> dict[str, Any]:
+    db = data["history"]["db"]
+    events, seconds = raw_fold(db)
+    raw = {"events": events, "seconds": seconds, "events_per_second": events / seconds}
+    log(f"  raw fold: {events:,} events in {seconds:.2f} s")
+    summary = procs.rebuild(db)
+    log(
+        f"  jobledger rebuild: {summary['events']:,} events in {summary['seconds']} s "
+        f"(process {summary['wall_seconds']} s)"
+    )
+    result: dict[str, Any] = {
+        "raw_fold": raw,
+        "rebuild": summary,
+        "ratio": summary["events_per_second"] / raw["events_per_second"],
+    }
+    if sizes.profile:
+        out = tmp / "profile-rebuild.txt"
+        argv = _py_spy_command([procs.JOBLEDGER, "rebuild", "--db", db], out, True)
+        subprocess.run(argv, capture_output=True, check=False, timeout=900, cwd=procs.ROOT)
+        if out.exists():
+            result["profile"] = summarise(out, top=15)
+    return result
+
+
+# -- (c) reads and (e) memory -------------------------------------------------------------------
+
+
+def reads(
+    tmp: Path, data: dict[str, Any], sizes: Sizes, log: Callable[[str], None]
+) -> dict[str, Any]:
+    large, small = data["jobs_large"], data["jobs_small"]
+    load = {"connections": sizes.connections, "threads": sizes.threads}
+    one = {"connections": 1, "threads": 1, "duration_s": sizes.latency_duration_s}
+    result: dict[str, Any] = {}
+    ping_runs, get_runs = [], []
+    with procs.ledger_server(large["db"], tmp, name="reads-large") as server:
+        headers = _auth(large["token"])
+        env = {"JOB_IDS": ",".join(large["job_ids_sample"]), "TOKEN": large["token"]}
+        get = {
+            "method": "GET",
+            "body": None,
+            "headers": None,
+            "lua_path": GET_JOB_LUA,
+            "env": env,
+            **load,
+        }
+        result["memory_after_start_mib"] = server.memory()
+        ping = {"method": "GET", "body": None, "headers": None, **load}
+        for round_ in range(sizes.rounds):
+            with procs.echo_server(tmp) as echo:
+                _load(echo.url + "/ping", duration_s=sizes.warmup_s, **ping)
+                ping_runs.append(
+                    echo.measure(
+                        lambda: _load(echo.url + "/ping", duration_s=sizes.duration_s, **ping)
+                    )
+                )
+                if round_ == 0:  # the machine's own tail latency, for the list p99 figures
+                    fixed_ping = {"method": "GET", "body": None, "headers": None, **one}
+                    result["ping_one_connection"] = _slim(_load(echo.url + "/ping", **fixed_ping))
+            _load(server.url, duration_s=sizes.warmup_s, **get)
+            get_runs.append(
+                server.measure(lambda: _load(server.url, duration_s=sizes.duration_s, **get))
+            )
+            p, g = ping_runs[-1], get_runs[-1]
+            log(
+                f"  round {round_ + 1}: ping {p['requests_per_s']:,.0f} req/s "
+                f"({p['server_cpu_us_per_request']} us CPU/req), GET job "
+                f"{g['requests_per_s']:,.0f} req/s ({g['server_cpu_us_per_request']} us CPU/req, "
+                f"non-2xx {g['non_2xx']})"
+            )
+        if sizes.profile:
+            with profiled(
+                server.pid,
+                tmp / "profile-get.txt",
+                sizes.duration_s,
+                True,
+                result.setdefault("get_profile", {}),
+            ):
+                _load(server.url, duration_s=sizes.duration_s, **get)
+        fixed = {"method": "GET", "body": None, "headers": headers}
+        stats_url = server.url + "/v1/jobs/stats"
+        _load(stats_url, **fixed, **{**one, "duration_s": sizes.warmup_s})
+        result["stats_large"] = _slim(_load(stats_url, **fixed, **one))
+        lists = {
+            "list_status": "/v1/jobs?status=running&limit=50",
+            "list_account": f"/v1/jobs?account={account_name(42 % sizes.accounts)}&limit=50",
+        }
+        for name, path in lists.items():
+            _load(server.url + path, **fixed, **{**one, "duration_s": sizes.warmup_s})
+            result[name] = _slim(_load(server.url + path, **fixed, **one))
+            result[name]["path"] = path
+        result["memory_after_reads_mib"] = server.memory()
+        result["jobs_large"] = large["jobs"]
+    with procs.ledger_server(small["db"], tmp, name="reads-small") as server:
+        fixed = {"method": "GET", "body": None, "headers": _auth(small["token"])}
+        stats_url = server.url + "/v1/jobs/stats"
+        _load(stats_url, **fixed, **{**one, "duration_s": sizes.warmup_s})
+        result["stats_small"] = _slim(_load(stats_url, **fixed, **one))
+        result["jobs_small"] = small["jobs"]
+    result.update(
+        ping=[_slim(r) for r in ping_runs],
+        get_job=[_slim(r) for r in get_runs],
+        ping_rps=_median([r["requests_per_s"] for r in ping_runs]),
+        get_rps=_median([r["requests_per_s"] for r in get_runs]),
+        get_ratio=_median(
+            [
+                g["requests_per_s"] / p["requests_per_s"]
+                for g, p in zip(get_runs, ping_runs, strict=True)
+            ]
+        ),
+        stats_ratio=result["stats_large"]["latency_p50_ms"]
+        / max(result["stats_small"]["latency_p50_ms"], 1e-6),
+    )
+    return result
+
+
+# -- (d) export ---------------------------------------------------------------------------------
+
+
+async def _http_export(url: str, token: str) -> tuple[int, int, float]:
+    started = time.perf_counter()
+    lines = size = 0
+    timeout = aiohttp.ClientTimeout(total=900)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with session.get(url + "/v1/audit/export", headers=_auth(token)) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"export answered {resp.status}: {await resp.text()}")
+            async for chunk in resp.content.iter_chunked(1 << 20):
+                lines += chunk.count(b"\n")
+                size += len(chunk)
+    return lines, size, time.perf_counter() - started
+
+
+def export(
+    tmp: Path, data: dict[str, Any], sizes: Sizes, log: Callable[[str], None]
+) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for name in ("history_small", "history"):
+        info = data[name]
+        lines, size, seconds = procs.count_stream(
+            [procs.JOBLEDGER, "export", "--db", info["db"], "--tenant", info["tenant"]]
+        )
+        cli = {
+            "events": lines,
+            "bytes": size,
+            "seconds": round(seconds, 3),
+            "events_per_second": lines / seconds,
+        }
+        with procs.ledger_server(info["db"], tmp, name=f"export-{name}") as server:
+            before = server.memory()
+            lines_h, size_h, seconds_h = asyncio.run(_http_export(server.url, info["token"]))
+            after = server.memory()
+        http = {
+            "events": lines_h,
+            "bytes": size_h,
+            "seconds": round(seconds_h, 3),
+            "events_per_second": lines_h / seconds_h,
+            "memory_before_mib": before,
+            "memory_after_mib": after,
+        }
+        log(
+            f"  {name}: CLI {cli['events_per_second']:,.0f} events/s, HTTP "
+            f"{http['events_per_second']:,.0f} events/s, server peak RSS {after.get('VmHWM')} MiB"
+        )
+        result[name] = {"history_events": info["events"], "cli": cli, "http": http}
+    if sizes.profile:
+        out = tmp / "profile-export.txt"
+        info = data["history"]
+        argv = [
+            procs.JOBLEDGER,
+            "export",
+            "--db",
+            info["db"],
+            "--tenant",
+            info["tenant"],
+            "--out",
+            os.devnull,
+        ]
+        subprocess.run(
+            _py_spy_command(argv, out, True),
+            capture_output=True,
+            check=False,
+            timeout=900,
+            cwd=procs.ROOT,
+        )
+        if out.exists():
+            result["profile"] = summarise(out, top=15)
+    small = result["history_small"]["http"]["memory_after_mib"].get("VmHWM", 0.0)
+    large = result["history"]["http"]["memory_after_mib"].get("VmHWM", 0.0)
+    result["peak_rss_ratio"] = large / small if small else None
+    return result
+
+
+# -- (f) PostgreSQL -----------------------------------------------------------------------------
+
+
+async def _pg(url: str, sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url, timeout=5)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def postgres(tmp: Path, sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
+    """Append throughput of two server processes over one PostgreSQL database vs one."""
+    admin = sizes.postgres_url.rstrip("/") + "/postgres"
+    try:
+        asyncio.run(_pg(admin, "SELECT 1"))
+    except Exception as exc:
+        return {"skipped": f"PostgreSQL at {sizes.postgres_url} is not reachable ({exc})"}
+    name = f"jlbench_{uuid.uuid4().hex[:10]}"
+    db = f"{sizes.postgres_url.rstrip('/')}/{name}"
+    asyncio.run(_pg(admin, f'CREATE DATABASE "{name}"'))
+    result: dict[str, Any] = {"database": name}
+    try:
+        token = procs.create_key(db, "bench")
+        seed = generate(
+            db,
+            sizes.append_jobs * 2,
+            events_per_job=2,
+            mix="running",
+            key_role=None,
+            accounts=sizes.accounts,
+            agents=sizes.agents,
+        )
+        job_ids: list[str] = seed["job_ids_sample"]
+        half = len(job_ids) // 2
+        conns = sizes.connections
+        with procs.ledger_server(db, tmp, name="pg-1") as one:
+            run_append_load(
+                one.url,
+                job_ids,
+                token,
+                duration_s=sizes.warmup_s,
+                connections=conns,
+                threads=sizes.threads,
+            )
+            single = run_append_load(
+                one.url,
+                job_ids,
+                token,
+                duration_s=sizes.duration_s,
+                connections=conns,
+                threads=sizes.threads,
+            )
+        log(f"  1 process: {single['requests_per_s']:,.0f} req/s (non-2xx {single['non_2xx']})")
+        with procs.servers(
+            procs.ledger_server(db, tmp, name="pg-a"), procs.ledger_server(db, tmp, name="pg-b")
+        ) as (a, b):
+            parts = [(a, job_ids[:half]), (b, job_ids[half:])]
+
+            def drive(duration: float) -> list[dict[str, Any]]:
+                with ThreadPoolExecutor(2) as pool:
+                    futures = [
+                        pool.submit(
+                            run_append_load,
+                            s.url,
+                            ids,
+                            token,
+                            duration_s=duration,
+                            connections=conns // 2,
+                            threads=1,
+                        )
+                        for s, ids in parts
+                    ]
+                    return [f.result() for f in futures]
+
+            drive(sizes.warmup_s)
+            double = drive(sizes.duration_s)
+        total = sum(r["requests_per_s"] for r in double)
+        log(f"  2 processes: {total:,.0f} req/s (non-2xx {sum(r['non_2xx'] for r in double)})")
+        result.update(
+            one=_slim(single),
+            two=[_slim(r) for r in double],
+            one_rps=single["requests_per_s"],
+            two_rps=total,
+            ratio=total / single["requests_per_s"] if single["requests_per_s"] else None,
+            non_2xx=single["non_2xx"] + sum(r["non_2xx"] for r in double),
+        )
+    except Exception as exc:
+        result["skipped"] = f"PostgreSQL run failed: {type(exc).__name__}: {exc}"
+    finally:
+        with contextlib.suppress(Exception):
+            asyncio.run(_pg(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    return result
