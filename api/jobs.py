@@ -230,6 +230,7 @@ async def create_job(request: web.Request) -> web.Response:
             actor=who.key_id,
             occurred_us=occurred,
             credit_check=credit_check,
+            fresh_id=spec.id is None,
         )
         return 201, s.job_view(state), job_id
 

@@ -80,15 +80,21 @@ async def create_job(
     actor: str,
     occurred_us: int | None = None,
     credit_check: CreditCheck | None = None,
+    fresh_id: bool = False,
 ) -> JobState:
-    """Append ``job.queued`` with the agent's price in force at this position."""
-    if await uow.job(tenant, job_id) is not None:
+    """Append ``job.queued`` with the agent's price in force at this position.
+
+    ``fresh_id``: the server made the id just now, so it cannot exist yet.
+    """
+    if await uow.job(tenant, job_id, fresh=fresh_id) is not None:
         raise Conflict(f"job {job_id} already exists", field="id")
     price = await price_in_force(uow, tenant, queued.agent)
     if credit_check is not None:
         await credit_check(await uow.flushed(), tenant, queued.account)
     event = msgspec.structs.replace(queued, price=price)
-    state, _ = await uow.apply(tenant, job_id, event, actor=actor, occurred_us=occurred_us)
+    state, _ = await uow.apply(
+        tenant, job_id, event, actor=actor, occurred_us=occurred_us, fresh=fresh_id
+    )
     return state
 
 

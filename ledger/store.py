@@ -81,12 +81,18 @@ class UnitOfWork:
 
     # -- reads -----------------------------------------------------------------------------
 
-    async def job(self, tenant: str, job_id: str) -> JobState | None:
-        """The job's current state (deleted ones included), or ``None``."""
+    async def job(self, tenant: str, job_id: str, *, fresh: bool = False) -> JobState | None:
+        """The job's current state (deleted ones included), or ``None``.
+
+        ``fresh``: the id was just made by this server (a ULID), so the database need not be
+        asked whether it exists.
+        """
         key = (tenant, job_id)
         for staged in (self._cmd, self._batch):
             if key in staged.jobs:
                 return staged.jobs[key]
+        if fresh:
+            return None
         cached = self.store._pending_jobs.get(key)
         if cached is None:
             cached = self.store._jobs.get(key)
@@ -131,12 +137,19 @@ class UnitOfWork:
             for recorded, event in reversed(staged.events):
                 if recorded.stream == stream and recorded.tenant == tenant:
                     return event
+        key = (tenant, stream)
+        for known in (self.store._pending_latest, self.store._latest):
+            if key in known:
+                return known[key]
         row = await self.conn.fetchone(
             "SELECT type, data FROM events WHERE tenant = ? AND stream = ? "
             "ORDER BY version DESC LIMIT 1",
             (tenant, stream),
         )
-        return None if row is None else decode_stored(row[0], row[1])
+        event = None if row is None else decode_stored(row[0], row[1])
+        # committed state (this batch's own writes are in _pending_latest), safe to remember
+        self.store._latest[key] = event
+        return event
 
     async def flushed(self) -> Conn:
         """The connection, with every earlier command of this batch already written to it.
@@ -159,9 +172,10 @@ class UnitOfWork:
         actor: str,
         occurred_us: int | None = None,
         event_id: str | None = None,
+        fresh: bool = False,
     ) -> tuple[JobState, Recorded]:
         """Check ``event`` against the job's state machine and stage it; the new state."""
-        before = await self.job(tenant, job_id)
+        before = await self.job(tenant, job_id, fresh=fresh)
         occurred = self.now if occurred_us is None else occurred_us
         position = self._next
         after = evolve(
@@ -355,6 +369,9 @@ class UnitOfWork:
         self._flushed.append(batch)
         self.store._pending_heads.update(staged.heads)
         self.store._pending_versions.update(staged.versions)
+        for recorded, event in staged.events:
+            if recorded.stream.startswith("$"):
+                self.store._pending_latest[(recorded.tenant, recorded.stream)] = event
         self.store._pending_jobs.update(staged.jobs)
         self.store._erased |= bool(staged.erasures)
 
@@ -381,6 +398,9 @@ class EventStore:
         self._jobs: OrderedDict[tuple[str, str], JobState] = OrderedDict()
         self._heads: dict[str, tuple[int, str, int]] = {}
         self._versions: dict[tuple[str, str], int] = {}
+        # the newest event of each non-job stream (prices, keys, credits) this process has seen
+        self._latest: dict[tuple[str, str], Event | None] = {}
+        self._pending_latest: dict[tuple[str, str], Event | None] = {}
         self._pending_heads: dict[str, tuple[int, str, int]] = {}
         self._pending_versions: dict[tuple[str, str], int] = {}
         self._pending_jobs: dict[tuple[str, str], JobState] = {}
@@ -480,6 +500,7 @@ class EventStore:
         outcomes: list[Any] = []
         self._pending_heads.clear()
         self._pending_versions.clear()
+        self._pending_latest.clear()
         self._pending_jobs.clear()
         self._erased = False
         async with self.backend.write() as conn:
@@ -505,6 +526,7 @@ class EventStore:
         # committed: only now do the caches learn what the batch wrote
         self._heads.update(self._pending_heads)
         self._versions.update(self._pending_versions)
+        self._latest.update(self._pending_latest)
         for key, state in self._pending_jobs.items():
             self._remember(key, state)
         self._last_position = last
@@ -534,12 +556,14 @@ class EventStore:
         for tenant, stream in rows:
             self._jobs.pop((tenant, stream), None)
             self._versions.pop((tenant, stream), None)
+            self._latest.pop((tenant, stream), None)
             self._heads.pop(tenant, None)
 
     def _forget(self) -> None:
         self._jobs.clear()
         self._heads.clear()
         self._versions.clear()
+        self._latest.clear()
         self._last_position = -1
 
     # -- change notification ---------------------------------------------------------------

@@ -376,8 +376,15 @@ class PostgresBackend:
         self._listener = None
         try:
             listener = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT)
-            await listener.add_listener(CHANNEL, self._on_notify)
         except Exception as exc:
+            log.warning("postgres.listen_failed", error=str(exc))
+            return None
+        try:
+            await listener.add_listener(CHANNEL, self._on_notify)
+        except BaseException as exc:  # a cancellation (the store stopping) too: never leak it
+            listener.terminate()
+            if not isinstance(exc, Exception):
+                raise
             log.warning("postgres.listen_failed", error=str(exc))
             return None
         self._listener = listener
