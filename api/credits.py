@@ -154,6 +154,7 @@ async def get_credits(request: web.Request) -> web.Response:
     query=s.StatementQuery,
     response=s.Statement,
     tag="credits",
+    also=("text/csv",),
 )
 async def statement(request: web.Request) -> web.Response:
     who = caller(request)

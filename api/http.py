@@ -41,6 +41,7 @@ class Operation:
     content: str = "application/json"
     errors: tuple[int, ...] = ()
     tags: tuple[str, ...] = field(default_factory=tuple)
+    also: tuple[str, ...] = ()  # other content types it answers on request (``format=csv``)
 
 
 OPERATIONS: list[Operation] = []
@@ -60,6 +61,7 @@ def endpoint(
     content: str = "application/json",
     errors: tuple[int, ...] = (),
     tag: str = "jobs",
+    also: tuple[str, ...] = (),
 ) -> Callable[[Handler], Handler]:
     """Register a handler on ``routes`` and document it."""
 
@@ -67,7 +69,18 @@ def endpoint(
         handler.__role__ = role  # type: ignore[attr-defined]
         OPERATIONS.append(
             Operation(
-                method, path, role, summary, query, body, response, status, content, errors, (tag,)
+                method,
+                path,
+                role,
+                summary,
+                query,
+                body,
+                response,
+                status,
+                content,
+                errors,
+                (tag,),
+                also,
             )
         )
         routes.route(method, path)(handler)

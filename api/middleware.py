@@ -67,6 +67,10 @@ def _render(request: web.Request, status: int, error: errors.LedgerError) -> web
     return json_response(error_body(error), status)
 
 
+def _client_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
+
+
 @web.middleware
 async def handle(request: web.Request, handler: Handler) -> web.StreamResponse:
     """One middleware for every request: context, auth, roles, rate limit, error envelope.
@@ -107,7 +111,10 @@ async def handle(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         response = _render(request, exc.status, _from_http(exc))
-    except Exception:
+    except Exception as exc:
+        if isinstance(exc, ConnectionResetError) and _client_gone(request):
+            log.info("http.client_gone", ms=round((time.perf_counter() - started) * 1000, 2))
+            raise  # the client left mid-stream: no one to answer, nothing went wrong
         log.exception("http.unhandled")
         err = errors.LedgerError("an internal error occurred; it has been logged")
         err.code = "internal"

@@ -10,8 +10,11 @@ import msgspec
 
 from api.http import OPERATIONS, Operation
 from api.schemas import ErrorEnvelope
+from ledger.ids import JOB_ID
 
 _PARAM = re.compile(r"\{(\w+)\}")
+_TEXT: dict[str, Any] = {"type": "string"}
+_PATH_SCHEMAS: dict[str, dict[str, Any]] = {"id": {"type": "string", "pattern": JOB_ID.pattern}}
 _ERROR_TEXT = {
     400: "Malformed request",
     401: "Missing, bad or revoked key",
@@ -80,7 +83,7 @@ def _operation(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
         "tags": list(op.tags),
     }
     params: list[dict[str, Any]] = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        {"name": name, "in": "path", "required": True, "schema": _PATH_SCHEMAS.get(name, _TEXT)}
         for name in _PARAM.findall(op.path)
     ]
     if op.query is not None:
@@ -104,17 +107,20 @@ def _operation(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
         }
     responses: dict[str, Any] = {}
     if op.response is not None:
-        responses[str(op.status)] = {
-            "description": "OK",
-            "content": {op.content: {"schema": _schema(op.response, refs)}},
-        }
+        content = {op.content: {"schema": _schema(op.response, refs)}}
     else:
-        responses[str(op.status)] = {"description": "OK"}
+        content = {op.content: {"schema": _TEXT}} if op.content != "application/json" else {}
+    content.update({other: {"schema": _TEXT} for other in op.also})
+    responses[str(op.status)] = {"description": "OK", **({"content": content} if content else {})}
     error = {"application/json": {"schema": refs[ErrorEnvelope]}}
     codes = set(op.errors)
     if op.role != "public":
         out["security"] = [{"bearer": []}]
-        codes |= {401, 403}
+        codes |= {401, 403, 429}  # 429 only under ``serve --rate-limit``
+    if any(p["in"] == "path" for p in params):
+        codes.add(404)  # a path names something: it may not exist (or not be the caller's)
+    if "{id}" in op.path:
+        codes.add(422)  # a job id outside its pattern
     if op.body is not None or op.query is not None:
         codes |= {400, 422}
     if op.body is not None:

@@ -21,6 +21,8 @@ from ledger.jobs import JobState
 Agent = Annotated[str, Meta(min_length=1, max_length=200)]
 Label = Annotated[str, Meta(min_length=1, max_length=200)]
 JobId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+# Positions and versions: what a database integer holds (a bigger one is 422, not a 500).
+Position = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 Amount = int | Decimal
 
 
@@ -45,7 +47,7 @@ class AppendEvent(Body):
     type: str
     data: dict[str, Any] = {}
     event_id: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
-    expected_version: Annotated[int, Meta(ge=0)] | None = None
+    expected_version: Position | None = None
     occurred_at: str | None = None
 
 
@@ -94,8 +96,8 @@ class ListJobsQuery(Query):
 
 class GetJobQuery(Query):
     wait: Annotated[float, Meta(ge=0, le=60)] | None = None
-    after_version: Annotated[int, Meta(ge=0)] | None = None
-    as_of: Annotated[int, Meta(ge=0)] | None = None
+    after_version: Position | None = None
+    as_of: Position | None = None
 
 
 class BulkDeleteQuery(Query):
@@ -110,14 +112,14 @@ class ResultsQuery(Query):
 
 
 class EventsQuery(Query):
-    after: Annotated[int, Meta(ge=0)] = 0
+    after: Position = 0
     limit: Annotated[int, Meta(ge=1, le=1000)] = 100
     types: str | None = None
     job_id: str | None = None
 
 
 class StreamQuery(Query):
-    after: Annotated[int, Meta(ge=0)] | None = None
+    after: Position | None = None
 
 
 class CreditsQuery(Query):

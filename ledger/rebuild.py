@@ -158,8 +158,11 @@ async def rebuild(
         await _replay_and_swap(backend, projectors, shadows, fold, end, verify, progress)
     finally:
         gc.enable()
-    log.info("rebuild.swapped" if not verify else "rebuild.compared",
-             seconds=round(time.perf_counter() - started, 3), cpu=round(time.process_time(), 3))
+    log.info(
+        "rebuild.swapped" if not verify else "rebuild.compared",
+        seconds=round(time.perf_counter() - started, 3),
+        cpu=round(time.process_time(), 3),
+    )
     if progress is not None:
         progress(fold.position, max(end, fold.position))
     return Report(fold.count, time.perf_counter() - started, fold.difference)
@@ -186,13 +189,21 @@ async def _replay_and_swap(
             rows = await following
         await _recorded_at(conn, fold.tenant_events)
     # shadows are disposable until the swap: fill them without waiting for the disk
-    log.info("rebuild.replayed", events=fold.count, jobs=len(fold.jobs),
-             seconds=round(time.perf_counter() - started, 3), cpu=round(time.process_time(), 3))
+    log.info(
+        "rebuild.replayed",
+        events=fold.count,
+        jobs=len(fold.jobs),
+        seconds=round(time.perf_counter() - started, 3),
+        cpu=round(time.process_time(), 3),
+    )
     await backend.set_durable(False)
     try:
         await _fill(backend, shadows, fold)
-        log.info("rebuild.filled", seconds=round(time.perf_counter() - started, 3),
-                 cpu=round(time.process_time(), 3))
+        log.info(
+            "rebuild.filled",
+            seconds=round(time.perf_counter() - started, 3),
+            cpu=round(time.process_time(), 3),
+        )
         fold.difference = await _catch_up_and_swap(backend, projectors, shadows, fold, verify)
     finally:
         await backend.set_durable(True)

@@ -89,9 +89,11 @@ def app(settings: Settings) -> web.Application:
 
 @pytest.fixture
 async def client(
-    aiohttp_client: Callable[[web.Application], Coroutine[Any, Any, TestClient[Any, Any]]],
     app: web.Application,
+    aiohttp_client: Callable[[web.Application], Coroutine[Any, Any, TestClient[Any, Any]]],
 ) -> TestClient[Any, Any]:
+    # ``app`` (hence the database) is set up first, so it is torn down last: the app stops
+    # before its PostgreSQL database is dropped
     return await aiohttp_client(app)
 
 

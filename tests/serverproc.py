@@ -276,19 +276,24 @@ class Server:
 
 @contextlib.asynccontextmanager
 async def served(db: str, *extra: str, log_dir: str | Path | None = None) -> AsyncIterator[Server]:
-    """A started server for the block; always stopped afterwards."""
-    server = Server(db, *extra, log_dir=log_dir)
-    try:
-        yield await server.astart()
-    finally:
-        server.stop()
+    """A started server for the block; always stopped afterwards.
+
+    Without ``log_dir`` the log lives in a temporary directory removed after the block.
+    """
+    with tempfile.TemporaryDirectory(prefix="jobledger-serve-") as scratch:
+        server = Server(db, *extra, log_dir=log_dir or scratch)
+        try:
+            yield await server.astart()
+        finally:
+            server.stop()
 
 
 @contextlib.contextmanager
 def running(db: str, *extra: str, log_dir: str | Path | None = None) -> Iterator[Server]:
     """``served`` for synchronous tests."""
-    server = Server(db, *extra, log_dir=log_dir)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    with tempfile.TemporaryDirectory(prefix="jobledger-serve-") as scratch:
+        server = Server(db, *extra, log_dir=log_dir or scratch)
+        try:
+            yield server.start()
+        finally:
+            server.stop()

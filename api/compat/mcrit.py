@@ -45,8 +45,8 @@ routes = web.RouteTableDef()
 
 
 class JobsQuery(Query):
-    start: Annotated[int, Meta(ge=0)] = 0
-    limit: Annotated[int, Meta(ge=0)] = 0
+    start: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0
+    limit: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0
     ascending: str = "false"
     method: str | None = None
     state: str | None = None
