@@ -58,7 +58,6 @@ class EventRecord(msgspec.Struct, omit_defaults=True):
     redacted: bool = False
 
 
-_ENCODE_LINE = msgspec.json.Encoder().encode
 
 
 def record(event: Recorded) -> EventRecord:
@@ -79,35 +78,8 @@ def record(event: Recorded) -> EventRecord:
     )
 
 
-def ndjson_lines(events: Iterable[Recorded]) -> bytes:
-    return b"".join(_ENCODE_LINE(record(e)) + b"\n" for e in events)
-
-
 def csv_header() -> bytes:
     return (",".join(CSV_FIELDS) + "\n").encode()
-
-
-def csv_lines(events: Iterable[Recorded]) -> bytes:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    for e in events:
-        writer.writerow(
-            (
-                e.position,
-                e.event_id,
-                e.stream,
-                e.version,
-                e.type,
-                e.occurred_at,
-                e.recorded_at,
-                e.actor,
-                "null" if e.data is None else e.data,  # JSON text, like the NDJSON export
-                e.data_hash,
-                e.prev_hash,
-                e.hash,
-            )
-        )
-    return out.getvalue().encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,26 +94,8 @@ class ExportFilter:
 
 async def iter_events(backend: Backend, flt: ExportFilter) -> AsyncIterator[list[Recorded]]:
     """Chunks of events in position order; memory stays flat however long the history."""
-    where, params = ["position > ?"], [0]
-    if flt.tenant is not None:
-        where.append("tenant = ?")
-        params.append(flt.tenant)  # type: ignore[arg-type]
-    if flt.stream is not None:
-        where.append("stream = ?")
-        params.append(flt.stream)  # type: ignore[arg-type]
-    if flt.since_us is not None:
-        where.append("occurred_us >= ?")
-        params.append(flt.since_us)
-    if flt.until_us is not None:
-        where.append("occurred_us < ?")
-        params.append(flt.until_us)
-    if flt.until_position is not None:
-        where.append("position <= ?")
-        params.append(flt.until_position)
-    sql = (
-        f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)} "
-        f"ORDER BY position LIMIT {CHUNK}"
-    )
+    where, params = _where(flt)
+    sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE {where} ORDER BY position LIMIT {CHUNK}"
     after = 0
     while True:
         params[0] = after
@@ -167,7 +121,8 @@ _LINES = msgspec.json.Encoder().encode_lines
 _Raw = msgspec.Raw
 
 
-def _export_sql(flt: ExportFilter) -> tuple[str, list[Any]]:
+def _where(flt: ExportFilter) -> tuple[str, list[Any]]:
+    """The filter's SQL; its first parameter is the position to read after."""
     where: list[str] = ["position > ?"]
     params: list[Any] = [0]
     for clause, value in (
@@ -180,11 +135,16 @@ def _export_sql(flt: ExportFilter) -> tuple[str, list[Any]]:
         if value is not None:
             where.append(clause)
             params.append(value)
-    sql = (
-        f"SELECT {_EXPORT_COLUMNS} FROM events WHERE {' AND '.join(where)} "
-        f"ORDER BY position LIMIT {EXPORT_CHUNK}"
+    return " AND ".join(where), params
+
+
+def _export_sql(flt: ExportFilter) -> tuple[str, list[Any]]:
+    where, params = _where(flt)
+    return (
+        f"SELECT {_EXPORT_COLUMNS} FROM events WHERE {where} ORDER BY position "
+        f"LIMIT {EXPORT_CHUNK}",
+        params,
     )
-    return sql, params
 
 
 def _ndjson(rows: Sequence[Sequence[Any]]) -> bytes:
