@@ -58,8 +58,6 @@ class EventRecord(msgspec.Struct, omit_defaults=True):
     redacted: bool = False
 
 
-
-
 def record(event: Recorded) -> EventRecord:
     return EventRecord(
         position=event.position,
