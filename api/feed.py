@@ -18,7 +18,7 @@ from api.idempotency import run_write
 from api.jobs import job_id_of, read_job, time_param
 from ledger import audit, commands
 from ledger.errors import Invalid, NotFound
-from ledger.records import EVENT_COLUMNS, Recorded
+from ledger.records import Recorded
 from ledger.store import UnitOfWork
 from projections import jobs
 
@@ -60,24 +60,10 @@ async def _events(
 ) -> list[Recorded]:
     """The caller's events after ``after``: the tenant's, or (``X-Project-Id`` or a key
     limited to a project) only the events of that project's jobs."""
-    if who.project is None:
-        return await store(request).events(
-            who.tenant, after=after, limit=limit, types=types, stream=stream
-        )
-    sql = (
-        f"SELECT {EVENT_COLUMNS} FROM events WHERE tenant = ? AND position > ? "
-        "AND stream IN (SELECT id FROM jobs WHERE tenant = ? AND project = ?)"
+    scope = None if who.project is None else jobs.project_streams(who.tenant, who.project)
+    return await store(request).events(
+        who.tenant, after=after, limit=limit, types=types, stream=stream, streams_from=scope
     )
-    params: list[Any] = [who.tenant, after, who.tenant, who.project]
-    if stream is not None:
-        sql += " AND stream = ?"
-        params.append(stream)
-    if types:
-        sql += f" AND type IN ({', '.join('?' * len(types))})"
-        params.extend(types)
-    async with store(request).backend.read() as conn:
-        rows = await conn.fetchall(sql + " ORDER BY position LIMIT ?", [*params, limit])
-    return [Recorded.from_row(r) for r in rows]
 
 
 def _resume_from(request: web.Request, after: int | None) -> int:

@@ -54,7 +54,3 @@ def new_key_id() -> str:
 
 def new_result_id() -> str:
     return secrets.token_hex(12)
-
-
-def valid_job_id(value: str) -> bool:
-    return bool(JOB_ID.match(value)) and value not in RESERVED_JOB_IDS

@@ -624,10 +624,18 @@ class EventStore:
         limit: int = 100,
         types: Sequence[str] = (),
         stream: str | None = None,
+        streams_from: tuple[str, Sequence[Any]] | None = None,
     ) -> list[Recorded]:
-        """The tenant's events after ``after``, in position order."""
+        """The tenant's events after ``after``, in position order.
+
+        ``streams_from`` is a query (and its parameters) naming the streams to keep, e.g. a
+        read model's job ids of one project.
+        """
         sql = f"{_SELECT_EVENTS} WHERE tenant = ? AND position > ?"
         params: list[Any] = [tenant, after]
+        if streams_from is not None:
+            sql += f" AND stream IN ({streams_from[0]})"
+            params.extend(streams_from[1])
         if stream is not None:
             sql += " AND stream = ?"
             params.append(stream)

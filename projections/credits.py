@@ -11,7 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 from ledger.credits import to_units
-from ledger.events import DEFAULT_PRICE, CreditsGranted, Price, PriceSet
+from ledger.events import CreditsGranted, Price, PriceSet
 from ledger.records import Batch
 from ledger.sql import Conn
 from projections.base import SqlProjector
@@ -106,23 +106,6 @@ class CreditsProjector(SqlProjector):
 
 
 # -- reads ---------------------------------------------------------------------------------
-
-
-async def price_of(conn: Conn, tenant: str, agent: str) -> Price:
-    """The price in force now for ``agent`` (1 credit per row when none was set)."""
-    row = await conn.fetchone(
-        "SELECT per_job, per_row, per_execution, per_second FROM prices "
-        "WHERE tenant = ? AND agent = ?",
-        (tenant, agent),
-    )
-    if row is None:
-        return DEFAULT_PRICE
-    return Price(
-        per_job=Decimal(row[0]),
-        per_row=Decimal(row[1]),
-        per_execution=Decimal(row[2]),
-        per_second=Decimal(row[3]),
-    )
 
 
 async def prices(conn: Conn, tenant: str) -> list[tuple[str, Price, str]]:

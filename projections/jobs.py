@@ -202,6 +202,11 @@ async def page(conn: Conn, tenant: str, query: ListQuery) -> tuple[list[JobState
     return [_DECODE(r[0]) for r in rows], cursor
 
 
+def project_streams(tenant: str, project: str) -> tuple[str, list[Any]]:
+    """A query naming the streams (job ids) of one project, for filtering events."""
+    return "SELECT id FROM jobs WHERE tenant = ? AND project = ?", [tenant, project]
+
+
 async def ids_matching(conn: Conn, tenant: str, query: ListQuery) -> list[str]:
     """Every live job id matching ``query`` (for bulk deletes)."""
     where, params = _where(tenant, query)
