@@ -19,7 +19,7 @@ from api.settings import Settings
 from ledger.backends import backend_for
 from ledger.clock import now_us
 from ledger.store import EventStore
-from projections import all_projectors
+from projections import new_store
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
@@ -28,7 +28,7 @@ EXPIRY_SWEEP_SECONDS = 60.0
 
 def open_store(db_url: str) -> EventStore:
     """The event store over ``db_url`` with every projection: the server's and the CLI's."""
-    return EventStore(backend_for(db_url), all_projectors())
+    return new_store(backend_for(db_url))
 
 
 @endpoint(routes, "GET", "/healthz", role="public", summary="Liveness", response=Health, tag="meta")

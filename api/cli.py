@@ -24,7 +24,7 @@ from ledger.clock import parse_duration, parse_us
 from ledger.errors import LedgerError
 from ledger.rebuild import rebuild
 from ledger.store import EventStore
-from projections import PROJECTORS, all_projectors
+from projections import PROJECTORS, new_store
 from projections import keys as key_models
 
 
@@ -218,7 +218,7 @@ def _progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
 
 
 async def _open(db: str, *, create: bool = False, writer: bool = True) -> EventStore:
-    store = EventStore(backend_for(db, create=create), all_projectors())
+    store = new_store(backend_for(db, create=create))
     await store.start(writer=writer)
     return store
 

@@ -99,20 +99,18 @@ async def grant(request: web.Request) -> web.Response:
     event = CreditsGranted(account=body.account, amount=body.amount, reason=body.reason)
 
     async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
-        # read before staging: flushed() holds the batch's earlier commands, not this one
-        totals = await credits.balance(await uow.flushed(), who.tenant, account=body.account)
-        recorded = await commands.grant(uow, who.tenant, event, actor=who.key_id)
-        totals["granted"] += units
+        granted = await commands.grant(uow, who.tenant, event, actor=who.key_id)
+        totals = granted.totals
         return (
             201,
             s.GrantView(
                 account=body.account,
                 amount=from_units(units),
                 reason=body.reason,
-                position=recorded.position,
-                granted=from_units(totals["granted"]),
-                used=from_units(totals["used"]),
-                balance=from_units(totals["granted"] - totals["used"]),
+                position=granted.recorded.position,
+                granted=from_units(totals.granted),
+                used=from_units(totals.used),
+                balance=from_units(totals.granted - totals.used),
             ),
             None,
         )

@@ -17,7 +17,7 @@ from api.http import MAX_INT, endpoint, json_response, read_optional_body, read_
 from api.idempotency import run_write
 from api.jobs import job_id_of, read_job, time_param
 from ledger import audit, commands
-from ledger.errors import Invalid, NotFound
+from ledger.errors import Forbidden, Invalid, NotFound
 from ledger.records import Recorded
 from ledger.store import UnitOfWork
 from projections import jobs
@@ -143,7 +143,12 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     tag="audit",
 )
 async def audit_head(request: web.Request) -> web.Response:
-    head = await store(request).head(caller(request).tenant)
+    who = caller(request)
+    if who.project is not None:
+        raise Forbidden(
+            "the chain head covers the whole tenant; a key scoped to a project cannot read it"
+        )
+    head = await store(request).head(who.tenant)
     position, digest, count = head or (0, "0" * 64, 0)
     return json_response(s.AuditHead(position=position, hash=digest, count=count))
 
@@ -222,7 +227,9 @@ async def redact(request: web.Request) -> web.Response:
     body = await read_optional_body(request, s.Reason)
 
     async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
-        state = await commands.redact(uow, who.tenant, job_id, body.reason, actor=who.key_id)
+        state = await commands.redact(
+            uow, who.tenant, job_id, body.reason, actor=who.key_id, project=who.project
+        )
         return 200, s.job_view(state), None
 
     return await run_write(request, write)

@@ -27,7 +27,6 @@ from ledger.clock import format_opt, now_us, parse_us
 from ledger.credits import from_units
 from ledger.errors import (
     BadRequest,
-    InsufficientCredits,
     Invalid,
     InvalidTransition,
     JobNotFound,
@@ -38,9 +37,8 @@ from ledger.errors import (
 from ledger.events import POSTABLE_TYPES, JobQueued, from_data
 from ledger.ids import JOB_ID, RESERVED_JOB_IDS, new_job_id
 from ledger.jobs import OPEN, STATUSES, JobState
-from ledger.sql import Conn
 from ledger.store import UnitOfWork
-from projections import counts, credits, jobs
+from projections import counts, jobs
 
 routes = web.RouteTableDef()
 
@@ -102,22 +100,6 @@ async def result_answer(request: web.Request, job: JobState, *, compact: bool) -
     if not compact:
         answer.data = msgspec.Raw(stored[2].encode())
     return answer
-
-
-def _check_credits(request: web.Request) -> commands.CreditCheck | None:
-    if not settings(request).enforce_credits:
-        return None
-
-    async def check(conn: Conn, tenant: str, account: str) -> None:
-        totals = await credits.balance(conn, tenant, account=account)
-        available = totals["granted"] - totals["used"]
-        if available <= 0:
-            raise InsufficientCredits(
-                f"account {account} has no credits left",
-                credits_available=from_units(available),
-            )
-
-    return check
 
 
 # -- routes ------------------------------------------------------------------------------------
@@ -219,7 +201,7 @@ async def create_job(request: web.Request) -> web.Response:
         created_by=spec.created_by,
         executions_total=spec.executions_total,
     )
-    credit_check = _check_credits(request)
+    enforce = settings(request).enforce_credits
 
     async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
         state = await commands.create_job(
@@ -229,7 +211,7 @@ async def create_job(request: web.Request) -> web.Response:
             queued,
             actor=who.key_id,
             occurred_us=occurred,
-            credit_check=credit_check,
+            enforce_credits=enforce,
             fresh_id=spec.id is None,
         )
         return 201, s.job_view(state), job_id
@@ -411,10 +393,14 @@ async def append(request: web.Request) -> web.Response:
 
     async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
         state, records = await commands.append_events(
-            uow, who.tenant, job_id, items, actor=who.key_id, retention_s=retention
+            uow,
+            who.tenant,
+            job_id,
+            items,
+            actor=who.key_id,
+            retention_s=retention,
+            project=who.project,
         )
-        if who.project is not None and state.project != who.project:
-            raise JobNotFound(f"no job {job_id}")
         return (
             201,
             s.Appended(job=s.job_view(state), events=[s.event_view(r) for r in records]),
@@ -452,7 +438,7 @@ async def cancel(request: web.Request) -> web.Response:
     return await _transition(
         request,
         lambda uow, who, job_id: commands.cancel(
-            uow, who.tenant, job_id, body.reason, actor=who.key_id
+            uow, who.tenant, job_id, body.reason, actor=who.key_id, project=who.project
         ),
     )
 
@@ -469,7 +455,9 @@ async def cancel(request: web.Request) -> web.Response:
 async def archive(request: web.Request) -> web.Response:
     return await _transition(
         request,
-        lambda uow, who, job_id: commands.archive(uow, who.tenant, job_id, actor=who.key_id),
+        lambda uow, who, job_id: commands.archive(
+            uow, who.tenant, job_id, actor=who.key_id, project=who.project
+        ),
     )
 
 
@@ -488,7 +476,7 @@ async def delete_job(request: web.Request) -> web.Response:
     await read_job(request, job_id)
 
     async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
-        await commands.delete(uow, who.tenant, job_id, actor=who.key_id)
+        await commands.delete(uow, who.tenant, job_id, actor=who.key_id, project=who.project)
         return 200, s.Deleted(deleted=1), job_id
 
     return await run_write(request, write)

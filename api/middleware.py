@@ -13,6 +13,7 @@ from api.context import CALLER, KEYRING, LIMITER
 from api.http import ROLE_RANK, Handler, error_body, json_response
 from ledger import errors
 from ledger.ids import ulid
+from ledger.limits import bad_text
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +68,19 @@ def _render(request: web.Request, status: int, error: errors.LedgerError) -> web
     return json_response(error_body(error), status)
 
 
+def _check_text(request: web.Request) -> None:
+    """No control character reaches a query: 422 naming the parameter, on every backend."""
+    for name, value in request.match_info.items():
+        if bad_text(value):
+            raise errors.Invalid(f"{name} holds a control character", field=name)
+    for name, value in request.query.items():
+        if bad_text(name) or bad_text(value):
+            raise errors.Invalid(f"query parameter {name!r} holds a control character", field=name)
+    project = request.headers.get("X-Project-Id")
+    if project is not None and bad_text(project):
+        raise errors.Invalid("X-Project-Id holds a control character", field="X-Project-Id")
+
+
 def _client_gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
 
@@ -90,6 +104,7 @@ async def handle(request: web.Request, handler: Handler) -> web.StreamResponse:
         match = request.match_info
         if match.http_exception is not None:
             raise match.http_exception
+        _check_text(request)
         role = getattr(match.handler, "__role__", "public")
         if role != "public":
             caller = await authenticate(request, request.app[KEYRING])

@@ -113,7 +113,8 @@ def _operation(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
     content.update({other: {"schema": _TEXT} for other in op.also})
     responses[str(op.status)] = {"description": "OK", **({"content": content} if content else {})}
     error = {"application/json": {"schema": refs[ErrorEnvelope]}}
-    codes = set(op.errors)
+    # every route refuses a control character in a path parameter, query value or header
+    codes = set(op.errors) | {422}
     if op.role != "public":
         out["security"] = [{"bearer": []}]
         codes |= {401, 403, 429}  # 429 only under ``serve --rate-limit``

@@ -17,10 +17,13 @@ from ledger.clock import format_opt, format_us
 from ledger.credits import from_units
 from ledger.events import ErrorInfo, Person, Source
 from ledger.jobs import JobState
+from ledger.limits import NAME_PATTERN, Name, Text
 
-Agent = Annotated[str, Meta(min_length=1, max_length=200)]
-Label = Annotated[str, Meta(min_length=1, max_length=200)]
-JobId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+Agent = Name
+Label = Name
+# Not "." or "..": such ids could never be addressed in a URL path.
+JobId = Annotated[str, Meta(pattern=r"^(?!\.{1,2}$)[A-Za-z0-9_.:-]{1,128}$")]
+Time = Annotated[str, Meta(max_length=64, pattern=NAME_PATTERN)]
 # Positions and versions: what a database integer holds (a bigger one is 422, not a 500).
 Position = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 Amount = int | Decimal
@@ -36,19 +39,19 @@ class CreateJob(Body):
     project: Label | None = None
     params: dict[str, Any] = {}
     source: Source | None = None
-    model: str | None = None
+    model: Text | None = None
     created_by: Person | None = None
     executions_total: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
     id: JobId | None = None
-    occurred_at: str | None = None
+    occurred_at: Time | None = None
 
 
 class AppendEvent(Body):
-    type: str
+    type: Annotated[str, Meta(max_length=100, pattern=NAME_PATTERN)]
     data: dict[str, Any] = {}
-    event_id: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
+    event_id: Name | None = None
     expected_version: Position | None = None
-    occurred_at: str | None = None
+    occurred_at: Time | None = None
 
 
 class AppendBatch(Body):
@@ -56,7 +59,7 @@ class AppendBatch(Body):
 
 
 class Reason(Body):
-    reason: Annotated[str, Meta(max_length=2000)] | None = None
+    reason: Text | None = None
 
 
 class PriceBody(Body):
@@ -70,7 +73,7 @@ class PriceBody(Body):
 class GrantBody(Body):
     account: Label
     amount: Decimal
-    reason: Annotated[str, Meta(max_length=2000)] | None = None
+    reason: Text | None = None
 
 
 # -- query strings ---------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from ledger.events import (
 )
 from ledger.ids import new_job_id
 from ledger.store import EventStore, UnitOfWork
-from projections import all_projectors
+from projections import new_store
 
 ACTOR = "bench-datagen"
 RETENTION_S = 7 * 86400
@@ -163,7 +163,7 @@ async def agenerate(
     n_jobs = jobs if jobs is not None else max(1, events // events_per_job)
     # Events are frozen Structs: one list per job kind, shared by every job of that kind.
     shapes = [lifecycle(k, events_per_job, mix) for k in range(20)]
-    store = EventStore(backend_for(str(db_path)), all_projectors())
+    store = new_store(backend_for(str(db_path)))
     await store.start()
     job_ids: list[str] = []
     token: str | None = None

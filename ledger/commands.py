@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgspec
 
-from ledger.clock import format_us
-from ledger.errors import Conflict, Invalid, JobNotFound, NotFound, VersionConflict
+from ledger.clock import MAX_US, format_us
+from ledger.credits import from_units
+from ledger.errors import (
+    Conflict,
+    InsufficientCredits,
+    Invalid,
+    JobNotFound,
+    NotFound,
+    VersionConflict,
+)
 from ledger.events import (
     UNSET,
     CreditsGranted,
@@ -33,12 +41,10 @@ from ledger.events import (
 )
 from ledger.ids import new_key_id, new_result_id
 from ledger.jobs import JobState, redaction_snapshot
-from ledger.records import Recorded
-from ledger.sql import Conn
+from ledger.records import CreditTotals, Recorded
 from ledger.store import UnitOfWork
 
 ROLES = ("reader", "writer", "admin")
-CreditCheck = Callable[[Conn, str, str], Awaitable[None]]
 _ENCODE = msgspec.json.Encoder(decimal_format="number").encode
 
 
@@ -58,9 +64,12 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-async def _live_job(uow: UnitOfWork, tenant: str, job_id: str) -> JobState:
+async def _live_job(
+    uow: UnitOfWork, tenant: str, job_id: str, project: str | None = None
+) -> JobState:
+    """The job, unless deleted or outside ``project`` (when the caller is scoped to one)."""
     job = await uow.job(tenant, job_id)
-    if job is None or job.deleted:
+    if job is None or job.deleted or (project is not None and job.project != project):
         raise JobNotFound(f"no job {job_id}")
     return job
 
@@ -79,18 +88,26 @@ async def create_job(
     *,
     actor: str,
     occurred_us: int | None = None,
-    credit_check: CreditCheck | None = None,
+    enforce_credits: bool = False,
     fresh_id: bool = False,
 ) -> JobState:
     """Append ``job.queued`` with the agent's price in force at this position.
 
-    ``fresh_id``: the server made the id just now, so it cannot exist yet.
+    ``enforce_credits``: refuse the job (402) when its account has no credits left, counting
+    every earlier write of this transaction. ``fresh_id``: the server made the id just now, so
+    it cannot exist yet.
     """
     if await uow.job(tenant, job_id, fresh=fresh_id) is not None:
         raise Conflict(f"job {job_id} already exists", field="id")
     price = await price_in_force(uow, tenant, queued.agent)
-    if credit_check is not None:
-        await credit_check(await uow.flushed(), tenant, queued.account)
+    if enforce_credits:
+        totals = await uow.credit_totals(tenant, queued.account)
+        available = totals.granted - totals.used
+        if available <= 0:
+            raise InsufficientCredits(
+                f"account {queued.account} has no credits left",
+                credits_available=from_units(available),
+            )
     event = msgspec.structs.replace(queued, price=price)
     state, _ = await uow.apply(
         tenant, job_id, event, actor=actor, occurred_us=occurred_us, fresh=fresh_id
@@ -116,9 +133,10 @@ async def append_events(
     *,
     actor: str,
     retention_s: int,
+    project: str | None = None,
 ) -> tuple[JobState, list[Recorded]]:
     """Append every item, or none; an ``event_id`` seen before appends nothing again."""
-    state = await _live_job(uow, tenant, job_id)
+    state = await _live_job(uow, tenant, job_id, project)
     records: list[Recorded] = []
     for item in items:
         if item.event_id is not None:
@@ -126,7 +144,8 @@ async def append_events(
             if seen is not None:
                 if seen.stream != job_id:
                     raise Conflict(
-                        f"event_id {item.event_id} belongs to another stream", field="event_id"
+                        f"event_id {item.event_id} is already taken; choose another",
+                        field="event_id",
                     )
                 records.append(seen)
                 continue
@@ -174,7 +193,7 @@ def _store_result(
         )
     finished = item.occurred_us if item.occurred_us is not None else uow.now
     finished = max(finished, state.updated_at)
-    expires = finished + retention_s * 1_000_000
+    expires = min(finished + retention_s * 1_000_000, MAX_US)
     if event.result is UNSET or event.result is None:
         return msgspec.structs.replace(event, result=UNSET, expires_at=format_us(expires))
     payload = _ENCODE(event.result)
@@ -195,26 +214,43 @@ def _store_result(
 
 
 async def transition(
-    uow: UnitOfWork, tenant: str, job_id: str, event: Event, *, actor: str
+    uow: UnitOfWork,
+    tenant: str,
+    job_id: str,
+    event: Event,
+    *,
+    actor: str,
+    project: str | None = None,
 ) -> JobState:
     """Cancel, archive, delete or link: one event, checked by the state machine."""
-    await _live_job(uow, tenant, job_id)
+    await _live_job(uow, tenant, job_id, project)
     state, _ = await uow.apply(tenant, job_id, event, actor=actor)
     return state
 
 
 async def cancel(
-    uow: UnitOfWork, tenant: str, job_id: str, reason: str | None, *, actor: str
+    uow: UnitOfWork,
+    tenant: str,
+    job_id: str,
+    reason: str | None,
+    *,
+    actor: str,
+    project: str | None = None,
 ) -> JobState:
-    return await transition(uow, tenant, job_id, JobCancelled(reason=reason), actor=actor)
+    event = JobCancelled(reason=reason)
+    return await transition(uow, tenant, job_id, event, actor=actor, project=project)
 
 
-async def archive(uow: UnitOfWork, tenant: str, job_id: str, *, actor: str) -> JobState:
-    return await transition(uow, tenant, job_id, JobArchived(), actor=actor)
+async def archive(
+    uow: UnitOfWork, tenant: str, job_id: str, *, actor: str, project: str | None = None
+) -> JobState:
+    return await transition(uow, tenant, job_id, JobArchived(), actor=actor, project=project)
 
 
-async def delete(uow: UnitOfWork, tenant: str, job_id: str, *, actor: str) -> JobState:
-    return await transition(uow, tenant, job_id, JobDeleted(), actor=actor)
+async def delete(
+    uow: UnitOfWork, tenant: str, job_id: str, *, actor: str, project: str | None = None
+) -> JobState:
+    return await transition(uow, tenant, job_id, JobDeleted(), actor=actor, project=project)
 
 
 async def delete_many(uow: UnitOfWork, tenant: str, job_ids: Sequence[str], *, actor: str) -> int:
@@ -229,10 +265,16 @@ async def delete_many(uow: UnitOfWork, tenant: str, job_ids: Sequence[str], *, a
 
 
 async def redact(
-    uow: UnitOfWork, tenant: str, job_id: str, reason: str | None, *, actor: str
+    uow: UnitOfWork,
+    tenant: str,
+    job_id: str,
+    reason: str | None,
+    *,
+    actor: str,
+    project: str | None = None,
 ) -> JobState:
     """Append ``job.redacted`` and erase the data of the job's earlier events and results."""
-    job = await _live_job(uow, tenant, job_id)
+    job = await _live_job(uow, tenant, job_id, project)
     event = JobRedacted(reason=reason, state=redaction_snapshot(job))
     state, recorded = await uow.apply(tenant, job_id, event, actor=actor)
     uow.erase(tenant, job_id, recorded.position)
@@ -247,8 +289,17 @@ async def set_price(
     )
 
 
-async def grant(uow: UnitOfWork, tenant: str, grant_: CreditsGranted, *, actor: str) -> Recorded:
-    return await uow.append(tenant, credits_stream(grant_.account), grant_, actor=actor)
+@dataclass(frozen=True, slots=True)
+class Granted:
+    """A grant's event and the account's totals right after it."""
+
+    recorded: Recorded
+    totals: CreditTotals
+
+
+async def grant(uow: UnitOfWork, tenant: str, grant_: CreditsGranted, *, actor: str) -> Granted:
+    recorded = await uow.append(tenant, credits_stream(grant_.account), grant_, actor=actor)
+    return Granted(recorded, await uow.credit_totals(tenant, grant_.account))
 
 
 @dataclass(frozen=True, slots=True)

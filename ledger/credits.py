@@ -8,30 +8,36 @@ from __future__ import annotations
 
 import functools
 import math
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 from ledger.errors import Invalid
 from ledger.events import Price
+from ledger.limits import MAX_AMOUNT, MAX_CHARGE_UNITS
 
 SCALE = 10_000
 PRICE_FIELDS = ("per_job", "per_row", "per_execution", "per_second")
 
 
 def to_units(value: Decimal, *, field: str, allow_negative: bool = False) -> int:
-    """Exact units of a decimal; ``Invalid`` if it has more than four fractional digits."""
+    """Exact units of a decimal; ``Invalid`` unless it is finite, within ``MAX_AMOUNT`` and has
+    at most four fractional digits."""
     try:
         if not value.is_finite():
             raise Invalid(f"{field} must be a finite number", field=field)
-        scaled = value * SCALE
+        if value and value.adjusted() > 12:  # decide before any arithmetic on 1e999999999
+            raise Invalid(f"{field} is too large (at most {MAX_AMOUNT})", field=field)
+        if value and value.adjusted() < -4:
+            raise Invalid(f"{field} has more than 4 fractional digits", field=field)
+        scaled = value.scaleb(4)
         units = int(scaled)
-    except (InvalidOperation, OverflowError):
+    except (ArithmeticError, ValueError):
         raise Invalid(f"{field} is not a valid amount", field=field) from None
     if scaled != units:
         raise Invalid(f"{field} has more than 4 fractional digits", field=field)
     if units < 0 and not allow_negative:
         raise Invalid(f"{field} must not be negative", field=field)
-    if abs(units) >= 2**62:
-        raise Invalid(f"{field} is too large", field=field)
+    if abs(units) > MAX_AMOUNT * SCALE:
+        raise Invalid(f"{field} is too large (at most {MAX_AMOUNT})", field=field)
     return units
 
 
@@ -72,4 +78,11 @@ def charge(
     if started_us is not None and finished_us is not None and finished_us > started_us:
         seconds = math.ceil((finished_us - started_us) / 1_000_000)
     per_job, per_row, per_execution, per_second = price_units(price)
-    return per_job + per_row * row_count + per_execution * succeeded + per_second * seconds
+    units = per_job + per_row * row_count + per_execution * succeeded + per_second * seconds
+    if not 0 <= units <= MAX_CHARGE_UNITS:
+        raise Invalid(
+            f"this job's charge would exceed the ledger's limit of "
+            f"{MAX_CHARGE_UNITS // SCALE} credits",
+            field="data.row_count",
+        )
+    return units

@@ -80,6 +80,16 @@ class StoreUnavailable(LedgerError):
     code = "unavailable"
 
 
+class CommitFailed(StoreUnavailable):
+    """The database did not commit a transaction: nothing of it was recorded."""
+
+
+class Rejected(Invalid):
+    """The database refused a value (out of its range, a character it cannot store)."""
+
+    code = "invalid"
+
+
 class StoreConflict(LedgerError):
     """A uniqueness constraint refused a write (another writer got there first)."""
 

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from ledger.errors import Invalid
+from ledger.limits import Count, LongText, Name, Text
 
 UNSET = msgspec.UNSET
 UnsetType = msgspec.UnsetType
@@ -26,20 +27,20 @@ class Event(
 
 
 class Source(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    repository: str | None = None
-    ref: str | None = None
+    repository: Text | None = None
+    ref: Text | None = None
 
 
 class Person(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    id: str | None = None
-    email: str | None = None
-    first_name: str | None = None
-    last_name: str | None = None
+    id: Text | None = None
+    email: Text | None = None
+    first_name: Text | None = None
+    last_name: Text | None = None
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    code: str = "error"
-    message: str = ""
+    code: Text = "error"
+    message: LongText = ""
 
 
 class Price(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -58,14 +59,14 @@ DEFAULT_PRICE = Price()
 
 
 class JobQueued(Event, frozen=True, kw_only=True, tag="job.queued"):
-    agent: str
-    account: str = "default"
-    project: str | None = None
+    agent: Name
+    account: Name = "default"
+    project: Name | None = None
     params: dict[str, Any] = {}
     source: Source | None = None
-    model: str | None = None
+    model: Text | None = None
     created_by: Person | None = None
-    executions_total: int = 0
+    executions_total: Count = 0
     price: Price = DEFAULT_PRICE  # server: the price in force at this position
 
 
@@ -74,12 +75,12 @@ class JobStarted(Event, frozen=True, kw_only=True, tag="job.started"):
 
 
 class JobProgressed(Event, frozen=True, kw_only=True, tag="job.progressed"):
-    row_count: int | None = None
-    message: str | None = None
+    row_count: Count | None = None
+    message: LongText | None = None
 
 
 class JobCompleted(Event, frozen=True, kw_only=True, tag="job.completed"):
-    row_count: int | None = None
+    row_count: Count | None = None
     result: Any | UnsetType = UNSET  # taken out before storing; the results store keeps it
     result_id: str | None = None  # server
     result_sha256: str | None = None  # server
@@ -92,7 +93,7 @@ class JobFailed(Event, frozen=True, kw_only=True, tag="job.failed"):
 
 
 class JobCancelled(Event, frozen=True, kw_only=True, tag="job.cancelled"):
-    reason: str | None = None
+    reason: Text | None = None
 
 
 class JobArchived(Event, frozen=True, kw_only=True, tag="job.archived"):
@@ -100,7 +101,7 @@ class JobArchived(Event, frozen=True, kw_only=True, tag="job.archived"):
 
 
 class JobPrLinked(Event, frozen=True, kw_only=True, tag="job.pr_linked"):
-    pr_link: str
+    pr_link: Text
 
 
 class JobDeleted(Event, frozen=True, kw_only=True, tag="job.deleted"):
@@ -108,24 +109,24 @@ class JobDeleted(Event, frozen=True, kw_only=True, tag="job.deleted"):
 
 
 class JobRedacted(Event, frozen=True, kw_only=True, tag="job.redacted"):
-    reason: str | None = None
+    reason: Text | None = None
     state: dict[str, Any] | None = None  # server: what the job keeps after erasure
 
 
 class ExecutionsPlanned(Event, frozen=True, kw_only=True, tag="job.executions_planned"):
-    total: int
+    total: Count
 
 
 class ExecutionRetrying(Event, frozen=True, kw_only=True, tag="job.execution_retrying"):
-    execution_id: str
+    execution_id: Name
 
 
 class ExecutionSucceeded(Event, frozen=True, kw_only=True, tag="job.execution_succeeded"):
-    execution_id: str
+    execution_id: Name
 
 
 class ExecutionFailed(Event, frozen=True, kw_only=True, tag="job.execution_failed"):
-    execution_id: str
+    execution_id: Name
 
 
 # --- tenant events --------------------------------------------------------------------------
@@ -134,8 +135,8 @@ class ExecutionFailed(Event, frozen=True, kw_only=True, tag="job.execution_faile
 class KeyCreated(Event, frozen=True, kw_only=True, tag="key.created"):
     key_id: str
     role: str
-    name: str | None = None
-    project: str | None = None
+    name: Text | None = None
+    project: Name | None = None
     secret_sha256: str
 
 
@@ -144,14 +145,14 @@ class KeyRevoked(Event, frozen=True, kw_only=True, tag="key.revoked"):
 
 
 class PriceSet(Event, frozen=True, kw_only=True, tag="price.set"):
-    agent: str
+    agent: Name
     price: Price
 
 
 class CreditsGranted(Event, frozen=True, kw_only=True, tag="credits.granted"):
-    account: str
+    account: Name
     amount: Decimal
-    reason: str | None = None
+    reason: Text | None = None
 
 
 JobEvent = (

@@ -258,16 +258,17 @@ def _execution(
             _finish(job, "partial_failed", at)
 
 
-REDACTED_FIELDS = ("params", "created_by", "error", "source", "model", "pr_link", "executions")
-
-
 def redaction_snapshot(job: JobState) -> dict[str, Any]:
-    """What a job keeps after erasure: every fact the bill and the lists need, no payloads."""
+    """What a job keeps after erasure: the facts the bill and the lists need, nothing written
+    by a person or a worker (no params, source, model, PR link, error, executions, creator)."""
     kept = msgspec.structs.replace(
         job,
         params={},
         created_by=None,
-        error=None if job.error is None else ErrorInfo(code=job.error.code, message=""),
+        source=None,
+        model=None,
+        pr_link=None,
+        error=None,
         executions={},
         redacted=True,
     )

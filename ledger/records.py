@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
@@ -111,3 +111,20 @@ class Projector(Protocol):
     def with_suffix(self, suffix: str) -> Projector: ...
 
     async def apply(self, conn: Conn, batch: Batch) -> None: ...
+
+
+class CreditTotals(NamedTuple):
+    """An account's credits in units (ten-thousandths): granted and used, ever."""
+
+    granted: int
+    used: int
+
+
+class CreditBalances(Protocol):
+    """The committed credit totals of an account: a port the credits read model implements.
+
+    The ledger asks it inside a write transaction (credit enforcement, a grant's answer) and
+    adds what the transaction itself has staged; nothing below calls back up into the API.
+    """
+
+    async def totals(self, conn: Conn, tenant: str, account: str) -> CreditTotals: ...

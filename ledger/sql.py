@@ -28,6 +28,31 @@ class Conn(Protocol):
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None: ...
 
 
+class WriteConn(Conn, Protocol):
+    """The connection of a write transaction.
+
+    ``failed`` is true once a statement failed in a way that poisons the transaction (every
+    statement on PostgreSQL; on SQLite, an error that rolled the transaction back): only a
+    rollback to a savepoint, or of the whole transaction, can follow. A COMMIT of a failed
+    transaction raises instead of silently rolling back.
+    """
+
+    @property
+    def failed(self) -> bool: ...
+
+    async def sync(self) -> None:
+        """Run every statement buffered so far; their errors surface here."""
+        ...
+
+    async def savepoint(self) -> None: ...
+
+    async def release_savepoint(self) -> None: ...
+
+    async def rollback_savepoint(self) -> None:
+        """Undo everything since ``savepoint()``; ``failed`` is false again after it."""
+        ...
+
+
 class Backend(Protocol):
     """A database the event store runs on."""
 
@@ -38,8 +63,11 @@ class Backend(Protocol):
 
     async def close(self) -> None: ...
 
-    def write(self) -> AbstractAsyncContextManager[Conn]:
-        """An exclusive write transaction: one writer at a time across every process."""
+    def write(self) -> AbstractAsyncContextManager[WriteConn]:
+        """An exclusive write transaction: one writer at a time across every process.
+
+        Leaving the block commits; if the COMMIT does not succeed it raises ``CommitFailed``.
+        """
         ...
 
     def read(

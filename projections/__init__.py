@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from ledger.records import Projector
+from ledger.sql import Backend
+from ledger.store import EventStore
 from projections.base import SqlProjector
 from projections.counts import CountsProjector
 from projections.credits import CreditsProjector
@@ -19,3 +21,12 @@ PROJECTORS: dict[str, type[SqlProjector]] = {
 
 def all_projectors() -> list[Projector]:
     return [cls() for cls in PROJECTORS.values()]
+
+
+def new_store(backend: Backend) -> EventStore:
+    """An event store over ``backend`` with every read model, credits as its balance port."""
+    balances = CreditsProjector()
+    projectors: list[Projector] = [
+        balances if cls is CreditsProjector else cls() for cls in PROJECTORS.values()
+    ]
+    return EventStore(backend, projectors, balances=balances)

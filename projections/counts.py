@@ -29,7 +29,8 @@ class CountsProjector(SqlProjector):
             status TEXT NOT NULL,
             archived INTEGER NOT NULL,
             n INTEGER NOT NULL,
-            credits INTEGER NOT NULL,
+            credits INTEGER NOT NULL
+                CHECK (credits BETWEEN -4611686018427387904 AND 4611686018427387904),
             PRIMARY KEY (tenant, project, account, agent, status, archived)
         )""",
     )

@@ -12,7 +12,7 @@ from typing import Any
 
 from ledger.credits import to_units
 from ledger.events import CreditsGranted, Price, PriceSet
-from ledger.records import Batch
+from ledger.records import Batch, CreditTotals
 from ledger.sql import Conn
 from projections.base import SqlProjector
 
@@ -26,13 +26,15 @@ class CreditsProjector(SqlProjector):
             project TEXT NOT NULL,
             account TEXT NOT NULL,
             agent TEXT NOT NULL,
-            used INTEGER NOT NULL,
+            used INTEGER NOT NULL
+                CHECK (used BETWEEN -4611686018427387904 AND 4611686018427387904),
             PRIMARY KEY (tenant, project, account, agent)
         )""",
         """CREATE TABLE IF NOT EXISTS {credit_grants} (
             tenant TEXT NOT NULL,
             account TEXT NOT NULL,
-            granted INTEGER NOT NULL,
+            granted INTEGER NOT NULL
+                CHECK (granted BETWEEN -4611686018427387904 AND 4611686018427387904),
             PRIMARY KEY (tenant, account)
         )""",
         """CREATE TABLE IF NOT EXISTS {prices} (
@@ -103,6 +105,11 @@ class CreditsProjector(SqlProjector):
             await conn.executemany(self._grant, [(*k, v) for k, v in grants.items()])
         if prices:
             await conn.executemany(self._price, prices)
+
+    async def totals(self, conn: Conn, tenant: str, account: str) -> CreditTotals:
+        """The ``CreditBalances`` port of the ledger: an account's committed totals."""
+        totals = await balance(conn, tenant, account=account)
+        return CreditTotals(totals["granted"], totals["used"])
 
 
 # -- reads ---------------------------------------------------------------------------------

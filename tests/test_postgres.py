@@ -19,7 +19,7 @@ import pytest
 
 from ledger.backends import backend_for
 from ledger.backends.postgres import PostgresBackend, translate
-from ledger.errors import StoreConflict, StoreUnavailable
+from ledger.errors import CommitFailed, StoreConflict, StoreUnavailable
 from ledger.schema import LEDGER_SCHEMA
 from projections import all_projectors
 from tests.conftest import create_pg_database, drop_pg_database, pg_server_url
@@ -143,7 +143,7 @@ async def test_unique_violation_is_a_store_conflict(backend: PostgresBackend) ->
 async def test_swallowed_conflict_never_commits(backend: PostgresBackend) -> None:
     """A transaction whose conflict was caught and ignored still fails instead of committing."""
     insert = "INSERT INTO ledger_meta (name, value) VALUES (?, ?)"
-    with pytest.raises(StoreConflict):
+    with pytest.raises(CommitFailed):
         async with backend.write() as conn:
             await conn.execute(insert, ("kept?", "1"))
             try:

@@ -32,8 +32,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import structlog
 
-from ledger.errors import StoreConflict, StoreUnavailable
-from ledger.sql import Conn, Row
+from ledger.errors import CommitFailed, Rejected, StoreConflict, StoreUnavailable
+from ledger.sql import Conn, Row, WriteConn
 
 log = structlog.get_logger(__name__)
 
@@ -126,37 +126,36 @@ class PostgresConn:
     """A pooled asyncpg connection behind the shared ``Conn`` protocol.
 
     In PostgreSQL a failed statement aborts its transaction, where SQLite only undoes the one
-    statement; so once a statement hits a constraint, every later one on this connection
-    raises the same ``StoreConflict`` (the store then retries its commands one by one).
+    statement: once any statement fails, ``failed`` is true and every later statement raises,
+    until ``rollback_savepoint`` (or the end of the transaction).
     """
 
     dialect = "postgres"
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
-        self._conflict: str | None = None
+        self._failure: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None
 
     def _check(self) -> None:
-        if self._conflict is not None:
-            raise StoreConflict(self._conflict)
+        if self._failure is not None:
+            raise StoreConflict(f"the transaction is aborted ({self._failure})")
 
-    def _failed(self, exc: BaseException) -> BaseException:
-        if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
-            self._conflict = exc.args[0] if exc.args else type(exc).__name__
-            return StoreConflict(str(self._conflict))
-        if isinstance(exc, _GONE):
-            return StoreUnavailable(f"lost the connection to PostgreSQL: {exc}")
-        return exc
+    def _failed(self, exc: Exception) -> Exception:
+        translated = translate_error(exc)
+        if isinstance(exc, (asyncpg.PostgresError, *_GONE)):
+            self._failure = str(translated) or type(exc).__name__
+        return translated
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         self._check()
         try:
             await self._conn.execute(translate(sql), *params)
         except Exception as exc:
-            failed = self._failed(exc)
-            if failed is exc:
-                raise
-            raise failed from exc
+            raise self._failed(exc) from exc
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         self._check()
@@ -166,20 +165,14 @@ class PostgresConn:
         try:
             await self._conn.executemany(translate(sql), batch)
         except Exception as exc:
-            failed = self._failed(exc)
-            if failed is exc:
-                raise
-            raise failed from exc
+            raise self._failed(exc) from exc
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         self._check()
         try:
             records = await self._conn.fetch(translate(sql), *params)
         except Exception as exc:
-            failed = self._failed(exc)
-            if failed is exc:
-                raise
-            raise failed from exc
+            raise self._failed(exc) from exc
         return [tuple(r) for r in records]
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
@@ -187,11 +180,39 @@ class PostgresConn:
         try:
             record = await self._conn.fetchrow(translate(sql), *params)
         except Exception as exc:
-            failed = self._failed(exc)
-            if failed is exc:
-                raise
-            raise failed from exc
+            raise self._failed(exc) from exc
         return None if record is None else tuple(record)
+
+    async def sync(self) -> None:
+        self._check()  # statements ran as they were sent
+
+    async def savepoint(self) -> None:
+        await self.execute("SAVEPOINT command")
+
+    async def release_savepoint(self) -> None:
+        await self.execute("RELEASE SAVEPOINT command")
+
+    async def rollback_savepoint(self) -> None:
+        try:
+            await self._conn.execute("ROLLBACK TO SAVEPOINT command; RELEASE SAVEPOINT command")
+        except Exception as exc:
+            raise CommitFailed(f"the write transaction was lost: {exc}") from exc
+        self._failure = None
+
+
+def translate_error(exc: Exception) -> Exception:
+    """The ledger's error for what PostgreSQL (or asyncpg) refused."""
+    if isinstance(exc, asyncpg.CheckViolationError):
+        return Rejected("a total would leave the ledger's range; nothing was written")
+    if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
+        return StoreConflict(exc.args[0] if exc.args else type(exc).__name__)
+    if isinstance(exc, asyncpg.DataError | UnicodeError | OverflowError):
+        return Rejected(f"the database refused a value ({exc}); nothing was written")
+    if isinstance(exc, _GONE):
+        return StoreUnavailable(f"lost the connection to PostgreSQL: {exc}")
+    if isinstance(exc, asyncpg.PostgresError):
+        return StoreUnavailable(f"PostgreSQL failed: {exc}")
+    return exc
 
 
 class PostgresBackend:
@@ -296,7 +317,7 @@ class PostgresBackend:
     # -- transactions ----------------------------------------------------------------------
 
     @asynccontextmanager
-    async def write(self) -> AsyncIterator[Conn]:
+    async def write(self) -> AsyncIterator[WriteConn]:
         async with self._acquire() as conn:
             try:
                 await conn.execute(_BEGIN_WRITE)  # one round trip: BEGIN and the lock
@@ -305,20 +326,20 @@ class PostgresBackend:
             pg = PostgresConn(conn)
             try:
                 yield pg
-                if pg._conflict is not None:
+                if pg.failed:
                     # COMMIT would quietly roll back the aborted transaction: never report
-                    # success for it, even if the caller swallowed the conflict
-                    raise StoreConflict(pg._conflict)
+                    # success for it, even if the caller swallowed the error
+                    raise CommitFailed(f"the transaction was aborted ({pg._failure})")
             except BaseException:
                 with contextlib.suppress(Exception):
                     await conn.execute("ROLLBACK")
                 raise
             try:
-                await conn.execute("COMMIT")
-            except asyncpg.IntegrityConstraintViolationError as exc:  # a deferred constraint
-                raise StoreConflict(str(exc)) from exc
-            except _GONE as exc:
-                raise StoreUnavailable(f"lost the connection to PostgreSQL: {exc}") from None
+                status = await conn.execute("COMMIT")
+            except Exception as exc:
+                raise CommitFailed(f"the COMMIT failed: {exc}") from exc
+            if status != "COMMIT":  # PostgreSQL answers ROLLBACK for an aborted transaction
+                raise CommitFailed(f"the database answered {status} to COMMIT")
 
     @asynccontextmanager
     async def read(self, *, snapshot: bool = False, bulk: bool = False) -> AsyncIterator[Conn]:

@@ -12,6 +12,7 @@ pays a GIL hand-off, about 0.3 ms on this machine, which aiosqlite's public API 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +22,8 @@ from typing import Any
 
 import aiosqlite
 
-from ledger.errors import StoreConflict, StoreUnavailable
-from ledger.sql import Conn, Row
+from ledger.errors import CommitFailed, Rejected, StoreConflict, StoreUnavailable
+from ledger.sql import Conn, Row, WriteConn
 
 READERS = 3
 
@@ -36,20 +37,23 @@ class SqliteConn:
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         try:
             await self._conn.execute(sql, params)
-        except sqlite3.IntegrityError as exc:
-            raise StoreConflict(str(exc)) from exc
+        except Exception as exc:
+            raise translate_error(exc) from exc
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         try:
             await self._conn.executemany(sql, rows)
-        except sqlite3.IntegrityError as exc:
-            raise StoreConflict(str(exc)) from exc
+        except Exception as exc:
+            raise translate_error(exc) from exc
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        return list(await self._conn.execute_fetchall(sql, params))
+        try:
+            return list(await self._conn.execute_fetchall(sql, params))
+        except Exception as exc:
+            raise translate_error(exc) from exc
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
-        rows = list(await self._conn.execute_fetchall(sql, params))  # one thread hop, not three
+        rows = await self.fetchall(sql, params)  # one thread hop, not three
         return rows[0] if rows else None
 
 
@@ -73,10 +77,16 @@ class InlineConn:
         self._conn.executemany(sql, rows)
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        return self._conn.execute(sql, params).fetchall()
+        try:
+            return self._conn.execute(sql, params).fetchall()
+        except Exception as exc:
+            raise translate_error(exc) from exc
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
-        row: Row | None = self._conn.execute(sql, params).fetchone()
+        try:
+            row: Row | None = self._conn.execute(sql, params).fetchone()
+        except Exception as exc:
+            raise translate_error(exc) from exc
         return row
 
 
@@ -89,6 +99,11 @@ class BufferedWriteConn:
         self._conn = conn
         self._executor = executor
         self._pending: list[tuple[str, Any, bool]] = []
+        self._failed = False
+
+    @property
+    def failed(self) -> bool:
+        return self._failed
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         self._pending.append((sql, params, False))
@@ -102,14 +117,38 @@ class BufferedWriteConn:
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         return await self._run(sql, params, all_rows=False)  # type: ignore[no-any-return]
 
+    async def sync(self) -> None:
+        await self._run(None)
+
+    async def savepoint(self) -> None:
+        await self.execute("SAVEPOINT command")
+
+    async def release_savepoint(self) -> None:
+        await self.execute("RELEASE command")
+
+    async def rollback_savepoint(self) -> None:
+        await self.execute("ROLLBACK TO command")
+        await self.execute("RELEASE command")
+        try:
+            await self._run(None)
+        except Exception as exc:  # the transaction itself is gone
+            raise CommitFailed(f"the write transaction was lost: {exc}") from exc
+        self._failed = False
+
     async def _run(
         self, sql: str | None, params: Sequence[Any] = (), *, all_rows: bool = True
     ) -> Any:
         pending, self._pending = self._pending, []
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, _run_statements, self._conn, pending, sql, params, all_rows
-        )
+        try:
+            return await loop.run_in_executor(
+                self._executor, _run_statements, self._conn, pending, sql, params, all_rows
+            )
+        except BaseException:
+            # SQLite undoes one failed statement, except where it rolls the whole
+            # transaction back (a full disk, an I/O error): then nothing may commit
+            self._failed = self._failed or not self._conn.in_transaction
+            raise
 
     async def flush(self, final: str | None = None) -> None:
         await self._run(final)
@@ -132,8 +171,21 @@ def _run_statements(
             return None
         cursor = conn.execute(sql, params)
         return cursor.fetchall() if all_rows else cursor.fetchone()
-    except sqlite3.IntegrityError as exc:
-        raise StoreConflict(str(exc)) from exc
+    except Exception as exc:
+        raise translate_error(exc) from exc
+
+
+def translate_error(exc: Exception) -> Exception:
+    """The ledger's error for what SQLite (or its driver) refused."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        if "CHECK constraint" in str(exc):
+            return Rejected("a total would leave the ledger's range; nothing was written")
+        return StoreConflict(str(exc))
+    if isinstance(exc, OverflowError | sqlite3.DataError | UnicodeError | ValueError):
+        return Rejected(f"the database refused a value ({exc}); nothing was written")
+    if isinstance(exc, sqlite3.OperationalError):
+        return StoreUnavailable(f"the database failed: {exc}")
+    return exc
 
 
 def sqlite_path(url: str) -> str:
@@ -157,6 +209,7 @@ class SqliteBackend:
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
         self._all: list[aiosqlite.Connection] = []
         self._write_lock = asyncio.Lock()
+        self._residue: asyncio.Task[None] | None = None
 
     async def _connect_reader(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -200,6 +253,11 @@ class SqliteBackend:
             raise StoreUnavailable(f"cannot open database {self.path}: {exc}") from None
 
     async def close(self) -> None:
+        residue = self._residue is not None and not self._residue.done()
+        if self._residue is not None and residue:
+            self._residue.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._residue
         for conn in self._all:
             try:
                 await conn.close()
@@ -210,6 +268,9 @@ class SqliteBackend:
             self._inline.close()
             self._inline = None
         if self._writer is not None:
+            if residue:  # the last try, now that this process's readers are gone
+                with contextlib.suppress(sqlite3.Error):
+                    await self._in_writer(_checkpoint, self._writer)
             await self._in_writer(self._writer.close)
             self._writer = None
         if self._executor is not None:
@@ -217,14 +278,19 @@ class SqliteBackend:
             self._executor = None
 
     @asynccontextmanager
-    async def write(self) -> AsyncIterator[Conn]:
+    async def write(self) -> AsyncIterator[WriteConn]:
         assert self._writer is not None and self._executor is not None, "backend not open"
         async with self._write_lock:
             conn = BufferedWriteConn(self._writer, self._executor)
             await conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
-                await conn.flush("COMMIT")
+                if conn.failed:
+                    raise CommitFailed("the write transaction was lost before its COMMIT")
+                try:
+                    await conn.flush("COMMIT")
+                except Exception as exc:
+                    raise CommitFailed(f"the COMMIT failed: {exc}") from exc
             except BaseException:
                 await self._in_writer(_rollback, self._writer)
                 raise
@@ -277,9 +343,33 @@ class SqliteBackend:
             await self._in_writer(self._writer.execute, f"PRAGMA secure_delete = {secure}")
 
     async def erase_residue(self) -> None:
-        assert self._writer is not None
+        """Checkpoint the WAL into the database file and truncate it (erased bytes go).
+
+        A reader holding an older snapshot (a rebuild, an export) keeps the checkpoint from
+        finishing; it is then retried in the background until it does.
+        """
+        if not await self._checkpoint() and (self._residue is None or self._residue.done()):
+            self._residue = asyncio.create_task(self._checkpoint_until_done(), name="wal-erase")
+
+    async def _checkpoint(self) -> bool:
+        if self._writer is None:
+            return True
         async with self._write_lock:
-            await self._in_writer(self._writer.execute, "PRAGMA wal_checkpoint(TRUNCATE)")
+            busy, _, _ = await self._in_writer(_checkpoint, self._writer)
+        return bool(busy == 0)
+
+    async def _checkpoint_until_done(self) -> None:
+        delay = 0.05
+        while self._writer is not None:
+            await asyncio.sleep(delay)
+            if await self._checkpoint():
+                return
+            delay = min(delay * 2, 1.0)
+
+
+def _checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    row = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    return int(row[0]), int(row[1]), int(row[2])
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -1,0 +1,222 @@
+"""The event store: append-only events, group commit, projections in the same transaction.
+
+Writes are *commands*: async functions of a ``UnitOfWork``, run by the process's one writer
+(``writer.py``) in group-committed transactions where each command succeeds or fails alone.
+Positions are assigned under the backend's write lock, so commit order is position order and no
+reader ever sees a gap behind it. The rooms:
+
+- ``writer.py``: the queue, batching, the optimistic and the isolated transaction;
+- ``uow.py``: what one command sees and stages;
+- ``cache.py``: the writer's cache of committed state (``ChainHead``, job states, versions);
+- ``staging.py``: the named rows a unit of work stages;
+- ``tables.py``: the ledger's own tables (events, heads, results, idempotency);
+- ``reads.py``: the ledger's reads (a job's replay, streams, the event log, heads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import structlog
+
+from ledger.clock import now_us
+from ledger.jobs import JobState
+from ledger.records import CreditBalances, Projector, Recorded
+from ledger.schema import LEDGER_SCHEMA
+from ledger.sql import Backend
+from ledger.store import reads, tables
+from ledger.store.cache import ChainHead, WriterCache
+from ledger.store.reads import load_job
+from ledger.store.staging import IdempotentAnswer, StoredResult
+from ledger.store.tables import IDEMPOTENCY_WINDOW_US
+from ledger.store.uow import UnitOfWork
+from ledger.store.writer import MAX_BATCH, Command, Committed, Writer, WriterStats
+
+log = structlog.get_logger(__name__)
+
+WATCH_SECONDS = 0.25
+STOP_WATCHER_SECONDS = 2.0
+
+__all__ = [
+    "IDEMPOTENCY_WINDOW_US",
+    "MAX_BATCH",
+    "ChainHead",
+    "Command",
+    "EventStore",
+    "IdempotentAnswer",
+    "StoredResult",
+    "UnitOfWork",
+    "WriterStats",
+    "load_job",
+]
+
+
+class EventStore:
+    """Appends events through one writer task; serves the ledger's own reads."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        projectors: Sequence[Projector],
+        *,
+        balances: CreditBalances | None = None,
+    ) -> None:
+        self.backend = backend
+        self.projectors = list(projectors)
+        self._cache = WriterCache()
+        self._writer = Writer(
+            backend, self.projectors, self._cache, self._committed, balances=balances
+        )
+        self._watcher: asyncio.Task[None] | None = None
+        self._watching = False
+        self.head_position = 0
+        self._tick = asyncio.Event()
+
+    @property
+    def stats(self) -> WriterStats:
+        return self._writer.stats
+
+    @property
+    def queue_depth(self) -> int:
+        return self._writer.queue_depth
+
+    # -- life ------------------------------------------------------------------------------
+
+    async def start(self, *, writer: bool = True) -> None:
+        await self.backend.open()
+        statements = list(LEDGER_SCHEMA)
+        for projector in self.projectors:
+            statements.extend(projector.ddl())
+            statements.extend(projector.indexes())
+        await self.backend.ensure_schema(statements)
+        self.head_position = await self.max_position()
+        if writer:
+            self._writer.start()
+            self._watching = True
+            self._watcher = asyncio.create_task(self._watch_loop(), name="ledger-watcher")
+
+    async def stop(self) -> None:
+        """Finish every queued command, then close the database.
+
+        The watcher gets a bounded time to end; if it is stuck in the database (a connect, a
+        pool checkout), closing the backend below ends what it waits for.
+        """
+        await self._writer.stop()
+        watcher, self._watcher = self._watcher, None
+        self._watching = False
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.wait({watcher}, timeout=STOP_WATCHER_SECONDS)
+        await self.backend.close()
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
+            await asyncio.wait({watcher}, timeout=STOP_WATCHER_SECONDS)
+        if watcher is not None and watcher.done() and not watcher.cancelled():
+            watcher.exception()  # retrieved, so asyncio does not log it at exit
+
+    @contextlib.asynccontextmanager
+    async def running(self, *, writer: bool = True) -> AsyncIterator[EventStore]:
+        await self.start(writer=writer)
+        try:
+            yield self
+        finally:
+            await self.stop()
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def execute(self, command: Command[Any], *, tenants: Sequence[str]) -> Any:
+        """Run ``command`` in the next batch; its result once the batch is durable."""
+        if not self._writer.running:
+            raise RuntimeError("the store's writer is not running")
+        return await self._writer.execute(command, tenants)
+
+    async def _committed(self, committed: Committed) -> None:
+        if committed.last_position > self.head_position:
+            self.head_position = committed.last_position
+            self._wake()
+            await self.backend.signal()
+        if committed.erased:
+            await self.backend.erase_residue()
+
+    # -- change notification ---------------------------------------------------------------
+
+    def _wake(self) -> None:
+        tick, self._tick = self._tick, asyncio.Event()
+        tick.set()
+
+    async def wait_for_change(self, seconds: float) -> None:
+        """Sleep until new events are committed (by any process) or ``seconds`` pass."""
+        tick = self._tick
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await tick.wait()
+
+    async def _watch_loop(self) -> None:
+        while self._watching:
+            try:
+                await self.backend.wait_for_signal(WATCH_SECONDS)
+                position = await self.max_position()
+                if position > self.head_position:
+                    self.head_position = position
+                    self._wake()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if not self._watching:
+                    return
+                log.warning("ledger.watch_failed", exc_info=True)
+                await asyncio.sleep(1.0)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def max_position(self) -> int:
+        async with self.backend.read() as conn:
+            return await tables.max_position(conn)
+
+    async def load_job(
+        self, tenant: str, job_id: str, *, as_of: int | None = None
+    ) -> JobState | None:
+        """Replay the job's stream (up to ``as_of``) into its state: time travel."""
+        async with self.backend.read(bulk=True) as conn:
+            return await load_job(conn, tenant, job_id, as_of=as_of)
+
+    async def stream(self, tenant: str, stream: str) -> list[Recorded]:
+        async with self.backend.read() as conn:
+            return await reads.stream(conn, tenant, stream)
+
+    async def events(self, tenant: str, **query: Any) -> list[Recorded]:
+        """The tenant's events in position order (see ``reads.events`` for the filters)."""
+        async with self.backend.read() as conn:
+            return await reads.events(conn, tenant, **query)
+
+    async def head(self, tenant: str) -> ChainHead | None:
+        async with self.backend.read() as conn:
+            return await reads.head(conn, tenant)
+
+    async def result(self, tenant: str, result_id: str) -> StoredResult | None:
+        async with self.backend.read() as conn:
+            return await tables.stored_result(conn, tenant, result_id)
+
+    async def sweep(self) -> tuple[int, int]:
+        """Drop expired result payloads and idempotency answers: ``(results, answers)``."""
+
+        async def drop(uow: UnitOfWork) -> tuple[int, int]:
+            now = now_us()
+            results = await tables.drop_expired_results(uow.conn, now=now)
+            answers = await tables.purge_idempotency(uow.conn, now=now)
+            return results, answers
+
+        result: tuple[int, int] = await self.execute(drop, tenants=())
+        return result
+
+    async def drop_expired_results(self, now: int) -> int:
+        """Drop result payloads past their expiry (the events keep their hashes)."""
+
+        async def drop(uow: UnitOfWork) -> int:
+            return await tables.drop_expired_results(uow.conn, now=now)
+
+        dropped: int = await self.execute(drop, tenants=())
+        return dropped

@@ -1,0 +1,223 @@
+"""The writer: one task per process that runs commands in group-committed transactions.
+
+It takes every command waiting in its queue (up to ``MAX_BATCH``) and runs them in one
+transaction with one COMMIT, one fsync. Group commit shares a transaction, never a fate:
+
+1. *Optimistic*: every command runs and stages its writes in memory (a command that raises has
+   written nothing); the succeeded ones are flushed together and committed.
+2. *Isolated*, only when step 1 failed in the database (a value the database refused, a
+   uniqueness conflict with another process, an aborted PostgreSQL transaction): the whole
+   transaction is rolled back and the batch runs again, each command inside its own SAVEPOINT
+   and flushed before the next, so the command that fails is rolled back to its savepoint and
+   answered alone while every other command commits.
+
+Nobody is answered before the COMMIT that holds their work returned. If the COMMIT fails, or
+the connection is lost, every command of the batch is answered ``503`` and the writer's cache
+forgets everything it may have learned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import structlog
+
+from ledger.errors import LedgerError, StoreConflict, StoreUnavailable, VersionConflict
+from ledger.records import CreditBalances, Projector
+from ledger.sql import Backend
+from ledger.store import tables
+from ledger.store.cache import WriterCache
+from ledger.store.uow import UnitOfWork
+
+T = TypeVar("T")
+Command = Callable[[UnitOfWork], Awaitable[T]]
+
+log = structlog.get_logger(__name__)
+
+MAX_BATCH = 512
+
+
+class _Retry(Exception):
+    """The optimistic transaction failed in the database; run the batch isolated."""
+
+
+@dataclass(slots=True)
+class _Request:
+    command: Command[Any]
+    tenants: Sequence[str]
+    future: asyncio.Future[Any]
+
+
+@dataclass(slots=True)
+class WriterStats:
+    """Counters for operators (the API exposes them as metrics)."""
+
+    batches: int = 0
+    commands: int = 0
+    events: int = 0
+    isolated_batches: int = 0
+    failed_commits: int = 0
+    last_batch_size: int = 0
+    last_commit_seconds: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)  # since the last read, then cleared
+    commit_seconds: list[float] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Committed:
+    """What a committed batch tells the store: its last position and whether it erased."""
+
+    last_position: int
+    erased: bool
+
+
+class Writer:
+    def __init__(
+        self,
+        backend: Backend,
+        projectors: Sequence[Projector],
+        cache: WriterCache,
+        on_commit: Callable[[Committed], Awaitable[None]],
+        *,
+        balances: CreditBalances | None = None,
+    ) -> None:
+        self._backend = backend
+        self._projectors = projectors
+        self._cache = cache
+        self._on_commit = on_commit
+        self._balances = balances
+        self._queue: asyncio.Queue[_Request | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.stats = WriterStats()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="ledger-writer")
+
+    async def stop(self) -> None:
+        """Finish every queued command, then end."""
+        if self._task is not None:
+            await self._queue.put(None)
+            await self._task
+            self._task = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    async def execute(self, command: Command[T], tenants: Sequence[str]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Request(command, tenants, future))
+        return await asyncio.shield(future)
+
+    async def _loop(self) -> None:
+        while True:
+            first = await self._queue.get()
+            if first is None:
+                return
+            requests = [first]
+            stop = False
+            while len(requests) < MAX_BATCH and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if nxt is None:
+                    stop = True
+                    break
+                requests.append(nxt)
+            await self._run_batch(requests)
+            if stop:
+                return
+
+    async def _run_batch(self, requests: list[_Request]) -> None:
+        started = time.perf_counter()
+        try:
+            try:
+                outcomes = await self._transaction(requests, isolate=False)
+            except _Retry as exc:
+                self._cache.forget()
+                self.stats.isolated_batches += 1
+                log.info("ledger.batch_isolated", commands=len(requests), reason=str(exc))
+                outcomes = await self._transaction(requests, isolate=True)
+        except Exception as exc:
+            self._cache.forget()
+            self.stats.failed_commits += 1
+            log.error("ledger.batch_failed", commands=len(requests), error=_describe(exc))
+            failure = StoreUnavailable(
+                "the database did not commit this write; nothing of it was recorded, "
+                "retry it (with the same Idempotency-Key)"
+            )
+            outcomes = [failure] * len(requests)
+        seconds = time.perf_counter() - started
+        self.stats.batches += 1
+        self.stats.commands += len(requests)
+        self.stats.last_batch_size = len(requests)
+        self.stats.last_commit_seconds = seconds
+        if len(self.stats.batch_sizes) < 10_000:
+            self.stats.batch_sizes.append(len(requests))
+            self.stats.commit_seconds.append(seconds)
+        for request, outcome in zip(requests, outcomes, strict=True):
+            if request.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                request.future.set_exception(outcome)
+            else:
+                request.future.set_result(outcome)
+
+    async def _transaction(self, requests: list[_Request], *, isolate: bool) -> list[Any]:
+        outcomes: list[Any] = []
+        async with self._backend.write() as conn:
+            position = await tables.max_position(conn)
+            if position != self._cache.last_position:
+                await self._cache.catch_up(conn, position)  # another process wrote
+            await self._cache.load_heads(conn, [t for r in requests for t in r.tenants])
+            uow = UnitOfWork(
+                conn, self._cache, self._projectors, position + 1, balances=self._balances
+            )
+            for request in requests:
+                uow.begin_command()
+                if isolate:
+                    await conn.savepoint()
+                try:
+                    outcome = await request.command(uow)
+                    if isolate:
+                        await uow.flush_command()
+                        await conn.release_savepoint()
+                    uow.commit_command()
+                except Exception as exc:
+                    if isolate:
+                        await conn.rollback_savepoint()  # raises if the transaction is lost
+                    elif conn.failed:
+                        raise _Retry(_describe(exc)) from exc
+                    uow.rollback_command()
+                    outcome = _answer(exc)
+                outcomes.append(outcome)
+            if not isolate:
+                try:
+                    await uow.flush_batch()
+                except Exception as exc:
+                    raise _Retry(_describe(exc)) from exc
+        # COMMIT returned: only now may anyone be answered, and the cache learn
+        self._cache.learn(uow.batch.learned(), uow.last_position)
+        self.stats.events += len(uow.batch.events)
+        await self._on_commit(Committed(uow.last_position, bool(uow.batch.erasures)))
+        return outcomes
+
+
+def _answer(exc: Exception) -> Exception:
+    """The error a failed command's caller gets."""
+    if isinstance(exc, StoreConflict):
+        return VersionConflict(f"a concurrent write got there first ({exc.message})")
+    if not isinstance(exc, LedgerError):
+        log.error("ledger.command_failed", error=_describe(exc), exc_info=exc)
+    return exc
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text[:200]}"
