@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
-from api import compat, credits, feed, jobs, openapi
+from api import compat, credits, feed, jobs, openapi, results, stats
 from api.auth import KeyRing, RateLimiter
 from api.context import KEYRING, LIMITER, SETTINGS, STOPPING, STORE
 from api.http import endpoint, json_response
@@ -83,7 +83,9 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(store_ctx)
     app.on_shutdown.append(_on_shutdown)
     app.add_routes(routes)
+    app.add_routes(stats.routes)
     app.add_routes(jobs.routes)
+    app.add_routes(results.routes)
     app.add_routes(credits.routes)
     app.add_routes(feed.routes)
     for module in compat.DIALECTS:

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import Any
 
 from aiohttp import web
 
 from api import schemas as s
 from api.context import caller, store
 from api.http import endpoint, json_response, read_body, read_query
-from api.idempotency import run_write
-from api.jobs import time_param
+from api.idempotency import Written, run_command
+from api.lookups import time_param
 from ledger import commands
 from ledger.clock import format_opt
 from ledger.credits import from_units, to_units, validate_price
 from ledger.errors import NotFound
 from ledger.events import CreditsGranted, Price
+from ledger.records import Recorded
 from ledger.store import UnitOfWork
 from projections import counts, credits, jobs
 
@@ -58,11 +58,15 @@ async def set_price(request: web.Request) -> web.Response:
     )
     validate_price(price)
 
-    async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
-        recorded = await commands.set_price(uow, who.tenant, body.agent, price, actor=who.key_id)
-        return 201, price_view(body.agent, price, recorded.recorded_at), None
+    async def write(uow: UnitOfWork) -> Written[Recorded]:
+        return Written(
+            201, await commands.set_price(uow, who.tenant, body.agent, price, actor=who.key_id)
+        )
 
-    return await run_write(request, write)
+    def render(recorded: Recorded) -> s.PriceView:
+        return price_view(body.agent, price, recorded.recorded_at)
+
+    return await run_command(request, write, render, Recorded)
 
 
 @endpoint(
@@ -98,24 +102,22 @@ async def grant(request: web.Request) -> web.Response:
     units = to_units(body.amount, field="amount", allow_negative=True)
     event = CreditsGranted(account=body.account, amount=body.amount, reason=body.reason)
 
-    async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
-        granted = await commands.grant(uow, who.tenant, event, actor=who.key_id)
+    async def write(uow: UnitOfWork) -> Written[commands.Granted]:
+        return Written(201, await commands.grant(uow, who.tenant, event, actor=who.key_id))
+
+    def render(granted: commands.Granted) -> s.GrantView:
         totals = granted.totals
-        return (
-            201,
-            s.GrantView(
-                account=body.account,
-                amount=from_units(units),
-                reason=body.reason,
-                position=granted.recorded.position,
-                granted=from_units(totals.granted),
-                used=from_units(totals.used),
-                balance=from_units(totals.granted - totals.used),
-            ),
-            None,
+        return s.GrantView(
+            account=body.account,
+            amount=from_units(units),
+            reason=body.reason,
+            position=granted.recorded.position,
+            granted=from_units(totals.granted),
+            used=from_units(totals.used),
+            balance=from_units(totals.granted - totals.used),
         )
 
-    return await run_write(request, write)
+    return await run_command(request, write, render, commands.Granted)
 
 
 @endpoint(
@@ -133,11 +135,12 @@ async def get_credits(request: web.Request) -> web.Response:
     q = read_query(request, s.CreditsQuery)
     async with store(request).backend.read(snapshot=True) as conn:
         totals = await credits.balance(conn, who.tenant, account=q.account, project=who.project)
+    scoped = who.project is not None  # grants span projects: a project sees its usage only
     return json_response(
         s.Credits(
-            granted=from_units(totals["granted"]),
+            granted=None if scoped else from_units(totals["granted"]),
             used=from_units(totals["used"]),
-            balance=from_units(totals["granted"] - totals["used"]),
+            balance=None if scoped else from_units(totals["granted"] - totals["used"]),
             by_agent={a: from_units(u) for a, u in totals["by_agent"].items()},
         )
     )
@@ -206,9 +209,9 @@ async def _accounts(request: web.Request, account: str | None) -> list[s.Account
                 jobs=s.JobCounts(total=sum(by_status.values()), by_status=by_status),
                 executing=by_status["running"],
                 credits=s.Balance(
-                    granted=from_units(granted),
+                    granted=None if who.project else from_units(granted),
                     used=from_units(used),
-                    balance=from_units(granted - used),
+                    balance=None if who.project else from_units(granted - used),
                 ),
             )
         )

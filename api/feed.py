@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -14,10 +13,11 @@ from api import schemas as s
 from api.auth import Caller
 from api.context import STOPPING, caller, store
 from api.http import MAX_INT, endpoint, json_response, read_optional_body, read_query
-from api.idempotency import run_write
-from api.jobs import job_id_of, read_job, time_param
+from api.idempotency import Written, run_command
+from api.lookups import job_id_of, read_job, time_param
 from ledger import audit, commands
-from ledger.errors import Forbidden, Invalid, NotFound
+from ledger.errors import Forbidden, Invalid
+from ledger.jobs import JobState
 from ledger.records import Recorded
 from ledger.store import UnitOfWork
 from projections import jobs
@@ -170,18 +170,11 @@ async def audit_export(request: web.Request) -> web.StreamResponse:
     streams: frozenset[str] | None = None
     if q.account is not None:
         async with store(request).backend.read(bulk=True) as conn:
-            ids = await jobs.ids_matching(conn, who.tenant, jobs.ListQuery(account=q.account))
-            deleted = await conn.fetchall(
-                "SELECT id FROM jobs WHERE tenant = ? AND account = ? AND deleted = 1",
-                (who.tenant, q.account),
-            )
-        streams = frozenset([*ids, *(r[0] for r in deleted), commands.credits_stream(q.account)])
+            ids = await jobs.stream_ids(conn, who.tenant, account=q.account)
+        streams = frozenset([*ids, commands.credits_stream(q.account)])
     if who.project is not None:  # a project's export holds that project's jobs alone
-        async with store(request).backend.read() as conn:
-            rows = await conn.fetchall(
-                "SELECT id FROM jobs WHERE tenant = ? AND project = ?", (who.tenant, who.project)
-            )
-        mine = frozenset(r[0] for r in rows)
+        async with store(request).backend.read(bulk=True) as conn:
+            mine = frozenset(await jobs.stream_ids(conn, who.tenant, project=who.project))
         streams = mine if streams is None else streams & mine
     flt = audit.ExportFilter(
         tenant=who.tenant,
@@ -226,13 +219,10 @@ async def redact(request: web.Request) -> web.Response:
     await read_job(request, job_id)
     body = await read_optional_body(request, s.Reason)
 
-    async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
+    async def write(uow: UnitOfWork) -> Written[JobState]:
         state = await commands.redact(
             uow, who.tenant, job_id, body.reason, actor=who.key_id, project=who.project
         )
-        return 200, s.job_view(state), None
+        return Written(200, state)
 
-    return await run_write(request, write)
-
-
-__all__ = ["NotFound", "routes"]
+    return await run_command(request, write, s.job_view, JobState)

@@ -1,5 +1,10 @@
 """Running a write for a request, with ``Idempotency-Key`` replay (Stripe's semantics).
 
+``run_command`` runs a ledger command and renders its value into the answer once, after the
+COMMIT; under an ``Idempotency-Key`` the command's value itself (ledger types, msgspec-encoded)
+is what the transaction stores, and a replay renders it again. (``run_write`` is the older
+form whose closure renders inside the writer; the dialects still use it.)
+
 The same key with the same request within 24 h answers the first answer again and appends
 nothing; the same key with another request is ``409 conflict``. The check, the write and the
 stored answer share one transaction, so concurrent retries cannot both append.
@@ -12,34 +17,101 @@ refuses to create it again: its replay answers the job as it stands now (erased)
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
+import msgspec
 from aiohttp import web
 
 from api.context import caller, store
 from api.http import ENCODE, fingerprint, raw_json
 from api.schemas import job_view
 from ledger.errors import Conflict, Invalid, JobNotFound
+from ledger.jobs import JobState
 from ledger.limits import bad_text
 from ledger.store import IdempotentAnswer, UnitOfWork
 
 # A write: status, answer, and the job it concerns (so a redaction can forget its answers).
 Write = Callable[[UnitOfWork], Awaitable[tuple[int, Any, str | None]]]
+V = TypeVar("V")
+_ENCODE_VALUE = msgspec.json.Encoder().encode
 
 
-async def run_write(request: web.Request, write: Write) -> web.Response:
-    who = caller(request)
-    tenant = who.tenant
+@dataclass(frozen=True, slots=True)
+class Written(Generic[V]):
+    """What a command gives back: the status to answer, its value, and the job it concerns."""
+
+    status: int
+    value: V
+    job_id: str | None = None
+
+
+def _scoped_key(request: web.Request) -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
-        status, answer, _ = await store(request).execute(write, tenants=[tenant])
-        return raw_json(ENCODE(answer), status)
+        return None
     if not 1 <= len(key) <= 255 or bad_text(key):
         raise Invalid(
             "Idempotency-Key must be 1 to 255 characters, none of them control characters",
             field="Idempotency-Key",
         )
-    scoped = key if who.project is None else f"{len(who.project)}:{who.project}:{key}"
+    project = caller(request).project
+    return key if project is None else f"{len(project)}:{project}:{key}"
+
+
+async def run_command(
+    request: web.Request,
+    command: Callable[[UnitOfWork], Awaitable[Written[V]]],
+    render: Callable[[V], Any],
+    value_type: Any,
+) -> web.Response:
+    """Run ``command``; after the COMMIT, answer ``render(value)`` with its status."""
+    tenant = caller(request).tenant
+    scoped = _scoped_key(request)
+    if scoped is None:
+        written = await store(request).execute(command, tenants=[tenant])
+        return raw_json(ENCODE(render(written.value)), written.status)
+    fp = fingerprint(request, await request.read())
+
+    async def replayable(uow: UnitOfWork) -> tuple[int, Any, str | None, JobState | None]:
+        """``(status, value, stored value text, erased job)``: one of the last three is set."""
+        stored = await uow.idempotent(tenant, scoped)
+        if stored is not None:
+            answer, job_id = stored
+            if answer.fingerprint != fp:
+                raise Conflict(
+                    "this Idempotency-Key was used with a different request",
+                    field="Idempotency-Key",
+                )
+            if answer.body:
+                return answer.status, None, answer.body, None
+            return answer.status, None, None, await _erased_job(uow, tenant, job_id)
+        written = await command(uow)
+        body = _ENCODE_VALUE(written.value).decode()
+        uow.remember(tenant, scoped, IdempotentAnswer(fp, written.status, body), written.job_id)
+        return written.status, written.value, None, None
+
+    status, value, text, erased = await store(request).execute(replayable, tenants=[tenant])
+    if erased is not None:
+        return raw_json(ENCODE(job_view(erased)), status)  # the erased job, as it is now
+    if text is not None:
+        value = msgspec.json.decode(text, type=value_type)
+    return raw_json(ENCODE(render(value)), status)
+
+
+async def _erased_job(uow: UnitOfWork, tenant: str, job_id: str | None) -> JobState:
+    job = None if job_id is None else await uow.job(tenant, job_id)
+    if job is None or job.deleted:
+        raise JobNotFound(f"no job {job_id}")
+    return job
+
+
+async def run_write(request: web.Request, write: Write) -> web.Response:
+    tenant = caller(request).tenant
+    scoped = _scoped_key(request)
+    if scoped is None:
+        status, answer, _ = await store(request).execute(write, tenants=[tenant])
+        return raw_json(ENCODE(answer), status)
     fp = fingerprint(request, await request.read())
 
     async def replayable(uow: UnitOfWork) -> tuple[int, bytes]:

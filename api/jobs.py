@@ -1,171 +1,37 @@
-"""Routes of section 4: jobs, their events, results, stats, running jobs."""
+"""Routes of jobs: create, list, read (long-poll, time travel), events, cancel, archive, delete."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
 
-import msgspec
 from aiohttp import web
 
 from api import schemas as s
+from api.auth import Caller
 from api.context import STOPPING, caller, settings, store
 from api.http import (
     convert,
     decode_json,
     endpoint,
     json_response,
-    raw_json,
     read_body,
     read_optional_body,
     read_query,
 )
-from api.idempotency import run_write
+from api.idempotency import Written, run_command
+from api.lookups import job_id_of, read_job, statuses, time_param
 from ledger import commands
-from ledger.clock import format_opt, now_us, parse_us
-from ledger.credits import from_units
-from ledger.errors import (
-    BadRequest,
-    Invalid,
-    InvalidTransition,
-    JobNotFound,
-    NoResults,
-    ResultsExpired,
-    ResultsNotReady,
-)
+from ledger.errors import BadRequest, Invalid, InvalidTransition, JobNotFound
 from ledger.events import POSTABLE_TYPES, JobQueued, from_data
-from ledger.ids import JOB_ID, RESERVED_JOB_IDS, new_job_id
-from ledger.jobs import OPEN, STATUSES, JobState
+from ledger.ids import RESERVED_JOB_IDS, new_job_id
+from ledger.jobs import JobState
+from ledger.records import Recorded
 from ledger.store import UnitOfWork
-from projections import counts, jobs
+from projections import jobs
 
 routes = web.RouteTableDef()
-
-
-# -- helpers shared with the dialects ---------------------------------------------------------
-
-
-def job_id_of(request: web.Request, name: str = "id") -> str:
-    job_id = request.match_info[name]
-    if not JOB_ID.match(job_id):
-        raise Invalid("job ids are 1-128 of [A-Za-z0-9_.:-]", field="id")
-    return job_id
-
-
-async def read_job(request: web.Request, job_id: str) -> JobState:
-    """A live job of the caller's tenant (and project), or 404."""
-    who = caller(request)
-    async with store(request).backend.read() as conn:
-        job = await jobs.get(conn, who.tenant, job_id, project=who.project)
-    if job is None:
-        raise JobNotFound(f"no job {job_id}")
-    return job
-
-
-def statuses(text: str | None, field: str = "status") -> tuple[str, ...]:
-    if not text:
-        return ()
-    values = tuple(v.strip() for v in text.split(",") if v.strip())
-    for value in values:
-        if value not in STATUSES:
-            raise Invalid(f"unknown status {value!r}; one of {', '.join(STATUSES)}", field=field)
-    return values
-
-
-def time_param(text: str | None, field: str) -> int | None:
-    return None if text is None else parse_us(text, field=field)
-
-
-async def result_answer(request: web.Request, job: JobState, *, compact: bool) -> s.ResultView:
-    """The result of a finished job: 404 not ready / none, 410 past expiry or erased."""
-    if job.status in OPEN:
-        raise ResultsNotReady(f"job {job.id} is {job.status}; results are not ready")
-    if job.result_id is None:
-        raise NoResults(f"job {job.id} finished without results")
-    if job.expires_at is not None and now_us() >= job.expires_at:
-        raise ResultsExpired(f"the results of job {job.id} expired at its expires_at")
-    if job.redacted:
-        raise ResultsExpired(f"the results of job {job.id} were erased")
-    stored = await store(request).result(caller(request).tenant, job.result_id)
-    if stored is None or stored[2] is None:
-        raise ResultsExpired(f"the results of job {job.id} are no longer stored")
-    answer = s.ResultView(
-        job_id=job.id,
-        result_id=job.result_id,
-        status=job.status,
-        row_count=job.row_count,
-        expires_at=format_opt(job.expires_at),
-    )
-    if not compact:
-        answer.data = msgspec.Raw(stored[2].encode())
-    return answer
-
-
-# -- routes ------------------------------------------------------------------------------------
-
-
-@endpoint(
-    routes,
-    "GET",
-    "/v1/jobs/stats",
-    role="reader",
-    summary="Job counts and credits",
-    response=s.Stats,
-)
-async def get_stats(request: web.Request) -> web.Response:
-    who = caller(request)
-    async with store(request).backend.read(snapshot=True) as conn:
-        totals = await counts.stats(conn, who.tenant, project=who.project)
-        head = await conn.fetchone(
-            "SELECT position FROM chain_heads WHERE tenant = ?", (who.tenant,)
-        )
-    return json_response(
-        s.Stats(
-            total_jobs=totals["total_jobs"],
-            by_status=totals["by_status"],
-            by_agent={a: s.ByAgent(**e) for a, e in totals["by_agent"].items()},
-            archived=totals["archived"],
-            credits_used=from_units(totals["credits_units"]),
-            position=head[0] if head else 0,
-        )
-    )
-
-
-@endpoint(
-    routes,
-    "GET",
-    "/v1/jobs/running",
-    role="reader",
-    summary="Running jobs grouped by account",
-    response=s.Running,
-)
-async def get_running(request: web.Request) -> web.Response:
-    return json_response(await running_answer(request))
-
-
-async def running_answer(request: web.Request) -> s.Running:
-    who = caller(request)
-    async with store(request).backend.read(snapshot=True) as conn:
-        live = await jobs.running(conn, who.tenant, project=who.project)
-        accounts = await counts.by_account(conn, who.tenant, project=who.project)
-    now = now_us()
-    names = sorted(set(accounts) | {j.account for j in live})
-    executing: dict[str, list[s.Executing]] = {a: [] for a in names}
-    for job in live:
-        executing[job.account].append(
-            s.Executing(
-                job_id=job.id,
-                agent=job.agent,
-                started_at=format_opt(job.started_at),
-                elapsed=s.elapsed(job.started_at, now),
-            )
-        )
-    return s.Running(
-        accounts=names,
-        summary={a: s.ExecutingCount(executing=len(executing[a])) for a in names},
-        executing=executing,
-    )
 
 
 @endpoint(
@@ -203,7 +69,7 @@ async def create_job(request: web.Request) -> web.Response:
     )
     enforce = settings(request).enforce_credits
 
-    async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
+    async def write(uow: UnitOfWork) -> Written[JobState]:
         state = await commands.create_job(
             uow,
             who.tenant,
@@ -214,9 +80,9 @@ async def create_job(request: web.Request) -> web.Response:
             enforce_credits=enforce,
             fresh_id=spec.id is None,
         )
-        return 201, s.job_view(state), job_id
+        return Written(201, state, job_id)
 
-    return await run_write(request, write)
+    return await run_command(request, write, s.job_view, JobState)
 
 
 @endpoint(
@@ -279,11 +145,10 @@ async def delete_jobs(request: web.Request) -> web.Response:
     async with store(request).backend.read(bulk=True) as conn:
         ids = await jobs.ids_matching(conn, who.tenant, query)
 
-    async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
-        n = await commands.delete_many(uow, who.tenant, ids, actor=who.key_id)
-        return 200, s.Deleted(deleted=n), None
+    async def write(uow: UnitOfWork) -> Written[int]:
+        return Written(200, await commands.delete_many(uow, who.tenant, ids, actor=who.key_id))
 
-    return await run_write(request, write)
+    return await run_command(request, write, _deleted, int)
 
 
 @endpoint(
@@ -391,8 +256,8 @@ async def append(request: web.Request) -> web.Response:
         items = [_new_event(convert(raw, s.AppendEvent), "")]
     retention = settings(request).result_retention_s
 
-    async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
-        state, records = await commands.append_events(
+    async def write(uow: UnitOfWork) -> Written[tuple[JobState, list[Recorded]]]:
+        appended = await commands.append_events(
             uow,
             who.tenant,
             job_id,
@@ -401,25 +266,32 @@ async def append(request: web.Request) -> web.Response:
             retention_s=retention,
             project=who.project,
         )
-        return (
-            201,
-            s.Appended(job=s.job_view(state), events=[s.event_view(r) for r in records]),
-            job_id,
-        )
+        return Written(201, appended, job_id)
 
-    return await run_write(request, write)
+    return await run_command(request, write, _appended, tuple[JobState, list[Recorded]])
 
 
-async def _transition(request: web.Request, make: Any, status: int = 200) -> web.Response:
+def _appended(value: tuple[JobState, list[Recorded]]) -> s.Appended:
+    state, records = value
+    return s.Appended(job=s.job_view(state), events=[s.event_view(r) for r in records])
+
+
+def _deleted(count: int) -> s.Deleted:
+    return s.Deleted(deleted=count)
+
+
+Transition = Callable[[UnitOfWork, Caller, str], Awaitable[JobState]]
+
+
+async def _transition(request: web.Request, make: Transition) -> web.Response:
     who = caller(request)
     job_id = job_id_of(request)
     await read_job(request, job_id)  # 404 outside the caller's project
 
-    async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
-        state = await make(uow, who, job_id)
-        return status, s.job_view(state), job_id
+    async def write(uow: UnitOfWork) -> Written[JobState]:
+        return Written(200, await make(uow, who, job_id), job_id)
 
-    return await run_write(request, write)
+    return await run_command(request, write, s.job_view, JobState)
 
 
 @endpoint(
@@ -475,66 +347,8 @@ async def delete_job(request: web.Request) -> web.Response:
     job_id = job_id_of(request)
     await read_job(request, job_id)
 
-    async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
+    async def write(uow: UnitOfWork) -> Written[int]:
         await commands.delete(uow, who.tenant, job_id, actor=who.key_id, project=who.project)
-        return 200, s.Deleted(deleted=1), job_id
+        return Written(200, 1, job_id)
 
-    return await run_write(request, write)
-
-
-@endpoint(
-    routes,
-    "GET",
-    "/v1/jobs/{id}/results",
-    role="reader",
-    summary="The job's results",
-    query=s.ResultsQuery,
-    response=s.ResultView,
-    errors=(404, 410),
-)
-async def job_results(request: web.Request) -> web.Response:
-    job = await read_job(request, job_id_of(request))
-    compact = read_query(request, s.ResultsQuery).compact in ("true", "1")
-    return json_response(await result_answer(request, job, compact=compact))
-
-
-async def job_of_result(request: web.Request, result_id: str) -> JobState:
-    who = caller(request)
-    async with store(request).backend.read() as conn:
-        job = await jobs.by_result(conn, who.tenant, result_id, project=who.project)
-    if job is None:
-        raise JobNotFound(f"no result {result_id}")
-    return job
-
-
-@endpoint(
-    routes,
-    "GET",
-    "/v1/results/{result_id}",
-    role="reader",
-    summary="A result by id",
-    query=s.ResultsQuery,
-    response=s.ResultView,
-    errors=(404, 410),
-)
-async def get_result(request: web.Request) -> web.Response:
-    job = await job_of_result(request, request.match_info["result_id"])
-    compact = read_query(request, s.ResultsQuery).compact in ("true", "1")
-    return json_response(await result_answer(request, job, compact=compact))
-
-
-@endpoint(
-    routes,
-    "GET",
-    "/v1/results/{result_id}/job",
-    role="reader",
-    summary="The job that produced a result",
-    response=s.JobView,
-    errors=(404,),
-)
-async def get_result_job(request: web.Request) -> web.Response:
-    job = await job_of_result(request, request.match_info["result_id"])
-    return json_response(s.job_view(job))
-
-
-__all__ = ["raw_json", "routes"]
+    return await run_command(request, write, _deleted, int)

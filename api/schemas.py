@@ -249,9 +249,12 @@ class JobCounts(msgspec.Struct):
 
 
 class Balance(msgspec.Struct):
-    granted: Amount
+    """``granted`` and ``balance`` are ``null`` for a key scoped to a project: grants belong to
+    the account in every project, so a project's key sees its own usage only."""
+
+    granted: Amount | None
     used: Amount
-    balance: Amount
+    balance: Amount | None
 
 
 class AccountView(msgspec.Struct):
@@ -289,9 +292,11 @@ class GrantView(msgspec.Struct):
 
 
 class Credits(msgspec.Struct):
-    granted: Amount
+    """``granted`` and ``balance`` are ``null`` for a key scoped to a project (see Balance)."""
+
+    granted: Amount | None
     used: Amount
-    balance: Amount
+    balance: Amount | None
     by_agent: dict[str, Amount]
 
 

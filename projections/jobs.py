@@ -214,6 +214,20 @@ async def ids_matching(conn: Conn, tenant: str, query: ListQuery) -> list[str]:
     return [r[0] for r in rows]
 
 
+async def stream_ids(
+    conn: Conn, tenant: str, *, account: str | None = None, project: str | None = None
+) -> list[str]:
+    """The ids of every job (deleted ones too) of an account and/or a project."""
+    sql, params = "SELECT id FROM jobs WHERE tenant = ?", [tenant]
+    if account is not None:
+        sql += " AND account = ?"
+        params.append(account)
+    if project is not None:
+        sql += " AND project = ?"
+        params.append(project)
+    return [r[0] for r in await conn.fetchall(sql, params)]
+
+
 async def running(conn: Conn, tenant: str, *, project: str | None = None) -> list[JobState]:
     query = ListQuery(statuses=("running",), project=project, ascending=True)
     where, params = _where(tenant, query)

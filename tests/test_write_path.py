@@ -308,16 +308,22 @@ class _StuckBackend:
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
+        self.released = asyncio.Event()
+        self.entered = asyncio.Event()
+        self.waiter: asyncio.Task[Any] | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
     async def wait_for_signal(self, seconds: float) -> None:
-        while True:
+        self.waiter = asyncio.current_task()
+        self.entered.set()
+        while not self.released.is_set():
             try:
-                await asyncio.sleep(3600)
+                await self.released.wait()
             except asyncio.CancelledError:
-                continue  # the lost cancellation
+                continue  # the lost cancellation, until the test lets go
+        raise asyncio.CancelledError
 
 
 async def test_stop_returns_even_when_the_watcher_ignores_cancellation(db_url: str) -> None:
@@ -325,7 +331,13 @@ async def test_stop_returns_even_when_the_watcher_ignores_cancellation(db_url: s
     from ledger.backends import backend_for
     from projections import new_store
 
-    store = new_store(_StuckBackend(backend_for(db_url)))  # type: ignore[arg-type]
+    stuck = _StuckBackend(backend_for(db_url))
+    store = new_store(stuck)  # type: ignore[arg-type]
     await store.start()
-    await asyncio.sleep(0)  # the watcher is now waiting
-    await asyncio.wait_for(store.stop(), 30)  # before: stop() waited for the watcher forever
+    await stuck.entered.wait()  # the watcher is waiting now
+    try:
+        await asyncio.wait_for(store.stop(), 30)  # before: stop() waited for the watcher forever
+    finally:
+        stuck.released.set()
+        if stuck.waiter is not None:
+            await asyncio.wait({stuck.waiter}, timeout=5)

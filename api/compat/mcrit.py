@@ -19,8 +19,9 @@ from api.compat.common import dialect_endpoint, list_jobs, seconds_naive
 from api.context import caller, store
 from api.http import json_response, read_query
 from api.idempotency import run_write
-from api.jobs import job_id_of, job_of_result, read_job, result_answer, time_param
+from api.lookups import job_id_of, job_of_result, read_job, time_param
 from api.middleware import ERROR_RENDERERS
+from api.results import result_answer
 from api.schemas import Query
 from ledger import commands
 from ledger.errors import BadRequest, Invalid, LedgerError

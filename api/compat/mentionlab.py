@@ -14,7 +14,7 @@ from aiohttp import web
 
 from api.compat.common import dialect_endpoint, millis_z
 from api.http import json_response
-from api.jobs import job_id_of, read_job
+from api.lookups import job_id_of, read_job
 from ledger.errors import BadRequest
 from ledger.events import Person
 from ledger.jobs import JobState

@@ -17,7 +17,8 @@ from api.compat.common import dialect_endpoint, list_jobs, seconds_z
 from api.context import caller, store
 from api.http import json_response, read_query
 from api.idempotency import run_write
-from api.jobs import job_id_of, read_job, result_answer
+from api.lookups import job_id_of, read_job
+from api.results import result_answer
 from ledger import commands
 from ledger.credits import from_units
 from ledger.jobs import JobState

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from api.compat.common import dialect_endpoint, seconds_z
 from api.http import json_response
-from api.jobs import job_id_of, read_job
+from api.lookups import job_id_of, read_job
 from ledger.errors import JobNotFound
 from ledger.jobs import JobState
 

@@ -12,8 +12,8 @@ from aiohttp import web
 
 from api.compat.common import dialect_endpoint
 from api.http import json_response
-from api.jobs import running_answer
 from api.middleware import ERROR_RENDERERS
+from api.stats import running_answer
 from ledger.errors import LedgerError
 
 NAME = "useapi"
