@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
-from api import compat, credits, feed, jobs, openapi
+from api import compat, credits, dashboard, feed, insights, jobs, metrics, openapi
 from api.auth import KeyRing, RateLimiter
 from api.context import KEYRING, LIMITER, SETTINGS, STOPPING, STORE
 from api.http import endpoint, json_response
@@ -75,7 +75,7 @@ async def _on_shutdown(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[handle], client_max_size=settings.max_body)
+    app = web.Application(middlewares=[metrics.measure, handle], client_max_size=settings.max_body)
     app[SETTINGS] = settings
     app[STOPPING] = asyncio.Event()
     if settings.rate_limit:
@@ -86,6 +86,9 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(jobs.routes)
     app.add_routes(credits.routes)
     app.add_routes(feed.routes)
+    app.add_routes(insights.routes)
+    dashboard.install(app)
+    metrics.install(app)
     for module in compat.DIALECTS:
         app.add_routes(module.routes)
     return app

@@ -1,0 +1,223 @@
+"""``GET /metrics``: the Prometheus text format, through the official ``prometheus-client``.
+
+Each server process has its own registry and exposes its own numbers (scrape every process;
+``docs/operations.md`` shows the scrape config). Request counts and latencies come from a
+middleware; the store's work (events appended, group-commit batch sizes, commit latency, the
+writer's queue) is read from the plain counters the store keeps (``ledger/stats.py``) when the
+page is scraped, so the ledger never imports Prometheus. Without ``--metrics-token`` only
+loopback clients may scrape; with it, a scraper sends ``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from api.context import SETTINGS, STORE
+from api.http import OPERATIONS, Handler
+from ledger.errors import Forbidden, Unauthorized
+from ledger.stats import Distribution, RebuildProgress
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
+UNMATCHED = "unmatched"  # one label for every path no route knows (no label explosion)
+
+routes = web.RouteTableDef()
+
+
+class Metrics:
+    """One process's registry: HTTP metrics, open streams, and a collector over the store."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.requests = Counter(
+            "jobledger_http_requests",
+            "HTTP requests answered, by method, route template and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "jobledger_http_request_duration_seconds",
+            "Time from receiving a request to its answer (or the end of its stream).",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.streams = Gauge(
+            "jobledger_sse_streams_open",
+            "Server-Sent Events streams open now.",
+            registry=self.registry,
+        )
+        self.feed_lag = Gauge(
+            "jobledger_feed_lag_events",
+            "Events committed in the database (by any process) that this process's live feed "
+            "has not yet been woken for, measured at scrape time.",
+            registry=self.registry,
+        )
+        self.rebuild = RebuildProgress()
+        self.registry.register(StoreCollector(app, self.rebuild))
+        self._stream_routes: frozenset[str] | None = None
+
+    def is_stream(self, route: str) -> bool:
+        if self._stream_routes is None:
+            self._stream_routes = frozenset(
+                op.path for op in OPERATIONS if op.content == "text/event-stream"
+            )
+        return route in self._stream_routes
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+def _histogram(name: str, doc: str, dist: Distribution) -> HistogramMetricFamily:
+    buckets = [("+Inf" if b == float("inf") else repr(float(b)), n) for b, n in dist.cumulative()]
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=dist.sum)
+
+
+class StoreCollector(Collector):
+    """Reads the store's own counters at scrape time; absent counters are simply left out."""
+
+    def __init__(self, app: web.Application, rebuild: RebuildProgress) -> None:
+        self._app = app
+        self._rebuild = rebuild
+
+    def collect(self) -> Iterator[Any]:
+        store = self._app.get(STORE)
+        if store is None:
+            return
+        yield GaugeMetricFamily(
+            "jobledger_head_position",
+            "The newest event position this process knows to be committed.",
+            value=store.head_position,
+        )
+        stats = getattr(store, "stats", None)
+        if stats is not None:
+            yield CounterMetricFamily(
+                "jobledger_events_appended",
+                "Events this process appended (committed).",
+                value=stats.events_appended,
+            )
+            yield CounterMetricFamily(
+                "jobledger_commands",
+                "Write commands this process's writer ran (committed batches).",
+                value=stats.commands,
+            )
+            yield CounterMetricFamily(
+                "jobledger_batches_failed",
+                "Group-commit batches whose transaction failed (every waiter got the error).",
+                value=stats.failed_batches,
+            )
+            yield _histogram(
+                "jobledger_group_commit_batch_size",
+                "Commands per group-commit transaction (one COMMIT, one fsync).",
+                stats.batch_sizes,
+            )
+            yield _histogram(
+                "jobledger_commit_seconds",
+                "Seconds from BEGIN to the end of COMMIT of one group-commit batch.",
+                stats.commit_seconds,
+            )
+            yield GaugeMetricFamily(
+                "jobledger_writer_queue_depth",
+                "Write commands waiting for the writer now.",
+                value=stats.queue_depth(),
+            )
+        rebuild = self._rebuild
+        yield GaugeMetricFamily(
+            "jobledger_rebuild_running",
+            "1 while a read-model rebuild runs in this process.",
+            value=int(rebuild.running),
+        )
+        yield GaugeMetricFamily(
+            "jobledger_rebuild_position",
+            "The event position the running (or last) rebuild has folded up to.",
+            value=rebuild.position,
+        )
+        yield GaugeMetricFamily(
+            "jobledger_rebuild_target_position",
+            "The event position the running (or last) rebuild replays up to.",
+            value=rebuild.target,
+        )
+
+
+def _route_of(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else UNMATCHED
+
+
+@web.middleware
+async def measure(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count and time every request by route template and status (outermost middleware)."""
+    metrics = request.app.get(METRICS)
+    if metrics is None:
+        return await handler(request)
+    route = _route_of(request)
+    stream = metrics.is_stream(route)
+    if stream:
+        metrics.streams.inc()
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except BaseException:
+        status = 499  # the client went away mid-request (nginx's name for it)
+        raise
+    finally:
+        if stream:
+            metrics.streams.dec()
+        metrics.requests.labels(request.method, route, str(status)).inc()
+        metrics.latency.labels(request.method, route).observe(time.perf_counter() - started)
+
+
+def _allowed(request: web.Request) -> None:
+    token = request.app[SETTINGS].metrics_token
+    if token:
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
+            raise Unauthorized("send Authorization: Bearer <metrics token>")
+        return
+    if request.remote not in LOOPBACK:
+        raise Forbidden("metrics answer loopback clients only (or start with --metrics-token)")
+
+
+@routes.get("/metrics")
+async def metrics_page(request: web.Request) -> web.Response:
+    _allowed(request)
+    metrics = request.app[METRICS]
+    store = request.app.get(STORE)
+    if store is not None:
+        metrics.feed_lag.set(max(0, await store.max_position() - store.head_position))
+    body = generate_latest(metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def install(app: web.Application) -> None:
+    """Give ``app`` its own registry and the ``/metrics`` route."""
+    app[METRICS] = Metrics(app)
+    app.add_routes(routes)
