@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, BinaryIO, NoReturn
 
-from api import logs
+from api import cli_reads, logs
 from api.settings import DEFAULT_DB, DEFAULT_MAX_BODY, Settings
 from ledger import audit, commands
 from ledger.backends import backend_for
@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refuse new jobs (402) for accounts without a positive balance",
     )
+    serve.add_argument(
+        "--metrics-token",
+        default=os.environ.get("JOBLEDGER_METRICS_TOKEN"),
+        help="GET /metrics wants it as a Bearer token (env JOBLEDGER_METRICS_TOKEN); "
+        "without one, only loopback clients may scrape",
+    )
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -136,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _db(verify)
     verify.add_argument("--tenant")
     verify.add_argument("--file", help="an NDJSON export to verify instead of the database")
+    cli_reads.add_parsers(sub)
     return parser
 
 
@@ -157,6 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         rate_limit=args.rate_limit,
         max_body=args.max_body,
         enforce_credits=args.enforce_credits,
+        metrics_token=args.metrics_token or None,
     )
     backend_for(args.db)  # a bad URL fails here, before the server starts
     app = create_app(settings)
@@ -190,7 +198,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             shutdown_timeout=30.0,
             # called once the socket is bound, so the line is never a lie
             print=lambda _: print(
-                f"jobledger: serving on http://{args.host}:{args.port}", flush=True
+                f"jobledger: serving on http://{args.host}:{args.port}\n"
+                f"jobledger: dashboard at http://{args.host}:{args.port}/ui/ "
+                f"(sign in with an API key), API reference at /docs",
+                flush=True,
             ),
         )
     except OSError as exc:
@@ -368,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
                 "rebuild": cmd_rebuild,
                 "export": cmd_export,
                 "verify": cmd_verify,
+                **cli_reads.COMMANDS,
             }[args.command]
             code = asyncio.run(runner(args))
     except CliError as exc:
