@@ -126,7 +126,8 @@ def _out(obj: Any) -> None:
 
 
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    # a pipe or a file gets wide lines rather than 80 columns of folded cells
+    return Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 160)
 
 
 def _num(amount: Any) -> str:
@@ -253,7 +254,7 @@ async def _show(store: EventStore, tenant: str, args: argparse.Namespace) -> int
     console.print(facts)
     if args.events:
         timeline = Table(title="events", title_justify="left")
-        for column in ("position", "v", "type", "occurred", "actor", "data", "hash"):
+        for column in ("position", "v", "type", "occurred", "hash", "actor", "data"):
             timeline.add_column(column, overflow="fold")
         for e in events:
             data = "(erased)" if e.data is None else e.data
@@ -262,9 +263,9 @@ async def _show(store: EventStore, tenant: str, args: argparse.Namespace) -> int
                 str(e.version),
                 e.type,
                 e.occurred_at,
+                e.hash[:12],
                 e.actor,
-                data if len(data) <= 200 else data[:200] + "…",
-                e.hash[:16] + "…",
+                data if len(data) <= 60 else data[:59] + "…",
             )
         console.print(timeline)
     return 0

@@ -1,0 +1,164 @@
+"""``GET /metrics``: scraped and parsed with prometheus-client's own parser."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from api.app import create_app
+from api.settings import Settings
+from tests.conftest import Api
+from tests.serverproc import acreate_key, served
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+MakeClient = Callable[[web.Application], Coroutine[Any, Any, TestClient[Any, Any]]]
+
+
+def parse(text: str) -> Samples:
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def scrape(client: TestClient[Any, Any], **headers: str) -> Samples:
+    async with client.get("/metrics", headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.content_type == "text/plain"
+        return parse(await resp.text())
+
+
+async def test_requests_are_counted_by_route_template_and_status(
+    client: TestClient[Any, Any], api: Api
+) -> None:
+    """Requests count under their route template and status, with latency histograms."""
+    await api.post("/v1/jobs", {"id": "m1", "agent": "a", "account": "x"})
+    await api.post("/v1/jobs", {"id": "m2", "agent": "a", "account": "x"})
+    await api.post("/v1/jobs/m1/events", {"type": "job.started"})
+    await api.post("/v1/jobs/m2/events", {"type": "job.started"})
+    await api.get("/v1/jobs/nope", status=404)
+    await api.get("/no/such/path", status=404)
+    m = await scrape(client)
+    requests = "jobledger_http_requests_total"
+    assert value(m, requests, method="POST", route="/v1/jobs", status="201") == 2
+    assert value(m, requests, method="POST", route="/v1/jobs/{id}/events", status="201") == 2
+    assert value(m, requests, method="GET", route="/v1/jobs/{id}", status="404") == 1
+    assert value(m, requests, method="GET", route="unmatched", status="404") == 1
+    assert not any("m1" in dict(labels).get("route", "") for _, labels in m)
+    latency = "jobledger_http_request_duration_seconds"
+    assert value(m, f"{latency}_count", method="POST", route="/v1/jobs") == 2
+    assert value(m, f"{latency}_bucket", method="POST", route="/v1/jobs", le="+Inf") == 2
+    assert value(m, f"{latency}_sum", method="POST", route="/v1/jobs") > 0
+
+
+async def test_store_counters_follow_appends_and_group_commits(
+    client: TestClient[Any, Any], api: Api
+) -> None:
+    """Events appended, batches, batch sizes and commit times grow with what was written."""
+    before = await scrape(client)
+    await api.post("/v1/jobs", {"id": "s1", "agent": "a", "account": "x"})
+    await api.post(
+        "/v1/jobs/s1/events", {"events": [{"type": "job.started"}, {"type": "job.completed"}]}
+    )
+    after = await scrape(client)
+
+    def grew(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert grew("jobledger_events_appended_total") == 3
+    assert grew("jobledger_commands_total") == 2
+    batches = grew("jobledger_group_commit_batch_size_count")
+    assert 1 <= batches <= 2
+    assert grew("jobledger_group_commit_batch_size_sum") == 2  # two commands in all
+    assert grew("jobledger_commit_seconds_count") == batches
+    assert value(after, "jobledger_commit_seconds_bucket", le="+Inf") == value(
+        after, "jobledger_commit_seconds_count"
+    )
+    assert value(after, "jobledger_writer_queue_depth") == 0
+    assert value(after, "jobledger_feed_lag_events") == 0
+    assert value(after, "jobledger_head_position") >= 3
+    assert value(after, "jobledger_rebuild_running") == 0
+    assert value(after, "process_cpu_seconds_total") > 0
+
+
+async def test_open_event_streams_are_counted(client: TestClient[Any, Any], api: Api) -> None:
+    """An open SSE stream counts while it is open and not after the client leaves."""
+    async with client.get("/v1/events/stream", headers=api.headers) as stream:
+        assert stream.status == 200
+        assert await stream.content.readuntil(b"\n\n") == b"retry: 1000\n\n"
+        assert value(await scrape(client), "jobledger_sse_streams_open") == 1
+    for _ in range(200):  # the server notices the closed connection on its next write or wake
+        await api.post("/v1/jobs", {"agent": "a", "account": "x"})
+        if value(await scrape(client), "jobledger_sse_streams_open") == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert value(await scrape(client), "jobledger_sse_streams_open") == 0
+
+
+async def test_a_metrics_token_is_required_when_configured(
+    db_url: str, aiohttp_client: MakeClient
+) -> None:
+    """With --metrics-token, /metrics answers 401 without the token and 200 with it."""
+    client = await aiohttp_client(create_app(Settings(db_url=db_url, metrics_token="s3cret")))
+    async with client.get("/metrics") as resp:
+        assert resp.status == 401
+        assert (await resp.json())["error"]["code"] == "unauthorized"
+    async with client.get("/metrics", headers={"Authorization": "Bearer wrong"}) as resp:
+        assert resp.status == 401
+    m = await scrape(client, Authorization="Bearer s3cret")
+    assert value(m, "jobledger_http_requests_total", method="GET", route="/metrics", status="401")
+
+
+def _outside_address() -> str | None:
+    """An address of this machine that is not loopback, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent, a route is chosen
+            address: str = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+async def test_a_real_server_serves_loopback_only_without_a_token(db_url: str) -> None:
+    """`jobledger serve` answers /metrics on loopback and refuses other clients (403)."""
+    async with served(db_url, "--host", "0.0.0.0") as server:
+        key = await acreate_key(db_url, "acme")
+        async with aiohttp.ClientSession(headers=key.headers) as http:
+            async with http.post(
+                f"{server.base}/v1/jobs", json={"agent": "a", "account": "x"}
+            ) as resp:
+                assert resp.status == 201
+            async with http.get(f"{server.base}/metrics") as resp:
+                assert resp.status == 200
+                m = parse(await resp.text())
+            assert value(m, "jobledger_events_appended_total") >= 1
+            assert (
+                value(
+                    m,
+                    "jobledger_http_requests_total",
+                    method="POST",
+                    route="/v1/jobs",
+                    status="201",
+                )
+                == 1
+            )
+            outside = _outside_address()
+            if outside is None:
+                pytest.skip("this machine has no non-loopback address to test the refusal from")
+            async with http.get(f"http://{outside}:{server.port}/metrics") as resp:
+                assert resp.status == 403
+                assert "loopback" in (await resp.json())["error"]["message"]
