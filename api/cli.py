@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compare a replay with the live read models instead of swapping",
     )
+    rb.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve the rebuild's progress at http://127.0.0.1:PORT/metrics while it runs",
+    )
 
     export = sub.add_parser("export", help="stream the audit log")
     _db(export)
@@ -228,6 +233,16 @@ def _progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
         yield update
 
 
+def _both(
+    a: Callable[[int, int], None], b: Callable[[int, int], None]
+) -> Callable[[int, int], None]:
+    def update(done: int, total: int) -> None:
+        a(done, total)
+        b(done, total)
+
+    return update
+
+
 async def _open(db: str, *, create: bool = False, writer: bool = True) -> EventStore:
     store = new_store(backend_for(db, create=create))
     await store.start(writer=writer)
@@ -282,7 +297,12 @@ async def cmd_rebuild(args: argparse.Namespace) -> int:
     store = await _open(args.db, writer=False)
     try:
         projectors = [p for p in store.projectors if args.projection in (None, p.name)]
-        with _progress("rebuilding") as progress:
+        from api.metrics import rebuild_exporter
+
+        with _progress("rebuilding") as bar, rebuild_exporter(args.metrics_port) as watched:
+            progress = bar
+            if watched is not None:
+                progress = watched.update if bar is None else _both(bar, watched.update)
             report = await rebuild(store.backend, projectors, verify=args.verify, progress=progress)
     finally:
         await store.stop()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from aiohttp import web
@@ -25,6 +26,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     generate_latest,
+    start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
@@ -72,8 +74,7 @@ class Metrics:
             "has not yet been woken for, measured at scrape time.",
             registry=self.registry,
         )
-        self.rebuild = RebuildProgress()
-        self.registry.register(StoreCollector(app, self.rebuild))
+        self.registry.register(StoreCollector(app))
         self._stream_routes: frozenset[str] | None = None
 
     def is_stream(self, route: str) -> bool:
@@ -95,9 +96,8 @@ def _histogram(name: str, doc: str, dist: Distribution) -> HistogramMetricFamily
 class StoreCollector(Collector):
     """Reads the store's own counters at scrape time; absent counters are simply left out."""
 
-    def __init__(self, app: web.Application, rebuild: RebuildProgress) -> None:
+    def __init__(self, app: web.Application) -> None:
         self._app = app
-        self._rebuild = rebuild
 
     def collect(self) -> Iterator[Any]:
         store = self._app.get(STORE)
@@ -140,22 +140,55 @@ class StoreCollector(Collector):
                 "Write commands waiting for the writer now.",
                 value=stats.queue_depth(),
             )
-        rebuild = self._rebuild
+
+
+class RebuildCollector(Collector):
+    """The progress of the rebuild running in this process (``jobledger rebuild``)."""
+
+    def __init__(self, progress: RebuildProgress) -> None:
+        self._progress = progress
+
+    def collect(self) -> Iterator[Any]:
+        p = self._progress
         yield GaugeMetricFamily(
             "jobledger_rebuild_running",
-            "1 while a read-model rebuild runs in this process.",
-            value=int(rebuild.running),
+            "1 while the rebuild replays or swaps.",
+            value=int(p.running),
         )
         yield GaugeMetricFamily(
             "jobledger_rebuild_position",
-            "The event position the running (or last) rebuild has folded up to.",
-            value=rebuild.position,
+            "The event position the rebuild has folded up to.",
+            value=p.position,
         )
         yield GaugeMetricFamily(
             "jobledger_rebuild_target_position",
-            "The event position the running (or last) rebuild replays up to.",
-            value=rebuild.target,
+            "The last event position the rebuild replays (the head when it began).",
+            value=p.target,
         )
+
+
+@contextmanager
+def rebuild_exporter(port: int | None, host: str = "127.0.0.1") -> Iterator[RebuildProgress | None]:
+    """While a rebuild runs, serve its progress at ``http://host:port/metrics`` (or do nothing).
+
+    A rebuild is its own process (``jobledger rebuild``), so it exposes its own metrics, on
+    loopback unless told otherwise; the gauges stay until the process exits.
+    """
+    if port is None:
+        yield None
+        return
+    progress = RebuildProgress()
+    registry = CollectorRegistry()
+    registry.register(RebuildCollector(progress))
+    ProcessCollector(registry=registry)
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    try:
+        yield progress
+    finally:
+        progress.finish()
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 def _route_of(request: web.Request) -> str:

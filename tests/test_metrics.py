@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import urllib.request
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -14,9 +15,12 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import create_app
+from api.metrics import rebuild_exporter
 from api.settings import Settings
+from ledger.rebuild import rebuild
+from ledger.store import EventStore
 from tests.conftest import Api
-from tests.serverproc import acreate_key, served
+from tests.serverproc import acli, acreate_key, free_port, served
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 MakeClient = Callable[[web.Application], Coroutine[Any, Any, TestClient[Any, Any]]]
@@ -90,7 +94,6 @@ async def test_store_counters_follow_appends_and_group_commits(
     assert value(after, "jobledger_writer_queue_depth") == 0
     assert value(after, "jobledger_feed_lag_events") == 0
     assert value(after, "jobledger_head_position") >= 3
-    assert value(after, "jobledger_rebuild_running") == 0
     assert value(after, "process_cpu_seconds_total") > 0
 
 
@@ -162,3 +165,49 @@ async def test_a_real_server_serves_loopback_only_without_a_token(db_url: str) -
             async with http.get(f"http://{outside}:{server.port}/metrics") as resp:
                 assert resp.status == 403
                 assert "loopback" in (await resp.json())["error"]["message"]
+
+
+def get_text(url: str) -> str:
+    """A blocking GET: the exporter serves from its own thread, so the loop may wait on it."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text: str = resp.read().decode()
+        return text
+
+
+async def test_a_rebuild_exposes_its_progress_while_it_runs(api: Api, store: EventStore) -> None:
+    """A rebuild with an exporter serves its position and target while it replays."""
+    for n in range(5):
+        await api.post("/v1/jobs", {"id": f"r{n}", "agent": "a", "account": "x"})
+    head = await store.max_position()
+    port = free_port()
+    during: list[Samples] = []
+    with rebuild_exporter(port) as progress:
+        assert progress is not None
+
+        def watch(done: int, total: int) -> None:
+            progress.update(done, total)
+            if not during:  # scrape from inside the replay: the exporter has its own thread
+                during.append(parse(get_text(f"http://127.0.0.1:{port}/metrics")))
+
+        report = await rebuild(store.backend, store.projectors, progress=watch)
+        done = parse(get_text(f"http://127.0.0.1:{port}/metrics"))
+    assert report.events == head
+    assert value(during[0], "jobledger_rebuild_running") == 1
+    assert 0 < value(during[0], "jobledger_rebuild_position") <= head
+    assert value(during[0], "jobledger_rebuild_target_position") == head
+    assert value(done, "jobledger_rebuild_position") == head
+    assert progress.runs == 1 and not progress.running
+
+
+async def test_rebuild_with_a_metrics_port_runs_and_a_busy_port_is_one_line(db_url: str) -> None:
+    """`jobledger rebuild --metrics-port` finishes as usual; a taken port is a one-line error."""
+    await acreate_key(db_url, "acme")
+    done = await acli("rebuild", "--db", db_url, "--metrics-port", str(free_port()))
+    assert done.code == 0, done.err
+    assert '"events": 1' in done.last_line
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = await acli("rebuild", "--db", db_url, "--metrics-port", str(taken.getsockname()[1]))
+    assert busy.code == 1 and len(busy.err.strip().splitlines()) == 1, busy.err
+    assert "Traceback" not in busy.err
