@@ -29,7 +29,7 @@
 
   // days: ["2026-11-01", ...]; series: {agent: [amount per day]}
   function stackedBars(container, days, series, opts) {
-    const o = Object.assign({ width: 760, height: 260, label: "credits" }, opts || {});
+    const o = Object.assign({ width: 1100, height: 300, label: "credits" }, opts || {});
     container.textContent = "";
     const agents = Object.keys(series);
     const totals = days.map((_, i) => agents.reduce((s, a) => s + Number(series[a][i] || 0), 0));
