@@ -39,6 +39,7 @@ from ledger.stats import Distribution, RebuildProgress
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 UNMATCHED = "unmatched"  # one label for every path no route knows (no label explosion)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 routes = web.RouteTableDef()
 
@@ -221,8 +222,9 @@ async def measure(request: web.Request, handler: Handler) -> web.StreamResponse:
     finally:
         if stream:
             metrics.streams.dec()
-        metrics.requests.labels(request.method, route, str(status)).inc()
-        metrics.latency.labels(request.method, route).observe(time.perf_counter() - started)
+        method = request.method if request.method in METHODS else "other"
+        metrics.requests.labels(method, route, str(status)).inc()
+        metrics.latency.labels(method, route).observe(time.perf_counter() - started)
 
 
 def _allowed(request: web.Request) -> None:

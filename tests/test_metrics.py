@@ -55,12 +55,18 @@ async def test_requests_are_counted_by_route_template_and_status(
     await api.post("/v1/jobs/m2/events", {"type": "job.started"})
     await api.get("/v1/jobs/nope", status=404)
     await api.get("/no/such/path", status=404)
+    await api.call("PROPFIND", "/no/such/path")
     m = await scrape(client)
     requests = "jobledger_http_requests_total"
     assert value(m, requests, method="POST", route="/v1/jobs", status="201") == 2
     assert value(m, requests, method="POST", route="/v1/jobs/{id}/events", status="201") == 2
     assert value(m, requests, method="GET", route="/v1/jobs/{id}", status="404") == 1
     assert value(m, requests, method="GET", route="unmatched", status="404") == 1
+    assert (
+        sum(v for (n, labels), v in m.items() if n == requests and ("method", "other") in labels)
+        == 1
+    )
+    assert not any(("method", "PROPFIND") in labels for _, labels in m)
     assert not any("m1" in dict(labels).get("route", "") for _, labels in m)
     latency = "jobledger_http_request_duration_seconds"
     assert value(m, f"{latency}_count", method="POST", route="/v1/jobs") == 2

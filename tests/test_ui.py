@@ -228,6 +228,17 @@ async def test_credits_plot_reads_the_usage_and_follows_new_charges(db_url: str)
             credits = await _call(http, "GET", "/v1/credits")
             assert credits["by_agent"] == {"scraper": 4, "writer": 5}
 
+            driver.find_element(By.ID, "st-account").send_keys("a1")
+            driver.find_element(By.CSS_SELECTOR, "#statement-form button").click()
+            wait_for(
+                driver,
+                lambda d: (
+                    d.find_element(By.ID, "statement-msg").text
+                    == "Statement downloaded: 2 charged jobs."
+                ),
+                "the statement of a1 (j-scrape-1 and j-write-1)",
+            )
+
 
 async def test_a_reader_of_another_tenant_sees_nothing_of_acme(db_url: str) -> None:
     """Signed in as globex, the list, a job link, the feed and the credits hold none of acme."""
