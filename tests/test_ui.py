@@ -75,15 +75,17 @@ def wait_rows(driver: WebDriver, expected: set[str]) -> None:
 
 
 def apply_filter(driver: WebDriver, **fields: str) -> None:
-    driver.find_element(By.ID, "f-reset").click()
-    wait_for(
-        driver,
-        lambda d: d.find_element(By.ID, "f-agent").get_attribute("value") == "",
-        "cleared filters",
-    )
+    Select(driver.find_element(By.ID, "f-status")).select_by_visible_text("any")
+    for name in ("agent", "account", "project", "q"):
+        driver.find_element(By.ID, f"f-{name}").clear()
+    for name in ("after", "before"):  # datetime-local takes a locale's keys; set it directly
+        driver.execute_script("arguments[0].value = ''", driver.find_element(By.ID, f"f-{name}"))
     for name, value in fields.items():
         if name == "status":
             Select(driver.find_element(By.ID, "f-status")).select_by_visible_text(value)
+        elif name in ("after", "before"):
+            field = driver.find_element(By.ID, f"f-{name}")
+            driver.execute_script("arguments[0].value = arguments[1]", field, value)
         else:
             driver.find_element(By.ID, f"f-{name}").send_keys(value)
     driver.find_element(By.ID, "f-apply").click()
@@ -104,6 +106,11 @@ async def test_sign_in_filter_open_a_job_and_see_events_arrive(db_url: str) -> N
             apply_filter(driver, account="a1")
             wait_rows(driver, {"j-scrape-1", "j-write-1"})
             apply_filter(driver, q="write")
+            wait_rows(driver, {"j-write-1"})
+            apply_filter(driver, before="2020-01-01T00:00")
+            wait_rows(driver, set())
+            assert driver.find_element(By.ID, "jobs-empty").is_displayed()
+            apply_filter(driver, after="2020-01-01T00:00", agent="writer")
             wait_rows(driver, {"j-write-1"})
 
             apply_filter(driver)
