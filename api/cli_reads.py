@@ -25,7 +25,7 @@ from ledger.credits import from_units
 from ledger.errors import Invalid, LedgerError
 from ledger.jobs import STATUSES
 from ledger.store import EventStore
-from projections import all_projectors, counts, credits, jobs, usage
+from projections import counts, credits, jobs, new_store, usage
 
 ENCODE = msgspec.json.Encoder(decimal_format="number").encode
 
@@ -88,7 +88,7 @@ async def _with_store(
         backend = backend_for(args.db, create=False)
     except LedgerError as exc:
         raise ReadError(exc.message) from None
-    store = EventStore(backend, all_projectors())
+    store = new_store(backend)
     await store.start(writer=False)
     try:
         tenant = await _tenant(store, args.tenant)

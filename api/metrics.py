@@ -3,9 +3,10 @@
 Each server process has its own registry and exposes its own numbers (scrape every process;
 ``docs/operations.md`` shows the scrape config). Request counts and latencies come from a
 middleware; the store's work (events appended, group-commit batch sizes, commit latency, the
-writer's queue) is read from the plain counters the store keeps (``ledger/stats.py``) when the
-page is scraped, so the ledger never imports Prometheus. Without ``--metrics-token`` only
-loopback clients may scrape; with it, a scraper sends ``Authorization: Bearer <token>``.
+writer's queue) is read from the plain counters the store keeps (``EventStore.stats``,
+``WriterStats``) when the page is scraped, so the ledger never imports Prometheus. Without
+``--metrics-token`` only loopback clients may scrape; with it, a scraper sends
+``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hmac
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -28,13 +30,12 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from api.context import SETTINGS, STORE
 from api.http import OPERATIONS, Handler
 from ledger.errors import Forbidden, Unauthorized
-from ledger.stats import Distribution, RebuildProgress
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
@@ -42,6 +43,43 @@ UNMATCHED = "unmatched"  # one label for every path no route knows (no label exp
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 routes = web.RouteTableDef()
+
+# group-commit batch sizes (commands per COMMIT); the writer takes at most 512 at once
+BATCH_BOUNDS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# seconds from taking a batch to its COMMIT returning
+COMMIT_BOUNDS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+
+
+@dataclass(slots=True)
+class RebuildProgress:
+    """How far a rebuild has come: the position folded and the position it aims for."""
+
+    running: bool = False
+    position: int = 0
+    target: int = 0
+    runs: int = 0
+
+    def update(self, position: int, target: int) -> None:
+        self.running = True
+        self.position = position
+        self.target = target
+
+    def finish(self) -> None:
+        self.running = False
+        self.runs += 1
 
 
 class Metrics:
@@ -75,8 +113,35 @@ class Metrics:
             "has not yet been woken for, measured at scrape time.",
             registry=self.registry,
         )
+        self.batch_sizes = Histogram(
+            "jobledger_group_commit_batch_size",
+            "Commands per group-commit transaction (one COMMIT, one fsync).",
+            buckets=BATCH_BOUNDS,
+            registry=self.registry,
+        )
+        self.commit_seconds = Histogram(
+            "jobledger_commit_seconds",
+            "Seconds from taking a group-commit batch to its COMMIT returning.",
+            buckets=COMMIT_BOUNDS,
+            registry=self.registry,
+        )
         self.registry.register(StoreCollector(app))
         self._stream_routes: frozenset[str] | None = None
+
+    def drain(self, stats: Any) -> None:
+        """Move the writer's batch sizes and commit times since the last read into histograms.
+
+        The writer keeps them in two lists that its reader empties (``WriterStats``).
+        """
+        for name, histogram in (
+            ("batch_sizes", self.batch_sizes),
+            ("commit_seconds", self.commit_seconds),
+        ):
+            pending = getattr(stats, name, None)
+            if isinstance(pending, list):
+                for value in pending:
+                    histogram.observe(value)
+                pending.clear()
 
     def is_stream(self, route: str) -> bool:
         if self._stream_routes is None:
@@ -89,13 +154,8 @@ class Metrics:
 METRICS = web.AppKey("metrics", Metrics)
 
 
-def _histogram(name: str, doc: str, dist: Distribution) -> HistogramMetricFamily:
-    buckets = [("+Inf" if b == float("inf") else repr(float(b)), n) for b, n in dist.cumulative()]
-    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=dist.sum)
-
-
 class StoreCollector(Collector):
-    """Reads the store's own counters at scrape time; absent counters are simply left out."""
+    """Reads the store's writer counters at scrape time; absent counters are left out."""
 
     def __init__(self, app: web.Application) -> None:
         self._app = app
@@ -110,36 +170,32 @@ class StoreCollector(Collector):
             value=store.head_position,
         )
         stats = getattr(store, "stats", None)
-        if stats is not None:
-            yield CounterMetricFamily(
-                "jobledger_events_appended",
-                "Events this process appended (committed).",
-                value=stats.events_appended,
-            )
-            yield CounterMetricFamily(
-                "jobledger_commands",
-                "Write commands this process's writer ran (committed batches).",
-                value=stats.commands,
-            )
-            yield CounterMetricFamily(
+        if stats is None:
+            return
+        for attr, name, doc in (
+            ("events", "jobledger_events_appended", "Events this process appended (committed)."),
+            ("commands", "jobledger_commands", "Write commands this process's writer answered."),
+            ("batches", "jobledger_batches", "Group-commit batches this process's writer ran."),
+            (
+                "isolated_batches",
+                "jobledger_batches_isolated",
+                "Batches run again command by command after the shared transaction failed.",
+            ),
+            (
+                "failed_commits",
                 "jobledger_batches_failed",
-                "Group-commit batches whose transaction failed (every waiter got the error).",
-                value=stats.failed_batches,
-            )
-            yield _histogram(
-                "jobledger_group_commit_batch_size",
-                "Commands per group-commit transaction (one COMMIT, one fsync).",
-                stats.batch_sizes,
-            )
-            yield _histogram(
-                "jobledger_commit_seconds",
-                "Seconds from BEGIN to the end of COMMIT of one group-commit batch.",
-                stats.commit_seconds,
-            )
+                "Batches whose transaction did not commit (every waiter got 503).",
+            ),
+        ):
+            count = getattr(stats, attr, None)
+            if isinstance(count, int):
+                yield CounterMetricFamily(name, doc, value=count)
+        depth = getattr(store, "queue_depth", None)
+        if isinstance(depth, int):
             yield GaugeMetricFamily(
                 "jobledger_writer_queue_depth",
                 "Write commands waiting for the writer now.",
-                value=stats.queue_depth(),
+                value=depth,
             )
 
 
@@ -248,6 +304,7 @@ async def metrics_page(request: web.Request) -> web.Response:
     store = request.app.get(STORE)
     if store is not None:
         metrics.feed_lag.set(max(0, await store.max_position() - store.head_position))
+        metrics.drain(getattr(store, "stats", None))
     body = generate_latest(metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
