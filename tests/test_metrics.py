@@ -217,3 +217,44 @@ async def test_rebuild_with_a_metrics_port_runs_and_a_busy_port_is_one_line(db_u
         busy = await acli("rebuild", "--db", db_url, "--metrics-port", str(taken.getsockname()[1]))
     assert busy.code == 1 and len(busy.err.strip().splitlines()) == 1, busy.err
     assert "Traceback" not in busy.err
+
+
+async def test_each_process_exposes_its_own_numbers(db_url: str) -> None:
+    """Two servers over one database count their own appends; the other's show as head moves."""
+    async with served(db_url) as first, served(db_url) as second:
+        key = await acreate_key(db_url, "acme")
+        async with aiohttp.ClientSession(headers=key.headers) as http:
+            for n in range(3):
+                async with http.post(
+                    f"{first.base}/v1/jobs", json={"id": f"p{n}", "agent": "a", "account": "x"}
+                ) as resp:
+                    assert resp.status == 201
+            async with http.get(f"{first.base}/v1/jobs/stats") as resp:
+                head = (await resp.json())["position"]
+
+            async def scrape_of(server: Any) -> Samples:
+                async with http.get(f"{server.base}/metrics") as resp:
+                    assert resp.status == 200
+                    return parse(await resp.text())
+
+            ours = await scrape_of(first)
+            theirs = await scrape_of(second)
+            for _ in range(200):  # the second learns of the first's commits by signal or poll
+                if value(theirs, "jobledger_head_position") >= head:
+                    break
+                await asyncio.sleep(0.05)
+                theirs = await scrape_of(second)
+    assert value(ours, "jobledger_events_appended_total") == 3
+    posts = value(
+        ours, "jobledger_http_requests_total", method="POST", route="/v1/jobs", status="201"
+    )
+    assert posts == 3
+    assert value(theirs, "jobledger_events_appended_total") == 0
+    assert (
+        value(
+            theirs, "jobledger_http_requests_total", method="POST", route="/v1/jobs", status="201"
+        )
+        == 0
+    )
+    assert value(theirs, "jobledger_head_position") >= head
+    assert value(theirs, "jobledger_feed_lag_events") == 0
