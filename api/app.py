@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
-from api import compat, credits, feed, jobs, openapi, results, stats
+from api import compat, credits, dashboard, feed, insights, jobs, metrics, openapi, results, stats
 from api.auth import KeyRing, RateLimiter
 from api.context import KEYRING, LIMITER, SETTINGS, STOPPING, STORE
 from api.http import endpoint, json_response
@@ -17,7 +17,6 @@ from api.middleware import handle
 from api.schemas import Health
 from api.settings import Settings
 from ledger.backends import backend_for
-from ledger.clock import now_us
 from ledger.store import EventStore
 from projections import new_store
 
@@ -57,12 +56,13 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _sweep_expired(store: EventStore) -> None:
-    """Drop result payloads once they expire; the events keep their hashes and sizes."""
+    """Drop result payloads once they expire (the events keep their hashes and sizes) and
+    idempotency answers past their 24 h window."""
     while True:
         try:
-            dropped = await store.drop_expired_results(now_us())
-            if dropped:
-                log.info("results.expired", dropped=dropped)
+            results, answers = await store.sweep()
+            if results or answers:
+                log.info("store.swept", results=results, idempotency_answers=answers)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -75,7 +75,7 @@ async def _on_shutdown(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[handle], client_max_size=settings.max_body)
+    app = web.Application(middlewares=[metrics.measure, handle], client_max_size=settings.max_body)
     app[SETTINGS] = settings
     app[STOPPING] = asyncio.Event()
     if settings.rate_limit:
@@ -88,6 +88,9 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(results.routes)
     app.add_routes(credits.routes)
     app.add_routes(feed.routes)
+    app.add_routes(insights.routes)
+    dashboard.install(app)
+    metrics.install(app)
     for module in compat.DIALECTS:
         app.add_routes(module.routes)
     return app

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, BinaryIO, NoReturn
 
-from api import logs
+from api import cli_reads, logs
 from api.settings import DEFAULT_DB, DEFAULT_MAX_BODY, Settings
 from ledger import audit, commands
 from ledger.backends import backend_for
@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refuse new jobs (402) for accounts without a positive balance",
     )
+    serve.add_argument(
+        "--metrics-token",
+        default=os.environ.get("JOBLEDGER_METRICS_TOKEN"),
+        help="GET /metrics wants it as a Bearer token (env JOBLEDGER_METRICS_TOKEN); "
+        "without one, only loopback clients may scrape",
+    )
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -122,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compare a replay with the live read models instead of swapping",
     )
+    rb.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve the rebuild's progress at http://127.0.0.1:PORT/metrics while it runs",
+    )
 
     export = sub.add_parser("export", help="stream the audit log")
     _db(export)
@@ -136,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     _db(verify)
     verify.add_argument("--tenant")
     verify.add_argument("--file", help="an NDJSON export to verify instead of the database")
+    cli_reads.add_parsers(sub)
     return parser
 
 
@@ -157,6 +169,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         rate_limit=args.rate_limit,
         max_body=args.max_body,
         enforce_credits=args.enforce_credits,
+        metrics_token=args.metrics_token or None,
     )
     backend_for(args.db)  # a bad URL fails here, before the server starts
     app = create_app(settings)
@@ -190,7 +203,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             shutdown_timeout=30.0,
             # called once the socket is bound, so the line is never a lie
             print=lambda _: print(
-                f"jobledger: serving on http://{args.host}:{args.port}", flush=True
+                f"jobledger: serving on http://{args.host}:{args.port}\n"
+                f"jobledger: dashboard at http://{args.host}:{args.port}/ui/ "
+                f"(sign in with an API key), API reference at /docs",
+                flush=True,
             ),
         )
     except OSError as exc:
@@ -215,6 +231,16 @@ def _progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
             bar.update(task, completed=done, total=max(total, 1))
 
         yield update
+
+
+def _both(
+    a: Callable[[int, int], None], b: Callable[[int, int], None]
+) -> Callable[[int, int], None]:
+    def update(done: int, total: int) -> None:
+        a(done, total)
+        b(done, total)
+
+    return update
 
 
 async def _open(db: str, *, create: bool = False, writer: bool = True) -> EventStore:
@@ -271,7 +297,12 @@ async def cmd_rebuild(args: argparse.Namespace) -> int:
     store = await _open(args.db, writer=False)
     try:
         projectors = [p for p in store.projectors if args.projection in (None, p.name)]
-        with _progress("rebuilding") as progress:
+        from api.metrics import rebuild_exporter
+
+        with _progress("rebuilding") as bar, rebuild_exporter(args.metrics_port) as watched:
+            progress = bar
+            if watched is not None:
+                progress = watched.update if bar is None else _both(bar, watched.update)
             report = await rebuild(store.backend, projectors, verify=args.verify, progress=progress)
     finally:
         await store.stop()
@@ -368,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
                 "rebuild": cmd_rebuild,
                 "export": cmd_export,
                 "verify": cmd_verify,
+                **cli_reads.COMMANDS,
             }[args.command]
             code = asyncio.run(runner(args))
     except CliError as exc:

@@ -18,3 +18,4 @@ class Settings:
     rate_limit: int | None = None  # requests per minute per key
     max_body: int = DEFAULT_MAX_BODY
     enforce_credits: bool = False
+    metrics_token: str | None = None  # GET /metrics wants it as a Bearer; None: loopback only

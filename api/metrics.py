@@ -1,0 +1,315 @@
+"""``GET /metrics``: the Prometheus text format, through the official ``prometheus-client``.
+
+Each server process has its own registry and exposes its own numbers (scrape every process;
+``docs/operations.md`` shows the scrape config). Request counts and latencies come from a
+middleware; the store's work (events appended, group-commit batch sizes, commit latency, the
+writer's queue) is read from the plain counters the store keeps (``EventStore.stats``,
+``WriterStats``) when the page is scraped, so the ledger never imports Prometheus. Without
+``--metrics-token`` only loopback clients may scrape; with it, a scraper sends
+``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from api.context import SETTINGS, STORE
+from api.http import OPERATIONS, Handler
+from ledger.errors import Forbidden, Unauthorized
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
+UNMATCHED = "unmatched"  # one label for every path no route knows (no label explosion)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+routes = web.RouteTableDef()
+
+# group-commit batch sizes (commands per COMMIT); the writer takes at most 512 at once
+BATCH_BOUNDS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# seconds from taking a batch to its COMMIT returning
+COMMIT_BOUNDS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+
+
+@dataclass(slots=True)
+class RebuildProgress:
+    """How far a rebuild has come: the position folded and the position it aims for."""
+
+    running: bool = False
+    position: int = 0
+    target: int = 0
+    runs: int = 0
+
+    def update(self, position: int, target: int) -> None:
+        self.running = True
+        self.position = position
+        self.target = target
+
+    def finish(self) -> None:
+        self.running = False
+        self.runs += 1
+
+
+class Metrics:
+    """One process's registry: HTTP metrics, open streams, and a collector over the store."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.requests = Counter(
+            "jobledger_http_requests",
+            "HTTP requests answered, by method, route template and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "jobledger_http_request_duration_seconds",
+            "Time from receiving a request to its answer (or the end of its stream).",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.streams = Gauge(
+            "jobledger_sse_streams_open",
+            "Server-Sent Events streams open now.",
+            registry=self.registry,
+        )
+        self.feed_lag = Gauge(
+            "jobledger_feed_lag_events",
+            "Events committed in the database (by any process) that this process's live feed "
+            "has not yet been woken for, measured at scrape time.",
+            registry=self.registry,
+        )
+        self.batch_sizes = Histogram(
+            "jobledger_group_commit_batch_size",
+            "Commands per group-commit transaction (one COMMIT, one fsync).",
+            buckets=BATCH_BOUNDS,
+            registry=self.registry,
+        )
+        self.commit_seconds = Histogram(
+            "jobledger_commit_seconds",
+            "Seconds from taking a group-commit batch to its COMMIT returning.",
+            buckets=COMMIT_BOUNDS,
+            registry=self.registry,
+        )
+        self.registry.register(StoreCollector(app))
+        self._stream_routes: frozenset[str] | None = None
+
+    def drain(self, stats: Any) -> None:
+        """Move the writer's batch sizes and commit times since the last read into histograms.
+
+        The writer keeps them in two lists that its reader empties (``WriterStats``).
+        """
+        for name, histogram in (
+            ("batch_sizes", self.batch_sizes),
+            ("commit_seconds", self.commit_seconds),
+        ):
+            pending = getattr(stats, name, None)
+            if isinstance(pending, list):
+                for value in pending:
+                    histogram.observe(value)
+                pending.clear()
+
+    def is_stream(self, route: str) -> bool:
+        if self._stream_routes is None:
+            self._stream_routes = frozenset(
+                op.path for op in OPERATIONS if op.content == "text/event-stream"
+            )
+        return route in self._stream_routes
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+class StoreCollector(Collector):
+    """Reads the store's writer counters at scrape time; absent counters are left out."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+
+    def collect(self) -> Iterator[Any]:
+        store = self._app.get(STORE)
+        if store is None:
+            return
+        yield GaugeMetricFamily(
+            "jobledger_head_position",
+            "The newest event position this process knows to be committed.",
+            value=store.head_position,
+        )
+        stats = getattr(store, "stats", None)
+        if stats is None:
+            return
+        for attr, name, doc in (
+            ("events", "jobledger_events_appended", "Events this process appended (committed)."),
+            ("commands", "jobledger_commands", "Write commands this process's writer answered."),
+            ("batches", "jobledger_batches", "Group-commit batches this process's writer ran."),
+            (
+                "isolated_batches",
+                "jobledger_batches_isolated",
+                "Batches run again command by command after the shared transaction failed.",
+            ),
+            (
+                "failed_commits",
+                "jobledger_batches_failed",
+                "Batches whose transaction did not commit (every waiter got 503).",
+            ),
+        ):
+            count = getattr(stats, attr, None)
+            if isinstance(count, int):
+                yield CounterMetricFamily(name, doc, value=count)
+        depth = getattr(store, "queue_depth", None)
+        if isinstance(depth, int):
+            yield GaugeMetricFamily(
+                "jobledger_writer_queue_depth",
+                "Write commands waiting for the writer now.",
+                value=depth,
+            )
+
+
+class RebuildCollector(Collector):
+    """The progress of the rebuild running in this process (``jobledger rebuild``)."""
+
+    def __init__(self, progress: RebuildProgress) -> None:
+        self._progress = progress
+
+    def collect(self) -> Iterator[Any]:
+        p = self._progress
+        yield GaugeMetricFamily(
+            "jobledger_rebuild_running",
+            "1 while the rebuild replays or swaps.",
+            value=int(p.running),
+        )
+        yield GaugeMetricFamily(
+            "jobledger_rebuild_position",
+            "The event position the rebuild has folded up to.",
+            value=p.position,
+        )
+        yield GaugeMetricFamily(
+            "jobledger_rebuild_target_position",
+            "The last event position the rebuild replays (the head when it began).",
+            value=p.target,
+        )
+
+
+@contextmanager
+def rebuild_exporter(port: int | None, host: str = "127.0.0.1") -> Iterator[RebuildProgress | None]:
+    """While a rebuild runs, serve its progress at ``http://host:port/metrics`` (or do nothing).
+
+    A rebuild is its own process (``jobledger rebuild``), so it exposes its own metrics, on
+    loopback unless told otherwise; the gauges stay until the process exits.
+    """
+    if port is None:
+        yield None
+        return
+    progress = RebuildProgress()
+    registry = CollectorRegistry()
+    registry.register(RebuildCollector(progress))
+    ProcessCollector(registry=registry)
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    try:
+        yield progress
+    finally:
+        progress.finish()
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _route_of(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else UNMATCHED
+
+
+@web.middleware
+async def measure(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count and time every request by route template and status (outermost middleware)."""
+    metrics = request.app.get(METRICS)
+    if metrics is None:
+        return await handler(request)
+    route = _route_of(request)
+    stream = metrics.is_stream(route)
+    if stream:
+        metrics.streams.inc()
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except BaseException:
+        status = 499  # the client went away mid-request (nginx's name for it)
+        raise
+    finally:
+        if stream:
+            metrics.streams.dec()
+        method = request.method if request.method in METHODS else "other"
+        metrics.requests.labels(method, route, str(status)).inc()
+        metrics.latency.labels(method, route).observe(time.perf_counter() - started)
+
+
+def _allowed(request: web.Request) -> None:
+    token = request.app[SETTINGS].metrics_token
+    if token:
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
+            raise Unauthorized("send Authorization: Bearer <metrics token>")
+        return
+    if request.remote not in LOOPBACK:
+        raise Forbidden("metrics answer loopback clients only (or start with --metrics-token)")
+
+
+@routes.get("/metrics")
+async def metrics_page(request: web.Request) -> web.Response:
+    _allowed(request)
+    metrics = request.app[METRICS]
+    store = request.app.get(STORE)
+    if store is not None:
+        metrics.feed_lag.set(max(0, await store.max_position() - store.head_position))
+        metrics.drain(getattr(store, "stats", None))
+    body = generate_latest(metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def install(app: web.Application) -> None:
+    """Give ``app`` its own registry and the ``/metrics`` route."""
+    app[METRICS] = Metrics(app)
+    app.add_routes(routes)
