@@ -109,7 +109,8 @@ class JobDeleted(Event, frozen=True, kw_only=True, tag="job.deleted"):
 
 class JobRedacted(Event, frozen=True, kw_only=True, tag="job.redacted"):
     reason: str | None = None
-    state: dict[str, Any] | None = None  # server: what the job keeps after erasure
+    # server: what the job keeps after erasure; RFC 3339 times, decimal strings for credits
+    state: dict[str, Any] | None = None
 
 
 class ExecutionsPlanned(Event, frozen=True, kw_only=True, tag="job.executions_planned"):

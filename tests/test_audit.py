@@ -330,7 +330,12 @@ async def test_untouched_database_verifies(
     await closed_history(client, api, make_api)
     done = await acli("verify", "--db", db)
     assert done.code == 0, done.err
-    assert done.out.splitlines() == [f"OK {len(positions(db))} {_last_hash(db)}"]
+    with sqlite3.connect(db) as conn:
+        tenants = sorted(r[0] for r in conn.execute("SELECT DISTINCT tenant FROM events"))
+    assert len(tenants) > 1
+    assert done.out.splitlines() == [  # one line per tenant: its count, its head, its name
+        f"OK {len(positions(db, t))} {_last_hash(db, t)} {t}" for t in tenants
+    ]
     acme = await acli("verify", "--db", db, "--tenant", "acme")
     assert acme.code == 0
     assert acme.out.splitlines() == [f"OK {len(positions(db, 'acme'))} {_last_hash(db, 'acme')}"]
@@ -638,6 +643,10 @@ async def test_redaction_erases_and_keeps_the_chain(
     for event in events[:-1]:
         assert event["data"] is None and event["redacted"] is True
     assert events[-1]["data"]["reason"] == "GDPR art. 17"
+    snapshot = events[-1]["data"]["state"]  # in the API's units, as auditors read it
+    assert snapshot["credits_used"] == "2.5" and job_before["credits_used"] == 2.5
+    for name in ("created_at", "started_at", "finished_at", "updated_at", "expires_at"):
+        assert snapshot[name] == job_before[name], name
     exported = await export(api)
     verify_chain(exported)
     assert MARKER not in json.dumps(exported)
