@@ -16,7 +16,7 @@ from ledger.audit import EventRecord, record
 from ledger.clock import format_opt, format_us
 from ledger.credits import from_units
 from ledger.events import ErrorInfo, Person, Source
-from ledger.jobs import JobState
+from ledger.jobs import STATUSES, JobState
 
 Agent = Annotated[str, Meta(min_length=1, max_length=200)]
 Label = Annotated[str, Meta(min_length=1, max_length=200)]
@@ -143,6 +143,10 @@ class ExportQuery(Query):
 
 # -- answers ---------------------------------------------------------------------------------
 
+# Documentation annotations for the OpenAPI document: what the handlers put in these strings.
+Timestamp = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]  # RFC 3339, UTC
+JobStatus = Annotated[str, Meta(extra_json_schema={"enum": list(STATUSES)})]
+
 
 class Executions(msgspec.Struct):
     total: int
@@ -154,16 +158,16 @@ class Executions(msgspec.Struct):
 
 class JobView(msgspec.Struct):
     id: str
-    status: str
+    status: JobStatus
     agent: str
     account: str
     project: str | None
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
-    updated_at: str
-    archived_at: str | None
-    expires_at: str | None
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+    updated_at: Timestamp
+    archived_at: Timestamp | None
+    expires_at: Timestamp | None
     row_count: int
     credits_used: Amount
     executions: Executions
@@ -203,9 +207,9 @@ class EventsPage(msgspec.Struct):
 class ResultView(msgspec.Struct):
     job_id: str
     result_id: str | None
-    status: str
+    status: JobStatus
     row_count: int
-    expires_at: str | None
+    expires_at: Timestamp | None
     data: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
 
 
@@ -226,7 +230,7 @@ class Stats(msgspec.Struct):
 class Executing(msgspec.Struct):
     job_id: str
     agent: str
-    started_at: str | None
+    started_at: Timestamp | None
     elapsed: str
 
 
@@ -268,7 +272,7 @@ class PriceView(msgspec.Struct):
     per_row: Amount
     per_execution: Amount
     per_second: Amount
-    updated_at: str | None = None
+    updated_at: Timestamp | None = None
 
 
 class PriceList(msgspec.Struct):
@@ -295,7 +299,7 @@ class Credits(msgspec.Struct):
 class StatementLine(msgspec.Struct):
     job_id: str
     agent: str
-    finished_at: str | None
+    finished_at: Timestamp | None
     row_count: int
     credits: Amount
 
