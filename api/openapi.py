@@ -322,6 +322,8 @@ def _operation(op: Operation, refs: dict[Any, Any], components: dict[str, Any]) 
         codes |= {400, 422}
     if any(p["in"] == "header" and p["name"] != "X-Project-Id" for p in params):
         codes.add(422)  # a malformed Idempotency-Key or Last-Event-ID
+    if any(p["name"] == "Idempotency-Key" for p in params):
+        codes.add(409)  # an Idempotency-Key used before with another request
     if op.body is not None:
         codes.add(413)
     for code in sorted(codes):
