@@ -27,8 +27,8 @@ from ledger.errors import LedgerError
 from ledger.rebuild import rebuild
 from ledger.store import EventStore
 from projections import PROJECTORS, all_projectors
-from projections import jobs as job_models
 from projections import keys as key_models
+from projections.jobs import account_job_ids
 
 DESCRIPTION = (
     "jobledger: an event-sourced job ledger. Serve the HTTP API, manage API keys, rebuild "
@@ -404,7 +404,7 @@ async def cmd_export(args: argparse.Namespace) -> int:
             if args.tenant is None:
                 raise CliError("--account needs --tenant: accounts belong to a tenant")
             async with store.backend.read() as conn:
-                ids = await job_models.account_job_ids(conn, args.tenant, args.account)
+                ids = await account_job_ids(conn, args.tenant, args.account)
             streams = frozenset([*ids, commands.credits_stream(args.account)])
         flt = audit.ExportFilter(
             tenant=args.tenant,

@@ -12,11 +12,12 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from ledger import jobs as job_rules
 from ledger.audit import EventRecord, record
 from ledger.clock import format_opt, format_us
 from ledger.credits import from_units
 from ledger.events import ErrorInfo, Person, Source
-from ledger.jobs import STATUSES, JobState
+from ledger.jobs import JobState
 
 Agent = Annotated[str, Meta(min_length=1, max_length=200)]
 Label = Annotated[str, Meta(min_length=1, max_length=200)]
@@ -145,7 +146,7 @@ class ExportQuery(Query):
 
 # Documentation annotations for the OpenAPI document: what the handlers put in these strings.
 Timestamp = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]  # RFC 3339, UTC
-JobStatus = Annotated[str, Meta(extra_json_schema={"enum": list(STATUSES)})]
+JobStatus = Annotated[str, Meta(extra_json_schema={"enum": list(job_rules.STATUSES)})]
 
 
 class Executions(msgspec.Struct):

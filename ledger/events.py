@@ -109,8 +109,7 @@ class JobDeleted(Event, frozen=True, kw_only=True, tag="job.deleted"):
 
 class JobRedacted(Event, frozen=True, kw_only=True, tag="job.redacted"):
     reason: str | None = None
-    # server: what the job keeps after erasure; RFC 3339 times, decimal strings for credits
-    state: dict[str, Any] | None = None
+    state: dict[str, Any] | None = None  # server: what the job keeps after erasure
 
 
 class ExecutionsPlanned(Event, frozen=True, kw_only=True, tag="job.executions_planned"):
