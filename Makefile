@@ -1,31 +1,42 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-STAMP := $(VENV)/.installed
+# `make run` needs only what serving needs; `make test`/`lint` add the dev extras.
+RUNTIME := $(VENV)/.installed-runtime
+DEV := $(VENV)/.installed-dev
 
 .PHONY: run test check lint bench clean
 
-$(STAMP): pyproject.toml
+$(RUNTIME): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	touch $(RUNTIME)
+
+$(DEV): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[dev]'
-	touch $(STAMP)
+	touch $(RUNTIME) $(DEV)
 
-run: $(STAMP)
+run: $(RUNTIME)
 	$(VENV)/bin/jobledger serve --db ./jobledger.db --host 127.0.0.1 --port 8080
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(VENV)/bin/ruff check ledger projections api tests bench
 	$(VENV)/bin/ruff format --check ledger projections api tests bench
 	$(VENV)/bin/mypy
 
+# `check` = lint + tests, what CI runs; `test` is the same (kept for the README's two commands).
+check: test
+
 test: lint
 	$(VENV)/bin/pytest
 
-bench: $(STAMP)
+bench: $(DEV)
 	$(PIP) install -q -e '.[dev,bench]'
-	command -v wrk >/dev/null || apt-get install -y -q wrk >/dev/null 2>&1 || \
-		echo "wrk is not installed: the benchmark falls back to its aiohttp load generator"
+	@command -v wrk >/dev/null || echo "wrk is not installed: the benchmark uses its aiohttp \
+	load generator instead (slower). To measure with wrk, install it first, e.g. apt-get install wrk"
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:

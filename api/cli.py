@@ -11,9 +11,11 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, BinaryIO, NoReturn
 
 from api import cli_reads, logs
@@ -26,10 +28,44 @@ from ledger.rebuild import rebuild
 from ledger.store import EventStore
 from projections import PROJECTORS, new_store
 from projections import keys as key_models
+from projections.jobs import account_job_ids
+
+DESCRIPTION = (
+    "jobledger: an event-sourced job ledger. Serve the HTTP API, manage API keys, rebuild "
+    "read models, export and verify the audit log."
+)
 
 
 class CliError(Exception):
     """A failure to report as one line on stderr with exit code 1."""
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where there is one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with defaults in ``--help`` and usage errors on one line (exit 2)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"jobledger: {message} (usage: {self.prog} --help)\n")
+
+
+def _version() -> str:
+    try:
+        return version("jobledger")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
 
 
 def _db(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +74,12 @@ def _db(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("JOBLEDGER_DB", DEFAULT_DB),
         help="a file path, sqlite:///path or postgresql://... (env JOBLEDGER_DB)",
     )
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: use 0-65535")
+    return int(text)
 
 
 def _rate(text: str) -> int:
@@ -73,25 +115,28 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jobledger", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="jobledger", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"jobledger {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     serve = sub.add_parser("serve", help="run the HTTP API")
     _db(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=_port, default=8080, help="port to listen on")
     serve.add_argument(
         "--result-retention",
         type=_duration,
         default="7d",
         help="how long results stay readable (e.g. 7d, 12h)",
     )
-    serve.add_argument("--rate-limit", type=_rate, default=None, help="requests per key, N/min")
+    serve.add_argument(
+        "--rate-limit", type=_rate, default=None, help="requests per key, N/min (off if unset)"
+    )
     serve.add_argument(
         "--max-body",
         type=_size,
         default=DEFAULT_MAX_BODY,
-        help="largest request body (default 10MiB)",
+        help="largest request body, bytes or e.g. 10MiB (default 10MiB)",
     )
     serve.add_argument(
         "--enforce-credits",
@@ -106,23 +151,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     keys = sub.add_parser("keys", help="manage API keys")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=Parser)
     create = keys_sub.add_parser("create", help="create a key; prints the secret once")
     _db(create)
-    create.add_argument("--tenant", required=True)
-    create.add_argument("--role", choices=commands.ROLES, default="admin")
-    create.add_argument("--name")
-    create.add_argument("--project")
+    create.add_argument("--tenant", required=True, help="the tenant the key acts for")
+    create.add_argument(
+        "--role",
+        choices=commands.ROLES,
+        required=True,
+        help="reader < writer < admin; choose the least the caller needs",
+    )
+    create.add_argument("--name", help="a label shown by keys list")
+    create.add_argument("--project", help="confine the key to one project")
     listing = keys_sub.add_parser("list", help="list keys (never secrets)")
     _db(listing)
-    listing.add_argument("--tenant")
+    listing.add_argument("--tenant", help="only this tenant's keys")
     revoke = keys_sub.add_parser("revoke", help="revoke a key")
     _db(revoke)
-    revoke.add_argument("key_id")
+    revoke.add_argument("key_id", help="the key's id, as keys list shows it")
 
     rb = sub.add_parser("rebuild", help="replay every event into fresh read models")
     _db(rb)
-    rb.add_argument("--projection", choices=sorted(PROJECTORS))
+    rb.add_argument(
+        "--projection", choices=sorted(PROJECTORS), help="one read model (all if unset)"
+    )
     rb.add_argument(
         "--verify",
         action="store_true",
@@ -136,16 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="stream the audit log")
     _db(export)
-    export.add_argument("--tenant")
-    export.add_argument("--format", choices=("ndjson", "csv"), default="ndjson")
-    export.add_argument("--out")
+    export.add_argument("--tenant", help="one tenant's chain (every tenant if unset)")
+    export.add_argument("--format", choices=("ndjson", "csv"), default="ndjson", help="line format")
+    export.add_argument("--out", help="write to this file (stdout if unset)")
     export.add_argument("--since", type=_time, help="RFC 3339; events that occurred at or after")
     export.add_argument("--until", type=_time, help="RFC 3339; events that occurred before")
-    export.add_argument("--job")
+    export.add_argument("--job", help="one job's events")
+    export.add_argument(
+        "--account", help="that account's jobs (deleted ones too) and grants; needs --tenant"
+    )
 
     verify = sub.add_parser("verify", help="recompute the hash chain")
     _db(verify)
-    verify.add_argument("--tenant")
+    verify.add_argument("--tenant", help="one tenant's chain (each tenant's if unset)")
     verify.add_argument("--file", help="an NDJSON export to verify instead of the database")
     cli_reads.add_parsers(sub)
     return parser
@@ -172,6 +227,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_token=args.metrics_token or None,
     )
     backend_for(args.db)  # a bad URL fails here, before the server starts
+    # bind before anything else: a busy port is one line, and no database is created
+    sock = _bind(args.host, args.port)
     app = create_app(settings)
 
     async def announce(app: web.Application) -> None:
@@ -180,7 +237,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not existing:
             print(
                 "jobledger: no API keys yet. Create the first admin key with:\n"
-                f"  jobledger keys create --db {args.db} --tenant <your-org> --role admin",
+                f"  {_me()} keys create --db {args.db} --tenant <your-org> --role admin",
                 flush=True,
             )
 
@@ -194,24 +251,55 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     app.on_startup.append(announce)
     app.cleanup_ctx.append(flush_logs)
+    port = sock.getsockname()[1]
     try:
         web.run_app(
             app,
-            host=args.host,
-            port=args.port,
+            sock=sock,
             access_log=None,
             shutdown_timeout=30.0,
             # called once the socket is bound, so the line is never a lie
             print=lambda _: print(
-                f"jobledger: serving on http://{args.host}:{args.port}\n"
-                f"jobledger: dashboard at http://{args.host}:{args.port}/ui/ "
+                f"jobledger: serving on http://{args.host}:{port}\n"
+                f"jobledger: dashboard at http://{args.host}:{port}/ui/ "
                 f"(sign in with an API key), API reference at /docs",
                 flush=True,
             ),
         )
-    except OSError as exc:
-        raise CliError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    finally:
+        sock.close()
     return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, or one line saying why not."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise CliError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise CliError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _me() -> str:
+    """How to run this command again: bare ``jobledger`` only when that is on PATH."""
+    import shutil
+
+    here = os.path.realpath(sys.argv[0])
+    found = shutil.which("jobledger")
+    if found is not None and os.path.realpath(found) == here:
+        return "jobledger"
+    relative = os.path.relpath(here)
+    return relative if not relative.startswith("..") else here
 
 
 @contextmanager
@@ -272,12 +360,7 @@ async def cmd_keys(args: argparse.Namespace) -> int:
                 found = await key_models.listing(conn, args.tenant)
             if args.tenant is not None and not found:
                 raise CliError(f"unknown tenant {args.tenant!r}: it has no keys")
-            for key in found:
-                state = "revoked" if key.revoked_at else "active"
-                print(
-                    f"{key.key_id} {key.tenant} {key.role} {key.project or '--'} "
-                    f"{key.created_at} {state}"
-                )
+            _print_keys(found)
         else:
             async with store.backend.read() as conn:
                 found_key = await key_models.by_id(conn, args.key_id)
@@ -291,6 +374,26 @@ async def cmd_keys(args: argparse.Namespace) -> int:
     finally:
         await store.stop()
     return 0
+
+
+def _print_keys(found: list[key_models.ApiKey]) -> None:
+    """One aligned row per key under a header; the name last, as it may hold spaces."""
+    header = ("KEY_ID", "TENANT", "ROLE", "PROJECT", "CREATED_AT", "STATE", "NAME")
+    rows = [
+        (
+            key.key_id,
+            key.tenant,
+            key.role,
+            key.project or "--",
+            str(key.created_at),
+            "revoked" if key.revoked_at else "active",
+            key.name or "--",
+        )
+        for key in found
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        print(" ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1])
 
 
 async def cmd_rebuild(args: argparse.Namespace) -> int:
@@ -329,11 +432,19 @@ async def cmd_export(args: argparse.Namespace) -> int:
     try:
         await _known_tenant(store, args.tenant)
         total = await store.max_position()
+        streams: frozenset[str] | None = None
+        if args.account is not None:
+            if args.tenant is None:
+                raise CliError("--account needs --tenant: accounts belong to a tenant")
+            async with store.backend.read() as conn:
+                ids = await account_job_ids(conn, args.tenant, args.account)
+            streams = frozenset([*ids, commands.credits_stream(args.account)])
         flt = audit.ExportFilter(
             tenant=args.tenant,
             since_us=args.since,
             until_us=args.until,
             stream=args.job,
+            streams=streams,
             until_position=total,  # a consistent end: a running server may keep appending
         )
         out: BinaryIO = sys.stdout.buffer
@@ -373,7 +484,12 @@ async def cmd_verify(args: argparse.Namespace) -> int:
         finally:
             await store.stop()
     if verdict.ok:
-        print(f"OK {verdict.count} {verdict.head}")
+        named = any(name for name, _, _ in verdict.chains)
+        if not named and len(verdict.chains) <= 1:
+            print(f"OK {verdict.count} {verdict.head}")
+        else:  # one line per chain: its count and head, comparable with that tenant's audit head
+            for name, count, head in verdict.chains:
+                print(f"OK {count} {head} {name}".rstrip())
         return 0
     where = verdict.bad_position if verdict.bad_position is not None else "-"
     print(f"FAILED {where} {verdict.reason}")

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from ledger import jobs as job_rules
 from ledger.audit import EventRecord, record
 from ledger.clock import format_opt, format_us
 from ledger.credits import from_units
@@ -146,6 +147,10 @@ class ExportQuery(Query):
 
 # -- answers ---------------------------------------------------------------------------------
 
+# Documentation annotations for the OpenAPI document: what the handlers put in these strings.
+Timestamp = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]  # RFC 3339, UTC
+JobStatus = Annotated[str, Meta(extra_json_schema={"enum": list(job_rules.STATUSES)})]
+
 
 class Executions(msgspec.Struct):
     total: int
@@ -157,16 +162,16 @@ class Executions(msgspec.Struct):
 
 class JobView(msgspec.Struct):
     id: str
-    status: str
+    status: JobStatus
     agent: str
     account: str
     project: str | None
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
-    updated_at: str
-    archived_at: str | None
-    expires_at: str | None
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+    updated_at: Timestamp
+    archived_at: Timestamp | None
+    expires_at: Timestamp | None
     row_count: int
     credits_used: Amount
     executions: Executions
@@ -206,9 +211,9 @@ class EventsPage(msgspec.Struct):
 class ResultView(msgspec.Struct):
     job_id: str
     result_id: str | None
-    status: str
+    status: JobStatus
     row_count: int
-    expires_at: str | None
+    expires_at: Timestamp | None
     data: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
 
 
@@ -229,7 +234,7 @@ class Stats(msgspec.Struct):
 class Executing(msgspec.Struct):
     job_id: str
     agent: str
-    started_at: str | None
+    started_at: Timestamp | None
     elapsed: str
 
 
@@ -274,7 +279,7 @@ class PriceView(msgspec.Struct):
     per_row: Amount
     per_execution: Amount
     per_second: Amount
-    updated_at: str | None = None
+    updated_at: Timestamp | None = None
 
 
 class PriceList(msgspec.Struct):
@@ -303,7 +308,7 @@ class Credits(msgspec.Struct):
 class StatementLine(msgspec.Struct):
     job_id: str
     agent: str
-    finished_at: str | None
+    finished_at: Timestamp | None
     row_count: int
     credits: Amount
 

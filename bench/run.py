@@ -1,4 +1,4 @@
-"""``make bench``: every scenario next to its baseline, a table of ratios, bench/results.json.
+"""``make bench``: every scenario next to its baseline, a table of ratios, a results file.
 
 This machine is noisy and the load generator shares its cores with the server, so absolute
 numbers move from run to run; each figure is therefore a ratio against a baseline measured in
@@ -38,7 +38,15 @@ from bench import procs, scenarios
 from bench.load import have_wrk
 from bench.scenarios import Sizes
 
-RESULTS = Path(__file__).resolve().parent / "results.json"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def results_path() -> Path:
+    """A new file per run, named by its UTC start time: a run never overwrites an earlier one."""
+    stamp = time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime())
+    return RESULTS_DIR / f"{stamp}.json"
+
+
 SCENARIOS = ("append", "rebuild", "reads", "export", "postgres")
 QUICK = Sizes(
     history_events=50_000,
@@ -446,7 +454,8 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     render(results)
-    out = Path(args.out) if args.out else RESULTS
+    out = Path(args.out) if args.out else results_path()
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     log(f"wrote {out}")
     failed = [n for n in SCENARIOS if isinstance(results.get(n), dict) and "error" in results[n]]
@@ -495,7 +504,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--tmp-dir", help="where to make the temporary directory")
-    parser.add_argument("--out", help=f"results file (default {RESULTS})")
+    parser.add_argument(
+        "--out", help=f"results file (default: a new {RESULTS_DIR}/<UTC time>.json)"
+    )
     parser.add_argument(
         "--render",
         metavar="RESULTS_JSON",

@@ -203,6 +203,9 @@ class Verdict:
     head: str
     bad_position: int | None = None
     reason: str = ""
+    # each intact chain, as (tenant or "", its event count, its last hash), in order of its
+    # first event; a file does not name tenants, so its chains are labelled ""
+    chains: tuple[tuple[str, int, str], ...] = ()
 
 
 def _header(e: dict[str, Any]) -> dict[str, Any]:
@@ -232,7 +235,8 @@ def verify_lines(lines: Iterable[bytes | str]) -> Verdict:
     Events of several tenants may interleave: each event must extend the end of some chain
     (or start one with 64 zeros). The first event of a filtered export anchors its chain.
     """
-    heads: set[str] = set()
+    heads: dict[str, int] = {}  # the end of each chain -> its index in ``counts``
+    counts: list[list[Any]] = []  # [count, last hash] per chain, in order of its first event
     count, last = 0, chain.GENESIS
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -254,11 +258,16 @@ def verify_lines(lines: Iterable[bytes | str]) -> Verdict:
         reason = check_event(e, prev if isinstance(prev, str) else "")
         if reason is not None:
             return Verdict(False, count, last, position, reason)
-        heads.discard(prev)
-        heads.add(e["hash"])
+        index = heads.pop(prev, None) if isinstance(prev, str) else None
+        if index is None:
+            index = len(counts)
+            counts.append([0, ""])
+        counts[index][0] += 1
+        counts[index][1] = e["hash"]
+        heads[e["hash"]] = index
         count += 1
         last = e["hash"]
-    return Verdict(True, count, last)
+    return Verdict(True, count, last, chains=tuple(("", n, h) for n, h in counts))
 
 
 def _row_event(e: Recorded) -> dict[str, Any]:
@@ -392,7 +401,8 @@ async def verify_store(backend: Backend, tenant: str | None = None) -> Verdict:
         return Verdict(False, count, last, bad, reason)
     if tenant is not None:
         return Verdict(True, count, chains.get(tenant, (chain.GENESIS, 0, 0))[0])
-    return Verdict(True, count, last)
+    ends = tuple((name, n, digest) for name, (digest, n, _) in sorted(chains.items()))
+    return Verdict(True, count, last, chains=ends)
 
 
 def read_lines(path: str) -> Iterator[bytes]:

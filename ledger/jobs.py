@@ -6,12 +6,13 @@ contract's transitions), by replays for time travel, and by projection rebuilds.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import msgspec
 
-from ledger.clock import parse_us
-from ledger.credits import charge
+from ledger.clock import format_us, parse_us
+from ledger.credits import charge, from_units, to_units
 from ledger.errors import Invalid, InvalidTransition
 from ledger.events import (
     DEFAULT_PRICE,
@@ -171,7 +172,7 @@ def _apply(job: JobState, event: Event, at: int, check: bool) -> None:
             job.deleted = True
         case JobRedacted():
             if event.state is not None:
-                kept = msgspec.convert(event.state, JobState)
+                kept = msgspec.convert(from_snapshot(event.state), JobState)
                 kept.version, kept.position = job.version, job.position
                 kept.updated_at = job.updated_at
                 _copy_into(job, kept)
@@ -273,7 +274,41 @@ def redaction_snapshot(job: JobState) -> dict[str, Any]:
         redacted=True,
     )
     snapshot: dict[str, Any] = msgspec.to_builtins(kept)
-    return snapshot
+    return to_snapshot(snapshot)
+
+
+# The snapshot in ``job.redacted`` is read by auditors: it speaks the API's units (RFC 3339 times,
+# decimal credits as strings, like every amount in event data), not the storage's (epoch
+# microseconds, ten-thousandths). Snapshots written before hold the storage units (integers);
+# ``from_snapshot`` reads both.
+SNAPSHOT_TIMES = (
+    "created_at",
+    "started_at",
+    "finished_at",
+    "updated_at",
+    "archived_at",
+    "expires_at",
+)
+
+
+def to_snapshot(state: dict[str, Any]) -> dict[str, Any]:
+    out = dict(state)
+    for name in SNAPSHOT_TIMES:
+        if isinstance(out.get(name), int):
+            out[name] = format_us(out[name])
+    if isinstance(out.get("credits_used"), int):
+        out["credits_used"] = str(from_units(out["credits_used"]))
+    return out
+
+
+def from_snapshot(snapshot: dict[str, Any]) -> dict[str, Any]:
+    out = dict(snapshot)
+    for name in SNAPSHOT_TIMES:
+        if isinstance(out.get(name), str):
+            out[name] = parse_us(out[name], field=name)
+    if isinstance(out.get("credits_used"), str):
+        out["credits_used"] = to_units(Decimal(out["credits_used"]), field="credits_used")
+    return out
 
 
 def _copy_into(target: JobState, source: JobState) -> None:

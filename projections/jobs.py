@@ -263,3 +263,11 @@ async def billable_between(
         params.append(until)
     rows = await conn.fetchall(sql + " ORDER BY finished_us, seq", params)
     return [_DECODE(r[0]) for r in rows]
+
+
+async def account_job_ids(conn: Conn, tenant: str, account: str) -> list[str]:
+    """Every job id of ``account``, deleted ones included (an account's audit trail)."""
+    rows = await conn.fetchall(
+        "SELECT id FROM jobs WHERE tenant = ? AND account = ? ORDER BY seq", (tenant, account)
+    )
+    return [r[0] for r in rows]

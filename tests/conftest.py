@@ -7,6 +7,7 @@ around the test, whenever ``JOBLEDGER_TEST_POSTGRES`` names a server.
 
 from __future__ import annotations
 
+import json as json_module
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -21,6 +22,7 @@ from api.context import STORE
 from api.settings import Settings
 from ledger import commands
 from ledger.store import EventStore
+from tests.openapi_check import Checker, checker
 
 PG_ENV = "JOBLEDGER_TEST_POSTGRES"
 
@@ -63,6 +65,18 @@ def _with_db(url: str, name: str) -> str:
     return f"{scheme}://{host}/{name}"
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """One line per reason why tests were skipped (e.g. no PostgreSQL), however many."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
+        terminalreporter.write_line(f"skipped {count}: {reason}")
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[str]:
     if request.param == "sqlite":
@@ -103,7 +117,11 @@ def store(client: TestClient[Any, Any], app: web.Application) -> EventStore:
 
 
 class Api:
-    """A thin JSON client for one key; each call checks the status it expects."""
+    """A thin JSON client for one key; each call checks the status it expects.
+
+    Every answer is also validated against the OpenAPI document the server serves
+    (``tests/openapi_check.py``), so an answer that drifts from the document fails its test.
+    """
 
     def __init__(
         self, client: TestClient[Any, Any], secret: str | None, project: str | None = None
@@ -114,6 +132,15 @@ class Api:
             self.headers["Authorization"] = f"Bearer {secret}"
         if project is not None:
             self.headers["X-Project-Id"] = project
+        self.checker: Checker | None = None
+
+    async def _checker(self) -> Checker:
+        if self.checker is None:
+            async with self.client.get("/v1/openapi.json") as resp:
+                assert resp.status == 200
+                raw = await resp.read()
+            self.checker = checker(raw, json_module.loads(raw))
+        return self.checker
 
     async def call(
         self,
@@ -133,9 +160,15 @@ class Api:
             body = await resp.read()
             if status is not None:
                 assert resp.status == status, f"{method} {path}: {resp.status} {body[:500]!r}"
+            (await self._checker()).check(
+                method,
+                resp.url.raw_path,
+                dict(resp.url.query),
+                resp.status,
+                dict(resp.headers),
+                body,
+            )
             if resp.content_type == "application/json":
-                import json as json_module
-
                 return json_module.loads(body)
             return body.decode()
 

@@ -330,7 +330,12 @@ async def test_untouched_database_verifies(
     await closed_history(client, api, make_api)
     done = await acli("verify", "--db", db)
     assert done.code == 0, done.err
-    assert done.out.splitlines() == [f"OK {len(positions(db))} {_last_hash(db)}"]
+    with sqlite3.connect(db) as conn:
+        tenants = sorted(r[0] for r in conn.execute("SELECT DISTINCT tenant FROM events"))
+    assert len(tenants) > 1
+    assert done.out.splitlines() == [  # one line per tenant: its count, its head, its name
+        f"OK {len(positions(db, t))} {_last_hash(db, t)} {t}" for t in tenants
+    ]
     acme = await acli("verify", "--db", db, "--tenant", "acme")
     assert acme.code == 0
     assert acme.out.splitlines() == [f"OK {len(positions(db, 'acme'))} {_last_hash(db, 'acme')}"]
@@ -638,6 +643,10 @@ async def test_redaction_erases_and_keeps_the_chain(
     for event in events[:-1]:
         assert event["data"] is None and event["redacted"] is True
     assert events[-1]["data"]["reason"] == "GDPR art. 17"
+    snapshot = events[-1]["data"]["state"]  # in the API's units, as auditors read it
+    assert snapshot["credits_used"] == "2.5" and job_before["credits_used"] == 2.5
+    for name in ("created_at", "started_at", "finished_at", "updated_at", "expires_at"):
+        assert snapshot[name] == job_before[name], name
     exported = await export(api)
     verify_chain(exported)
     assert MARKER not in json.dumps(exported)
@@ -738,7 +747,7 @@ def readme_verifier() -> str:
     blocks = text.split("```python\n")[1:]
     code = [b.split("```", 1)[0] for b in blocks if "sys.argv[1]" in b]
     assert len(code) == 1
-    assert len(code[0].strip().splitlines()) <= 16
+    assert len(code[0].strip().splitlines()) <= 20
     return code[0]
 
 
@@ -756,7 +765,7 @@ async def run_python(script: Path, *args: str) -> Done:
 
 
 async def test_readme_verifier_accepts_a_real_export(api: Api, tmp_path: Path) -> None:
-    """The documented fifteen-line verifier passes a real export and fails a tampered one."""
+    """The documented twenty-line verifier passes a real export and fails a tampered one."""
     script = tmp_path / "verify.py"
     script.write_text(readme_verifier())
     await build_history(api)
@@ -780,3 +789,28 @@ async def test_readme_verifier_accepts_a_real_export(api: Api, tmp_path: Path) -
     dropped = tmp_path / "dropped.ndjson"
     dropped.write_text("".join(line + "\n" for i, line in enumerate(text.splitlines()) if i != 2))
     assert (await run_python(script, str(dropped))).code == 1
+
+
+async def test_docs_verifier_checks_every_tenants_chain(
+    db_url: str, api: Api, make_api: MakeApi, tmp_path: Path
+) -> None:
+    """On an export of every tenant, the docs' verifier prints what ``verify --file`` prints:
+    one line per tenant's chain, each ending at that tenant's head."""
+    script = tmp_path / "verify.py"
+    script.write_text(readme_verifier())
+    globex = await make_api("globex")
+    for caller in (api, globex, api):
+        await caller.post("/v1/jobs", {"agent": "a"})
+    every = tmp_path / "every.ndjson"
+    assert (await acli("export", "--db", db_url, "--out", str(every))).code == 0
+    by_script = await run_python(script, str(every))
+    by_cli = await acli("verify", "--file", str(every))
+    assert by_script.code == 0 and by_cli.code == 0, by_script.err + by_cli.err
+    assert by_script.out == by_cli.out
+    heads = [await caller.get("/v1/audit/head") for caller in (api, globex)]
+    assert by_script.out.splitlines() == [f"OK {h['count']} {h['hash']}" for h in heads]
+    per_tenant = await acli("verify", "--db", db_url)
+    names = ["acme", "globex"]
+    assert per_tenant.out.splitlines() == [
+        f"OK {h['count']} {h['hash']} {name}" for h, name in zip(heads, names, strict=True)
+    ]

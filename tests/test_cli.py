@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import re
+import socket
 import subprocess
 from pathlib import Path
 
@@ -17,9 +18,10 @@ from tests.conftest import Api
 from tests.serverproc import JOBLEDGER, Done, acli, acreate_key, env, served
 
 KEY_LINE = re.compile(
-    r"^(key_[0-9A-Za-z]+) (\S+) (admin|writer|reader) (\S+) "
-    r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z) (active|revoked)$"
+    r"^(key_[0-9A-Za-z]+) +(\S+) +(admin|writer|reader) +(\S+) +"
+    r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z) +(active|revoked) +(.+)$"
 )
+KEYS_HEADER = ["KEY_ID", "TENANT", "ROLE", "PROJECT", "CREATED_AT", "STATE", "NAME"]
 
 
 def one_line_error(done: Done) -> str:
@@ -39,22 +41,55 @@ def one_line_error(done: Done) -> str:
         ["bogus"],
         ["keys"],
         ["keys", "create"],
+        ["keys", "create", "--tenant", "acme"],
         ["keys", "create", "--tenant", "acme", "--role", "root"],
         ["keys", "revoke"],
         ["export", "--format", "xml"],
         ["export", "--since", "last tuesday"],
         ["rebuild", "--projection", "nope"],
         ["serve", "--port", "http"],
+        ["serve", "--port", "99999"],
         ["serve", "--rate-limit", "fast"],
         ["verify", "--nope"],
     ],
 )
 async def test_usage_errors_exit_2(argv: list[str], tmp_path: Path) -> None:
-    """A malformed command line exits 2 with usage help and no traceback."""
+    """A malformed command line exits 2 with one line pointing at the help; no traceback."""
     done = await acli(*argv, *(["--db", str(tmp_path / "x.db")] if len(argv) > 1 else []))
     assert done.code == 2, (done.out, done.err)
-    assert "usage:" in done.err and "Traceback" not in done.err
+    assert len(done.err.strip().splitlines()) == 1, done.err
+    assert done.err.startswith("jobledger: ") and "--help" in done.err
+    assert "Traceback" not in done.err and "OverflowError" not in done.err
     assert not (tmp_path / "x.db").exists()
+
+
+async def test_help_shows_defaults_and_version() -> None:
+    """``--help`` shows each flag's default; ``--version`` prints the installed version."""
+    serve = await acli("serve", "--help")
+    assert serve.code == 0
+    text = " ".join(serve.out.split())
+    for shown in ("(default: 127.0.0.1)", "(default: 8080)", "(default: 7d)", "10MiB"):
+        assert shown in text, serve.out
+    assert "``" not in (await acli("--help")).out  # no RST markup in the description
+    create = await acli("keys", "create", "--help")
+    usage = " ".join(create.out.split())
+    assert "--tenant TENANT --role {" in usage and "[--role" not in usage  # required, no default
+    done = await acli("--version")
+    assert done.code == 0 and re.fullmatch(r"jobledger \d+\.\d+\.\d+\S*\n", done.out), done.out
+
+
+async def test_serve_on_a_busy_port_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
+    """``serve`` on a port in use exits 1 with one line, before it creates a database."""
+    db = tmp_path / "ledger.db"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = await acli("serve", "--db", str(db), "--port", str(port), seconds=30)
+    line = one_line_error(done)
+    assert f"127.0.0.1:{port}" in line
+    assert done.out == ""  # no "no API keys yet" hint for a server that never ran
+    assert not db.exists()
 
 
 @pytest.mark.parametrize(
@@ -83,7 +118,7 @@ async def test_missing_database_is_one_line(argv: list[str], tmp_path: Path) -> 
 )
 async def test_bad_database_urls_are_one_line(url: str) -> None:
     """An unsupported URL or a missing directory exits 1 with one line."""
-    one_line_error(await acli("keys", "create", "--db", url, "--tenant", "acme"))
+    one_line_error(await acli("keys", "create", "--db", url, "--tenant", "acme", "--role", "admin"))
     one_line_error(await acli("verify", "--db", url))
 
 
@@ -132,7 +167,7 @@ async def test_keys_create_prints_the_secret_last(tmp_path: Path) -> None:
     assert secret == secret.strip() and " " not in secret and len(secret) >= 32
     assert secret not in "\n".join(done.out.splitlines()[:-1])
     assert secret.encode() not in _file_bytes(db)
-    second = await acli("keys", "create", "--db", db, "--tenant", "acme")
+    second = await acli("keys", "create", "--db", db, "--tenant", "acme", "--role", "reader")
     assert second.last_line != secret
 
 
@@ -142,8 +177,12 @@ def _file_bytes(db: str) -> bytes:
 
 
 async def test_keys_list_format(tmp_path: Path) -> None:
-    """``keys list`` prints ``KEY_ID TENANT ROLE PROJECT-or-- CREATED_AT active|revoked``."""
+    """``keys list`` prints a header, then ``KEY_ID TENANT ROLE PROJECT CREATED_AT STATE NAME``."""
     db = str(tmp_path / "ledger.db")
+    named = await acli(
+        "keys", "create", "--db", db, "--tenant", "acme", "--role", "admin", "--name", "ci bot"
+    )
+    assert named.code == 0, named.err
     keys = [
         await acreate_key(db, "acme"),
         await acreate_key(db, "acme", "writer", "p1"),
@@ -157,9 +196,13 @@ async def test_keys_list_format(tmp_path: Path) -> None:
 
     listing = await acli("keys", "list", "--db", db)
     assert listing.code == 0
-    rows = [KEY_LINE.match(line) for line in listing.out.splitlines()]
+    header, *lines = listing.out.splitlines()
+    assert header.split() == KEYS_HEADER
+    rows = [KEY_LINE.match(line) for line in lines]
     assert all(rows), listing.out
-    found = {m.group(1): (*m.groups()[1:4], m.group(6)) for m in rows if m}
+    names = {m.group(7) for m in rows if m}
+    assert names == {"ci bot", "--"}
+    found = {m.group(1): (*m.groups()[1:4], m.group(6)) for m in rows if m and m.group(7) == "--"}
     assert found == {
         admin: ("acme", "admin", "--", "active"),
         writer: ("acme", "writer", "p1", "revoked"),
@@ -168,7 +211,7 @@ async def test_keys_list_format(tmp_path: Path) -> None:
     for secret in (k.secret for k in keys):
         assert secret not in listing.out
     acme = await acli("keys", "list", "--db", db, "--tenant", "acme")
-    assert {line.split()[0] for line in acme.out.splitlines()} == {admin, writer}
+    assert len(acme.out.splitlines()) == 4  # the header and acme's three keys
 
 
 async def test_cli_revocation_reaches_a_running_server(tmp_path: Path) -> None:
@@ -244,3 +287,22 @@ async def test_progress_goes_to_the_terminal_not_stdout(tmp_path: Path) -> None:
     code, out, terminal = await asyncio.to_thread(_with_terminal_stderr, "rebuild", "--db", db)
     assert code == 0 and b"rebuilding" in terminal
     assert list(json.loads(out)) == ["events", "seconds", "events_per_second"]
+
+
+async def test_export_account_holds_that_accounts_jobs_and_grants(db_url: str, api: Api) -> None:
+    """``export --account`` writes that account's jobs (deleted ones too) and its grants only."""
+    await api.post("/v1/jobs", {"id": "mine", "agent": "a", "account": "a1"})
+    await api.post("/v1/jobs", {"id": "gone", "agent": "a", "account": "a1"})
+    await api.delete("/v1/jobs/gone")
+    await api.post("/v1/jobs", {"id": "theirs", "agent": "a", "account": "a2"})
+    await api.post("/v1/credits/grants", {"account": "a1", "amount": 5})
+    await api.post("/v1/credits/grants", {"account": "a2", "amount": 7})
+    done = await acli("export", "--db", db_url, "--tenant", "acme", "--account", "a1")
+    assert done.code == 0, done.err
+    streams = {json.loads(line)["stream"] for line in done.out.splitlines()}
+    assert streams == {"mine", "gone", "$credits/a1"}
+    http = await api.get("/v1/audit/export", params={"account": "a1"})
+    assert [json.loads(line) for line in http.splitlines()] == [
+        json.loads(line) for line in done.out.splitlines()
+    ]
+    one_line_error(await acli("export", "--db", db_url, "--account", "a1"))
