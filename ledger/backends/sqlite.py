@@ -22,7 +22,7 @@ from typing import Any
 import aiosqlite
 
 from ledger.errors import StoreConflict, StoreUnavailable
-from ledger.sql import Conn, Row
+from ledger.sql import Conn, Row, TableSwap
 
 READERS = 3
 
@@ -280,6 +280,35 @@ class SqliteBackend:
         assert self._writer is not None
         async with self._write_lock:
             await self._in_writer(self._writer.execute, "PRAGMA wal_checkpoint(TRUNCATE)")
+
+    # -- bulk work (rebuilds, imports) ---------------------------------------------------------
+
+    async def set_bulk(self, bulk: bool) -> None:
+        """On: a 256 MiB page cache and sorts in memory, so loading and indexing a million
+        rows does not spill to temporary files; off: SQLite's defaults again."""
+        assert self._writer is not None
+        cache, temp = (-262144, "MEMORY") if bulk else (-2000, "DEFAULT")
+        async with self._write_lock:
+            await self._in_writer(self._writer.execute, f"PRAGMA cache_size = {cache}")
+            await self._in_writer(self._writer.execute, f"PRAGMA temp_store = {temp}")
+
+    async def swap_tables(self, conn: Conn, swaps: Sequence[TableSwap]) -> None:
+        """Drop each live table and rename its shadow in its place.
+
+        A SQLite reader sees the schema of its own snapshot with the rows of that snapshot, so
+        it reads the old tables or the new ones, never a mix; the caller indexes afterwards.
+        """
+        for swap in swaps:
+            await conn.execute(f"DROP TABLE IF EXISTS {swap.live}")
+            await conn.execute(f"ALTER TABLE {swap.shadow} RENAME TO {swap.live}")
+
+    async def copy_rows(
+        self, conn: Conn, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """One ``executemany`` on the writer's thread, run now (not left in the buffer)."""
+        marks = ", ".join("?" * len(columns))
+        await conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
+        await conn.fetchone("SELECT 1")
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
