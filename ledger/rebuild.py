@@ -29,8 +29,8 @@ log = structlog.get_logger(__name__)
 SUFFIX = "__rebuild"
 DECODE_MEMO = 50_000
 _MISSING = object()
-READ_CHUNK = 20_000
-WRITE_CHUNK = 20_000
+READ_CHUNK = 50_000
+WRITE_CHUNK = 50_000
 Progress = Callable[[int, int], None]
 _COLUMNS = "position, tenant, stream, version, type, occurred_us, data"
 
@@ -192,6 +192,7 @@ async def _replay_and_swap(
         cpu=round(time.process_time(), 3),
     )
     await backend.set_durable(False)
+    await backend.set_bulk(True)
     try:
         await _fill(backend, shadows, fold)
         log.info(
@@ -201,6 +202,7 @@ async def _replay_and_swap(
         )
         fold.difference = await _catch_up_and_swap(backend, projectors, shadows, fold, verify)
     finally:
+        await backend.set_bulk(False)
         await backend.set_durable(True)
 
 

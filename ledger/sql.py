@@ -86,6 +86,11 @@ class Backend(Protocol):
         """Make erased bytes unreadable in the database files (after a redaction)."""
         ...
 
+    def json_text(self, expr: str) -> str:
+        """SQL that renders the text ``expr`` as a JSON string, escaped exactly as
+        ``json.dumps(ensure_ascii=False)`` and msgspec escape it."""
+        ...
+
     async def set_bulk(self, bulk: bool) -> None:
         """``True`` lets the writer use more memory for bulk loads and index builds."""
         ...

@@ -447,6 +447,11 @@ class PostgresBackend:
 
     # -- bulk work (rebuilds, imports) -------------------------------------------------------
 
+    def json_text(self, expr: str) -> str:
+        # to_json escapes '"', '\\', \b \f \n \r \t and other controls as \u00xx, keeps
+        # every other character: byte for byte what json.dumps(ensure_ascii=False) does
+        return f"to_json({expr})::text"
+
     async def set_bulk(self, bulk: bool) -> None:
         return None  # the server's own memory settings apply
 

@@ -283,14 +283,23 @@ class SqliteBackend:
 
     # -- bulk work (rebuilds, imports) ---------------------------------------------------------
 
+    def json_text(self, expr: str) -> str:
+        # json_quote escapes '"', '\\', \b \f \n \r \t and other controls as \u00xx, keeps
+        # every other character as UTF-8: byte for byte what json.dumps(ensure_ascii=False) does
+        return f"json_quote({expr})"
+
     async def set_bulk(self, bulk: bool) -> None:
         """On: a 256 MiB page cache and sorts in memory, so loading and indexing a million
-        rows does not spill to temporary files; off: SQLite's defaults again."""
+        rows does not spill to temporary files, and no checkpoint after every commit (one
+        when it is switched off); off: SQLite's defaults again."""
         assert self._writer is not None
-        cache, temp = (-262144, "MEMORY") if bulk else (-2000, "DEFAULT")
+        cache, temp, pages = (-262144, "MEMORY", 0) if bulk else (-2000, "DEFAULT", 1000)
         async with self._write_lock:
             await self._in_writer(self._writer.execute, f"PRAGMA cache_size = {cache}")
             await self._in_writer(self._writer.execute, f"PRAGMA temp_store = {temp}")
+            await self._in_writer(self._writer.execute, f"PRAGMA wal_autocheckpoint = {pages}")
+            if not bulk:
+                await self._in_writer(self._writer.execute, "PRAGMA wal_checkpoint(PASSIVE)")
 
     async def swap_tables(self, conn: Conn, swaps: Sequence[TableSwap]) -> None:
         """Drop each live table and rename its shadow in its place.
