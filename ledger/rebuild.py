@@ -2,10 +2,12 @@
 
 The replay reads the history in chunks and folds job states with the same ``evolve`` the write
 path uses. Projections get *compacted* changes (each job once, from nothing to its final state),
-so a million events cost a fraction of a million row writes. Shadow tables fill in short
-transactions while servers keep writing; then, holding the write lock, the rebuild folds the
-events appended meanwhile, and drops, renames and indexes in one transaction: readers see the
-old read models or the new ones, never a half-built one.
+so a million events cost a fraction of a million row writes. Shadow tables, created without
+their secondary indexes, fill in short transactions while servers keep writing; then, holding
+the write lock, the rebuild folds the events appended meanwhile, the backend swaps the shadows
+in (``Backend.swap_tables``) and the live tables are indexed, in one transaction: readers see
+the old read models or the new ones, never a half-built one. Which tables a read model has,
+and how their rows compare, the projectors describe (``Projector.specs``).
 """
 
 from __future__ import annotations
@@ -294,6 +296,7 @@ async def write_models(
             batch.changes[key] = Change(key[0], None, state)
         for shadow in shadows:
             await shadow.apply(conn, batch)
+        await conn.fetchone("SELECT 1")  # write this chunk now: rows do not pile up in memory
     await _swap(backend, conn, projectors)
 
 
