@@ -409,12 +409,15 @@ def _has_events(db_path: str | Path) -> bool:
 
 
 async def _store_has_events(db_path: str | Path) -> bool:
-    store = EventStore(backend_for(str(db_path)), all_projectors())
-    await store.start(writer=False)
+    backend = backend_for(str(db_path))
+    await backend.open()
     try:
-        return await store.max_position() > 0
+        async with backend.read() as conn:
+            return await conn.fetchone("SELECT 1 FROM events LIMIT 1") is not None
+    except Exception:  # no events table yet: a new database
+        return False
     finally:
-        await store.stop()
+        await backend.close()
 
 
 def generate(

@@ -32,8 +32,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import structlog
 
+from ledger.backends.bulk import PostgresBulk
 from ledger.errors import StoreConflict, StoreUnavailable
-from ledger.sql import Conn, Row, TableSwap
+from ledger.sql import Conn, Row
 
 log = structlog.get_logger(__name__)
 
@@ -194,7 +195,7 @@ class PostgresConn:
         return None if record is None else tuple(record)
 
 
-class PostgresBackend:
+class PostgresBackend(PostgresBulk):
     """An asyncpg pool, an advisory lock for appends and LISTEN/NOTIFY for wake-ups."""
 
     dialect = "postgres"
@@ -444,70 +445,3 @@ class PostgresBackend:
                     log.warning("postgres.vacuum_failed", table=table, error=str(exc))
             if not self._vacuum_again:
                 return
-
-    # -- bulk work (rebuilds, imports) -------------------------------------------------------
-
-    def json_text(self, expr: str) -> str:
-        # to_json escapes '"', '\\', \b \f \n \r \t and other controls as \u00xx, keeps
-        # every other character: byte for byte what json.dumps(ensure_ascii=False) does
-        return f"to_json({expr})::text"
-
-    async def set_bulk(self, bulk: bool) -> None:
-        return None  # the server's own memory settings apply
-
-    async def swap_tables(self, conn: Conn, swaps: Sequence[TableSwap]) -> None:
-        """Merge each shadow's rows into its live table (see ``_merge_statements``)."""
-        for swap in swaps:
-            for sql in _merge_statements(swap):
-                await conn.execute(sql)
-
-    async def copy_rows(
-        self, conn: Conn, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
-    ) -> None:
-        """``COPY`` through asyncpg's binary protocol."""
-        assert isinstance(conn, PostgresConn), "a connection of this backend"
-        conn._check()
-        try:
-            await conn._conn.copy_records_to_table(table, records=rows, columns=list(columns))
-        except Exception as exc:
-            failed = conn._failed(exc)
-            if failed is exc:
-                raise
-            raise failed from exc
-
-
-# -- bulk work (rebuilds, imports) -------------------------------------------------------------
-
-
-def _merge_statements(swap: TableSwap) -> list[str]:
-    """Statements that make ``swap.live`` hold exactly the rows of ``swap.shadow``.
-
-    Why not drop and rename, as on SQLite: PostgreSQL resolves table names in the current
-    catalog, not in the reader's snapshot. A ``REPEATABLE READ`` reader whose snapshot was
-    taken before the swap committed (its first statement ran earlier, or waited for the swap's
-    lock after taking it) would read the renamed shadow through that old snapshot, which cannot
-    see the rows the swap transaction wrote: the jobs of the last events would be missing (and
-    locking the tables first does not help, the snapshot is older than the lock). Changing rows
-    keeps the table (and its indexes) and is ordinary MVCC: an older snapshot sees the old
-    rows, a newer one the new rows, and no reader waits. Only rows that differ are written.
-    """
-    live, shadow = swap.live, swap.shadow
-    on = " AND ".join(f"s.{k} = l.{k}" for k in swap.key)
-    values = [c for c in swap.columns if c not in swap.key]
-    columns = ", ".join(swap.columns)
-    statements = [
-        f"DELETE FROM {live} AS l WHERE NOT EXISTS (SELECT 1 FROM {shadow} AS s WHERE {on})",
-    ]
-    if values:
-        statements.append(
-            f"UPDATE {live} AS l SET {', '.join(f'{c} = s.{c}' for c in values)} "
-            f"FROM {shadow} AS s WHERE {on} AND "
-            f"({', '.join(f'l.{c}' for c in values)}) IS DISTINCT FROM "
-            f"({', '.join(f's.{c}' for c in values)})"
-        )
-    statements += [
-        f"INSERT INTO {live} ({columns}) SELECT {columns} FROM {shadow} AS s "
-        f"WHERE NOT EXISTS (SELECT 1 FROM {live} AS l WHERE {on})",
-        f"DROP TABLE {shadow}",
-    ]
-    return statements

@@ -21,8 +21,9 @@ from typing import Any
 
 import aiosqlite
 
+from ledger.backends.bulk import SqliteBulk
 from ledger.errors import StoreConflict, StoreUnavailable
-from ledger.sql import Conn, Row, TableSwap
+from ledger.sql import Conn, Row
 
 READERS = 3
 
@@ -144,7 +145,7 @@ def sqlite_path(url: str) -> str:
     return url
 
 
-class SqliteBackend:
+class SqliteBackend(SqliteBulk):
     dialect = "sqlite"
 
     def __init__(self, url: str, *, create: bool = True) -> None:
@@ -280,44 +281,6 @@ class SqliteBackend:
         assert self._writer is not None
         async with self._write_lock:
             await self._in_writer(self._writer.execute, "PRAGMA wal_checkpoint(TRUNCATE)")
-
-    # -- bulk work (rebuilds, imports) ---------------------------------------------------------
-
-    def json_text(self, expr: str) -> str:
-        # json_quote escapes '"', '\\', \b \f \n \r \t and other controls as \u00xx, keeps
-        # every other character as UTF-8: byte for byte what json.dumps(ensure_ascii=False) does
-        return f"json_quote({expr})"
-
-    async def set_bulk(self, bulk: bool) -> None:
-        """On: a 256 MiB page cache and sorts in memory, so loading and indexing a million
-        rows does not spill to temporary files, and no checkpoint after every commit (one
-        when it is switched off); off: SQLite's defaults again."""
-        assert self._writer is not None
-        cache, temp, pages = (-262144, "MEMORY", 0) if bulk else (-2000, "DEFAULT", 1000)
-        async with self._write_lock:
-            await self._in_writer(self._writer.execute, f"PRAGMA cache_size = {cache}")
-            await self._in_writer(self._writer.execute, f"PRAGMA temp_store = {temp}")
-            await self._in_writer(self._writer.execute, f"PRAGMA wal_autocheckpoint = {pages}")
-            if not bulk:
-                await self._in_writer(self._writer.execute, "PRAGMA wal_checkpoint(PASSIVE)")
-
-    async def swap_tables(self, conn: Conn, swaps: Sequence[TableSwap]) -> None:
-        """Drop each live table and rename its shadow in its place.
-
-        A SQLite reader sees the schema of its own snapshot with the rows of that snapshot, so
-        it reads the old tables or the new ones, never a mix; the caller indexes afterwards.
-        """
-        for swap in swaps:
-            await conn.execute(f"DROP TABLE IF EXISTS {swap.live}")
-            await conn.execute(f"ALTER TABLE {swap.shadow} RENAME TO {swap.live}")
-
-    async def copy_rows(
-        self, conn: Conn, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
-    ) -> None:
-        """One ``executemany`` on the writer's thread, run now (not left in the buffer)."""
-        marks = ", ".join("?" * len(columns))
-        await conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
-        await conn.fetchone("SELECT 1")
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
