@@ -24,6 +24,7 @@ from ledger import audit, commands
 from ledger.backends import backend_for
 from ledger.clock import parse_duration, parse_us
 from ledger.errors import LedgerError
+from ledger.importer import import_file
 from ledger.rebuild import rebuild
 from ledger.store import EventStore
 from projections import PROJECTORS, new_store
@@ -197,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--account", help="that account's jobs (deleted ones too) and grants; needs --tenant"
     )
+
+    imp = sub.add_parser("import", help="load an NDJSON export into an empty database")
+    _db(imp)
+    imp.add_argument("file", help="an NDJSON export (jobledger export, GET /v1/audit/export)")
+    imp.add_argument("--tenant", help="the tenant of a one-tenant export (its lines name none)")
 
     verify = sub.add_parser("verify", help="recompute the hash chain")
     _db(verify)
@@ -470,6 +476,28 @@ async def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_import(args: argparse.Namespace) -> int:
+    if not await asyncio.to_thread(os.path.isfile, args.file):
+        raise CliError(f"cannot read {args.file}: no such file")
+    store = await _open(args.db, create=True, writer=False)
+    try:
+        with _progress("importing") as progress:
+            report = await import_file(
+                store.backend, store.projectors, args.file, tenant=args.tenant, progress=progress
+            )
+    finally:
+        await store.stop()
+    summary = {
+        "events": report.events,
+        "tenants": report.tenants,
+        "jobs": report.jobs,
+        "seconds": round(report.seconds, 3),
+        "events_per_second": round(report.events_per_second, 1),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
 async def cmd_verify(args: argparse.Namespace) -> int:
     if args.file:
         try:
@@ -516,6 +544,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
                 "export": cmd_export,
                 "verify": cmd_verify,
                 **cli_reads.COMMANDS,
+                "import": cmd_import,
             }[args.command]
             code = asyncio.run(runner(args))
     except CliError as exc:

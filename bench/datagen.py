@@ -1,7 +1,12 @@
-"""Write a large job history quickly through the store's own write path (not HTTP).
+"""Write a large job history quickly: an export with a valid chain, then ``jobledger import``.
 
-``generate(db_path, events)`` opens ``EventStore(backend_for(path), all_projectors())`` (what
-``api.app.open_store`` builds) and submits one command per job, many at a time, so the store's
+``generate(db_path, events)`` into a new (empty) database writes the history as the audit
+export would show it (every hash computed, ``write_history``) and loads it with the real
+``jobledger import`` command, which checks every hash again and builds the read models: about
+a million events in seconds. Into a database that already holds events (the append
+benchmark's, which already has a key) it goes through the store instead: it opens
+``EventStore(backend_for(path), all_projectors())`` (what ``api.app.open_store`` builds) and
+submits one command per job, many at a time, so the store's
 writer batches them into few transactions (group commit): each command creates the job with
 ``ledger.commands.create_job`` and appends the rest of its events with
 ``ledger.commands.append_events``, exactly what ``POST /v1/jobs`` and
@@ -16,7 +21,7 @@ the job's index: 80 % ``job.completed``, 10 % ``job.failed``, 10 % stay running 
 queued, 5 % running, 10 % completed, 5 % failed). Jobs spread round-robin over ``accounts``
 accounts (``acct-0000``...) and ``agents`` agents (``bench/agent-00``...).
 
-``path="apply"`` (the default) stages ``job.queued`` with ``UnitOfWork.apply``, as
+On that path ``path="apply"`` (the default) stages ``job.queued`` with ``UnitOfWork.apply``, as
 ``create_job`` does, but without its two per-job lookups (does the id exist? which price is in
 force?): the ids are fresh and the price is looked up once per agent. ``path="commands"`` calls
 ``create_job`` itself. Everything else (state machine, hash chain, projections, group commit)
@@ -29,14 +34,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
+import os
+import secrets
+import sqlite3
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ledger import commands
+from ledger import chain, commands
 from ledger.backends import backend_for
+from ledger.clock import format_us, now_us
 from ledger.events import (
     ErrorInfo,
     Event,
@@ -45,10 +56,13 @@ from ledger.events import (
     JobProgressed,
     JobQueued,
     JobStarted,
+    KeyCreated,
     Price,
+    event_type,
+    to_data,
 )
-from ledger.ids import new_job_id
-from ledger.store import EventStore, UnitOfWork
+from ledger.ids import _CROCKFORD, new_job_id
+from ledger.store import UnitOfWork
 from projections import new_store
 
 ACTOR = "bench-datagen"
@@ -56,7 +70,6 @@ RETENTION_S = 7 * 86400
 # Commands in flight at once: enough to fill the writer's batches (ledger.store.MAX_BATCH,
 # 512 commands a transaction); more only costs memory and scheduling.
 DEFAULT_INFLIGHT = 1024
-STOP_TIMEOUT_S = 60.0
 
 
 def account_name(i: int) -> str:
@@ -104,20 +117,6 @@ def lifecycle(index: int, n_events: int, mix: str = "lifecycle") -> list[Event]:
         return rest if kind == "running" else [last]  # queued, then started or its end
     rest.append(last)
     return rest
-
-
-async def _stop(store: EventStore) -> None:
-    """``store.stop()``, bounded: on PostgreSQL it can hang (found by this benchmark).
-
-    Python 3.11's ``asyncio.wait_for`` swallows a cancellation that arrives in the same loop
-    iteration as the awaited event (CPython gh-86296); the backend's ``wait_for_signal`` waits
-    like that for its own ``NOTIFY``, so cancelling the store's watcher right after the last
-    commit can be lost and ``stop()`` then waits for the watcher forever. Letting the last
-    ``NOTIFY`` arrive first avoids the race; the timeout turns a hang into an error.
-    """
-    if store.backend.dialect != "sqlite":
-        await asyncio.sleep(0.6)
-    await asyncio.wait_for(store.stop(), STOP_TIMEOUT_S)
 
 
 def _job_command(
@@ -222,7 +221,7 @@ async def agenerate(
         elapsed = time.perf_counter() - started
         position = store.head_position
     finally:
-        await _stop(store)
+        await store.stop()
     return {
         "db": str(db_path),
         "tenant": tenant,
@@ -242,13 +241,197 @@ async def agenerate(
     }
 
 
+# -- the fast way: an export with a valid chain, then ``jobledger import`` ---------------------
+
+
+def _crockford(value: int, chars: int) -> str:
+    return "".join(_CROCKFORD[(value >> (5 * i)) & 31] for i in range(chars - 1, -1, -1))
+
+
+def _shape(event: Event) -> tuple[str, str, str]:
+    """``(type, data text, data_hash)`` of an event, exactly as the store would stage it."""
+    data = chain.canonical(to_data(event)).decode()
+    return event_type(event), data, chain.sha256_hex(data.encode())
+
+
+def write_history(
+    out: Path,
+    tenant: str,
+    *,
+    n_jobs: int,
+    events_per_job: int = 5,
+    accounts: int = 100,
+    agents: int = 10,
+    mix: str = "lifecycle",
+    key_role: str | None = "admin",
+) -> dict[str, Any]:
+    """Write ``n_jobs`` jobs (and a key) as a one-tenant NDJSON export, every hash computed.
+
+    Every string is plain ASCII (ids, agents, accounts, times), so lines and headers are
+    formatted directly; the data texts come from the ledger's own canonical form, once per
+    distinct event. Ids are ULID-shaped: this second's time, 6 random characters, a counter.
+    """
+    shapes = [[_shape(e) for e in lifecycle(k, events_per_job, mix)] for k in range(20)]
+    queued = {
+        (a, g): _shape(JobQueued(agent=agent_name(g), account=account_name(a)))
+        for a in range(accounts)
+        for g in range(agents)
+    }
+    stamp = _crockford(now_us() // 1000, 10) + _crockford(secrets.randbits(30), 6)
+    sha256 = hashlib.sha256
+    prev = chain.GENESIS
+    position = 0
+    token: str | None = None
+    t0 = now_us() - 10 * (n_jobs * (events_per_job + 1) + 1)  # every event in the past
+    job_ids: list[str] = []
+
+    def line(stream: str, version: int, shape: tuple[str, str, str], at: str, actor: str) -> str:
+        nonlocal prev, position
+        position += 1
+        type_, data, data_hash = shape
+        eid = f"evt_{stamp}{position:010d}"
+        header = (
+            f'{{"actor":"{actor}","data_hash":"{data_hash}","event_id":"{eid}",'
+            f'"occurred_at":"{at}","position":{position},"recorded_at":"{at}",'
+            f'"stream":"{stream}","type":"{type_}","version":{version}}}'
+        )
+        digest = sha256(f"{prev}\n{header}".encode()).hexdigest()
+        text = (
+            f'{{"position":{position},"event_id":"{eid}","stream":"{stream}",'
+            f'"version":{version},"type":"{type_}","occurred_at":"{at}","recorded_at":"{at}",'
+            f'"actor":"{actor}","data":{data},"data_hash":"{data_hash}","prev_hash":"{prev}",'
+            f'"hash":"{digest}"}}\n'
+        )
+        prev = digest
+        return text
+
+    with open(out, "w", encoding="ascii") as handle:
+        if key_role is not None:
+            token = "jl_" + secrets.token_urlsafe(32)
+            key_id = f"key_{stamp}0000000000"
+            key = KeyCreated(
+                key_id=key_id,
+                role=key_role,
+                name="bench",
+                secret_sha256=commands.hash_secret(token),
+            )
+            handle.write(line(commands.key_stream(key_id), 1, _shape(key), format_us(t0), "cli"))
+        lines: list[str] = []
+        for i in range(n_jobs):
+            job_id = f"job_{stamp}{i:010d}"
+            job_ids.append(job_id)
+            t = t0 + 10 * position
+            lines.append(
+                line(
+                    job_id,
+                    1,
+                    queued[(i % accounts, (i // accounts) % agents)],
+                    format_us(t),
+                    ACTOR,
+                )
+            )
+            for version, shape in enumerate(shapes[i % 20], 2):
+                lines.append(line(job_id, version, shape, format_us(t + version), ACTOR))
+            if len(lines) >= 50_000:
+                handle.write("".join(lines))
+                lines.clear()
+        handle.write("".join(lines))
+    return {"token": token, "job_ids": job_ids, "events": position, "position": position}
+
+
+def import_history(
+    db_path: str | Path,
+    events: int,
+    tenant: str = "bench",
+    *,
+    events_per_job: int = 5,
+    jobs: int | None = None,
+    accounts: int = 100,
+    agents: int = 10,
+    mix: str = "lifecycle",
+    key_role: str | None = "admin",
+    **_: Any,
+) -> dict[str, Any]:
+    """Write the history as an export beside the database and ``jobledger import`` it."""
+    from bench import procs
+
+    n_jobs = jobs if jobs is not None else max(1, events // events_per_job)
+    started = time.perf_counter()
+    folder = Path(str(db_path)).parent if "://" not in str(db_path) else None
+    with tempfile.TemporaryDirectory(prefix="jobledger-history-", dir=folder) as tmp:
+        export = Path(tmp) / "history.ndjson"
+        history = write_history(
+            export,
+            tenant,
+            n_jobs=n_jobs,
+            events_per_job=events_per_job,
+            accounts=accounts,
+            agents=agents,
+            mix=mix,
+            key_role=key_role,
+        )
+        written = time.perf_counter() - started
+        out, wall = procs.cli("import", "--db", str(db_path), "--tenant", tenant, str(export))
+    summary = json.loads(out.strip().splitlines()[-1])
+    elapsed = time.perf_counter() - started
+    n_events = history["events"] - (1 if key_role is not None else 0)
+    job_ids: list[str] = history["job_ids"]
+    return {
+        "db": str(db_path),
+        "tenant": tenant,
+        "jobs": n_jobs,
+        "events": n_events,
+        "position": history["position"],
+        "seconds": round(elapsed, 3),
+        "events_per_second": round(n_events / elapsed, 1) if elapsed else 0.0,
+        "jobs_per_second": round(n_jobs / elapsed, 1) if elapsed else 0.0,
+        "write_seconds": round(written, 3),
+        "import": {**summary, "wall_seconds": round(wall, 3)},
+        "token": history["token"],
+        "job_ids_sample": job_ids[:: max(1, n_jobs // 1000)][:1000],
+        "accounts": accounts,
+        "agents": agents,
+        "mix": mix,
+        "path": "import",
+    }
+
+
+def _has_events(db_path: str | Path) -> bool:
+    if "://" in str(db_path):
+        return asyncio.run(_store_has_events(db_path))
+    if not os.path.exists(str(db_path)):
+        return False
+    with sqlite3.connect(str(db_path)) as conn:
+        tables = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchall()
+        found = bool(tables) and bool(conn.execute("SELECT 1 FROM events LIMIT 1").fetchall())
+    conn.close()
+    return found
+
+
+async def _store_has_events(db_path: str | Path) -> bool:
+    backend = backend_for(str(db_path))
+    await backend.open()
+    try:
+        async with backend.read() as conn:
+            return await conn.fetchone("SELECT 1 FROM events LIMIT 1") is not None
+    except Exception:  # no events table yet: a new database
+        return False
+    finally:
+        await backend.close()
+
+
 def generate(
     db_path: str | Path,
     events: int,
     tenant: str = "bench",
     **options: Any,
 ) -> dict[str, Any]:
-    """Synchronous wrapper of :func:`agenerate` (runs its own event loop)."""
+    """A new database: :func:`import_history`; one with events already: :func:`agenerate`."""
+    if options.get("path", "import") == "import" and not _has_events(db_path):
+        return import_history(db_path, events, tenant, **options)
+    options.setdefault("path", "apply")
+    if options["path"] == "import":
+        options["path"] = "apply"
     return asyncio.run(agenerate(db_path, events, tenant, **options))
 
 
@@ -264,9 +447,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--mix", choices=MIXES, default="lifecycle")
     parser.add_argument(
         "--path",
-        choices=("apply", "commands"),
-        default="apply",
-        help="commands: create_job per job (two more lookups a job); apply: uow.apply",
+        choices=("import", "apply", "commands"),
+        default="import",
+        help="import: write an export and jobledger import it (a new database only); "
+        "commands: create_job per job through the store; apply: uow.apply through the store",
     )
     parser.add_argument("--inflight", type=int, default=DEFAULT_INFLIGHT)
     parser.add_argument("--no-key", action="store_true", help="do not create an admin key")

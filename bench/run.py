@@ -47,7 +47,7 @@ def results_path() -> Path:
     return RESULTS_DIR / f"{stamp}.json"
 
 
-SCENARIOS = ("append", "rebuild", "reads", "export", "postgres")
+SCENARIOS = ("append", "rebuild", "reads", "export", "import", "postgres")
 QUICK = Sizes(
     history_events=50_000,
     small_history_events=10_000,
@@ -254,6 +254,7 @@ def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
     d = results.get("export")
     if d and "error" not in d:
         big, small = d["history"], d["history_small"]
+        raw_read = (d.get("raw_read") or {}).get("events_per_second")
         for way in ("cli", "http"):
             label = "jobledger export" if way == "cli" else "GET /v1/audit/export"
             out.append(
@@ -262,6 +263,9 @@ def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
                     f"{label}, {big[way]['events']:,} events",
                     big[way]["events_per_second"],
                     "events/s",
+                    baseline=raw_read,
+                    baseline_name="raw sqlite3 read of the columns",
+                    ratio=big[way]["events_per_second"] / raw_read if raw_read else None,
                     target=">= 150,000/s",
                     check=lambda v: v >= 150_000,
                     on="value",
@@ -278,6 +282,34 @@ def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
                 ratio=d["peak_rss_ratio"],
                 target="flat (ratio ~1)",
                 check=lambda r: r <= 1.2,
+            )
+        )
+    g = results.get("import")
+    if g and "error" not in g:
+        imp = g["history"]["import"]
+        out.append(
+            figure(
+                "import",
+                f"jobledger import, {imp['events']:,} events into SQLite",
+                imp["events_per_second"],
+                "events/s",
+                baseline=g["raw_insert"]["events_per_second"],
+                baseline_name="raw sqlite3 executemany, same rows",
+                ratio=imp["events_per_second"] / g["raw_insert"]["events_per_second"],
+                target=">= 150,000/s",
+                check=lambda v: v >= 150_000,
+                on="value",
+            )
+        )
+        out.append(
+            figure(
+                "import",
+                f"1 M-event history for the bench ({g['history']['events']:,} events)",
+                g["history"]["seconds"],
+                "s",
+                target="<= 20 s",
+                check=(lambda v: v <= 20) if g["history"]["events"] >= 1_000_000 else None,
+                on="value",
             )
         )
     f = results.get("postgres")
@@ -351,6 +383,14 @@ def diagnostics(results: dict[str, Any]) -> list[str]:
             f"datagen {name}: {d['jobs']:,} jobs, {d['events']:,} events in {d['seconds']} s "
             f"({d['events_per_second']:,.0f} events/s, {d.get('jobs_per_second', 0):,.0f} jobs/s)"
         )
+    g = results.get("import") or {}
+    if "history" in g:
+        h = g["history"]
+        out.append(
+            f"import: history written as NDJSON in {h['write_seconds']} s, imported in "
+            f"{h['import']['seconds']} s (process {h['import']['wall_seconds']} s); raw insert "
+            f"of the same rows {g['raw_insert']['seconds']:.2f} s"
+        )
     b = results.get("rebuild") or {}
     if "rebuild" in b:
         out.append(
@@ -414,7 +454,7 @@ def run(args: argparse.Namespace) -> int:
     }
     log(f"bench: {results['mode']} run in {tmp}")
     try:
-        needs_data = {"rebuild", "reads", "export"} & set(only)
+        needs_data = {"rebuild", "reads", "export", "import"} & set(only)
         data: dict[str, Any] = {}
         if needs_data:
             data = scenarios.make_data(tmp, sizes, log, needs_data)
@@ -427,6 +467,8 @@ def run(args: argparse.Namespace) -> int:
                 "mix",
                 "path",
                 "substituted",
+                "write_seconds",
+                "import",
             )
             results["datagen"] = {k: {x: v[x] for x in keep if x in v} for k, v in data.items()}
         steps: dict[str, Callable[[], dict[str, Any]]] = {
@@ -434,6 +476,7 @@ def run(args: argparse.Namespace) -> int:
             "rebuild": lambda: scenarios.rebuild(tmp, data, sizes, log),
             "reads": lambda: scenarios.reads(tmp, data, sizes, log),
             "export": lambda: scenarios.export(tmp, data, sizes, log),
+            "import": lambda: scenarios.import_(tmp, data, sizes, log),
             "postgres": lambda: scenarios.postgres(tmp, sizes, log),
         }
         for name in only:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -197,7 +198,7 @@ def make_data(
         small = make("jobs_small", 0, jobs=sizes.jobs_small, mix="backlog")
     if "export" in needs:
         make("history_small", sizes.small_history_events, events_per_job=5)
-    if needs & {"rebuild", "export"}:
+    if needs & {"rebuild", "export", "import"}:
         make("history", sizes.history_events, events_per_job=5)
     if not reads:
         return out
@@ -450,10 +451,30 @@ async def _http_export(url: str, token: str) -> tuple[int, int, float]:
     return lines, size, time.perf_counter() - started
 
 
+def raw_read(db: str) -> dict[str, Any]:
+    """Baseline for exports: stdlib sqlite3 reads every exported column of every event in
+    position order (fetchmany 10,000), encoding nothing: the database's own floor."""
+    started = time.perf_counter()
+    conn = sqlite3.connect(db)
+    events = 0
+    try:
+        cursor = conn.execute(
+            "SELECT position, event_id, stream, version, type, occurred_at, recorded_at, actor, "
+            "data, data_hash, prev_hash, hash, redacted FROM events ORDER BY position"
+        )
+        while rows := cursor.fetchmany(10_000):
+            events += len(rows)
+    finally:
+        conn.close()
+    seconds = time.perf_counter() - started
+    return {"events": events, "seconds": seconds, "events_per_second": events / seconds}
+
+
 def export(
     tmp: Path, data: dict[str, Any], sizes: Sizes, log: Callable[[str], None]
 ) -> dict[str, Any]:
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"raw_read": raw_read(data["history"]["db"])}
+    log(f"  raw read: {result['raw_read']['events_per_second']:,.0f} events/s")
     for name in ("history_small", "history"):
         info = data[name]
         lines, size, seconds = procs.count_stream(
@@ -508,6 +529,55 @@ def export(
     large = result["history"]["http"]["memory_after_mib"].get("VmHWM", 0.0)
     result["peak_rss_ratio"] = large / small if small else None
     return result
+
+
+# -- (g) import -------------------------------------------------------------------------------
+
+
+def raw_insert(db: str, tmp: Path) -> dict[str, Any]:
+    """Baseline: stdlib sqlite3 copies the events rows of ``db`` into a fresh events table
+    (same schema and indexes, WAL, ``synchronous=FULL``, one transaction): what an import
+    costs the database alone, without reading, checking or folding."""
+    from ledger.schema import LEDGER_SCHEMA
+
+    target = tmp / "raw-insert.db"
+    source = sqlite3.connect(db)
+    rows = source.execute("SELECT * FROM events ORDER BY position").fetchall()
+    source.close()
+    conn = sqlite3.connect(target, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        for sql in LEDGER_SCHEMA:
+            if "ON events" in sql or "TABLE IF NOT EXISTS events" in sql:
+                conn.execute(sql)
+        started = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        insert = f"INSERT INTO events VALUES ({', '.join('?' * len(rows[0]))})"
+        for i in range(0, len(rows), 50_000):
+            conn.executemany(insert, rows[i : i + 50_000])
+        conn.execute("COMMIT")
+        seconds = time.perf_counter() - started
+    finally:
+        conn.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{target}{suffix}").unlink(missing_ok=True)
+    return {"events": len(rows), "seconds": seconds, "events_per_second": len(rows) / seconds}
+
+
+def import_(
+    tmp: Path, data: dict[str, Any], sizes: Sizes, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """``jobledger import`` of the history (datagen made it so) next to a raw insert."""
+    history = data["history"]
+    raw = raw_insert(history["db"], tmp)
+    imp = history["import"]
+    log(
+        f"  import: {imp['events']:,} events in {imp['seconds']} s "
+        f"({imp['events_per_second']:,.0f}/s); raw insert {raw['seconds']:.2f} s"
+    )
+    keep = ("events", "jobs", "seconds", "write_seconds", "import")
+    return {"history": {k: history[k] for k in keep}, "raw_insert": raw}
 
 
 # -- (f) PostgreSQL -----------------------------------------------------------------------------

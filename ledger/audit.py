@@ -58,6 +58,13 @@ class EventRecord(msgspec.Struct, omit_defaults=True):
     redacted: bool = False
 
 
+class TenantEventRecord(EventRecord, omit_defaults=True, kw_only=True):
+    """An event of an export of every tenant: the line names its tenant (after the fields the
+    chain covers; verifiers take the header by name, so the extra field changes no hash)."""
+
+    tenant: str
+
+
 def record(event: Recorded) -> EventRecord:
     return EventRecord(
         position=event.position,
@@ -138,21 +145,10 @@ def _where(flt: ExportFilter) -> tuple[str, list[Any]]:
 
 def _export_sql(flt: ExportFilter) -> tuple[str, list[Any]]:
     where, params = _where(flt)
+    columns = _EXPORT_COLUMNS if flt.tenant is not None else _EXPORT_COLUMNS + ", tenant"
     return (
-        f"SELECT {_EXPORT_COLUMNS} FROM events WHERE {where} ORDER BY position "
-        f"LIMIT {EXPORT_CHUNK}",
+        f"SELECT {columns} FROM events WHERE {where} ORDER BY position LIMIT {EXPORT_CHUNK}",
         params,
-    )
-
-
-def _ndjson(rows: Sequence[Sequence[Any]]) -> bytes:
-    return _LINES(
-        [
-            EventRecord(
-                p, e, s, v, t, o, r, a, None if d is None else _Raw(d), dh, ph, h, bool(red)
-            )
-            for p, e, s, v, t, o, r, a, d, dh, ph, h, red in rows
-        ]
     )
 
 
@@ -161,9 +157,38 @@ def _csv(rows: Sequence[Sequence[Any]]) -> bytes:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerows(
         (p, e, s, v, t, o, r, a, "null" if d is None else d, dh, ph, h)
-        for p, e, s, v, t, o, r, a, d, dh, ph, h, _ in rows
+        for p, e, s, v, t, o, r, a, d, dh, ph, h, *_ in rows
     )
     return out.getvalue().encode()
+
+
+def _line_sql(backend: Backend, tenants: bool) -> str:
+    """SQL that renders each event as its NDJSON line, byte for byte what ``EventRecord``
+    (and ``TenantEventRecord``) encode to: the database builds the text in one ``format``
+    call, in its own thread, and one string a row crosses into Python instead of thirteen
+    values."""
+    q = backend.json_text
+    fields = (
+        ("position", "position"),
+        ("event_id", q("event_id")),
+        ("stream", q("stream")),
+        ("version", "version"),
+        ("type", q("type")),
+        ("occurred_at", q("occurred_at")),
+        ("recorded_at", q("recorded_at")),
+        ("actor", q("actor")),
+        ("data", "coalesce(data, 'null')"),
+        ("data_hash", q("data_hash")),
+        ("prev_hash", q("prev_hash")),
+        ("hash", q("hash")),
+    )
+    template = ",".join(f'"{name}":%s' for name, _ in fields) + "%s"
+    values = [expr for _, expr in fields]
+    values.append("CASE WHEN redacted <> 0 THEN ',\"redacted\":true' ELSE '' END")
+    if tenants:
+        template += ',"tenant":%s'
+        values.append(q("tenant"))
+    return f"format('{{{template}}}', {', '.join(values)})"
 
 
 async def export_chunks(
@@ -171,11 +196,20 @@ async def export_chunks(
 ) -> AsyncIterator[tuple[bytes, int]]:
     """The export as encoded chunks with the last position each covers, in constant memory.
 
-    Reads select exactly the exported columns and the next chunk is read (in the database's
-    thread) while this one is encoded; NDJSON lines are encoded by msgspec in one call.
+    NDJSON lines are rendered by the database (``_line_sql``); CSV rows are encoded here. The
+    next chunk is read (in the database's thread) while this one is encoded.
     """
-    sql, params = _export_sql(flt)
-    encode = _csv if fmt == "csv" else _ndjson
+    csv_format = fmt == "csv"
+    if csv_format:
+        sql, params = _export_sql(flt)
+    else:
+        where, params = _where(flt)
+        line = _line_sql(backend, tenants=flt.tenant is None)
+        sql = (
+            f"SELECT position, stream, {line} FROM events WHERE {where} ORDER BY position "
+            f"LIMIT {EXPORT_CHUNK}"
+        )
+    stream_at = 2 if csv_format else 1
 
     async def read(after: int) -> list[Any]:
         params[0] = after
@@ -187,9 +221,12 @@ async def export_chunks(
         last = rows[-1][0]
         following = asyncio.ensure_future(read(last)) if len(rows) == EXPORT_CHUNK else None
         if flt.streams is not None:
-            rows = [r for r in rows if r[2] in flt.streams]
+            rows = [r for r in rows if r[stream_at] in flt.streams]
         if rows:
-            yield encode(rows), last
+            if csv_format:
+                yield _csv(rows), last
+            else:
+                yield ("\n".join([r[2] for r in rows]) + "\n").encode(), last
         rows = await following if following is not None else []
 
 

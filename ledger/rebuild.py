@@ -2,10 +2,12 @@
 
 The replay reads the history in chunks and folds job states with the same ``evolve`` the write
 path uses. Projections get *compacted* changes (each job once, from nothing to its final state),
-so a million events cost a fraction of a million row writes. Shadow tables fill in short
-transactions while servers keep writing; then, holding the write lock, the rebuild folds the
-events appended meanwhile, and drops, renames and indexes in one transaction: readers see the
-old read models or the new ones, never a half-built one.
+so a million events cost a fraction of a million row writes. Shadow tables, created without
+their secondary indexes, fill in short transactions while servers keep writing; then, holding
+the write lock, the rebuild folds the events appended meanwhile, the backend swaps the shadows
+in (``Backend.swap_tables``) and the live tables are indexed, in one transaction: readers see
+the old read models or the new ones, never a half-built one. Which tables a read model has,
+and how their rows compare, the projectors describe (``Projector.specs``).
 """
 
 from __future__ import annotations
@@ -22,15 +24,15 @@ import structlog
 
 from ledger.events import JOB_EVENT_TYPES, Event, decode_stored
 from ledger.jobs import JobState, evolve
-from ledger.records import Batch, Change, Projector, Recorded
-from ledger.sql import Backend, Conn
+from ledger.records import Batch, Change, Projector, Recorded, TableSpec
+from ledger.sql import Backend, Conn, TableSwap
 
 log = structlog.get_logger(__name__)
 SUFFIX = "__rebuild"
 DECODE_MEMO = 50_000
 _MISSING = object()
-READ_CHUNK = 20_000
-WRITE_CHUNK = 20_000
+READ_CHUNK = 50_000
+WRITE_CHUNK = 50_000
 Progress = Callable[[int, int], None]
 _COLUMNS = "position, tenant, stream, version, type, occurred_us, data"
 
@@ -46,7 +48,7 @@ class Report:
         return self.events / self.seconds if self.seconds > 0 else float(self.events)
 
 
-class _Fold:
+class Fold:
     """Job states and tenant events folded so far."""
 
     def __init__(self) -> None:
@@ -143,16 +145,11 @@ async def rebuild(
     started = time.perf_counter()
     shadows = [p.with_suffix(SUFFIX) for p in projectors]
     async with backend.write() as conn:
-        for p in projectors:
-            for table in p.tables:
-                await conn.execute(f"DROP TABLE IF EXISTS {table}{SUFFIX}")
-        for p in projectors:
-            for sql in p.ddl(SUFFIX):
-                await conn.execute(sql)
+        await _create_shadows(conn, projectors)
     async with backend.read(bulk=True) as conn:
         row = await conn.fetchone("SELECT max(position) FROM events")
     end = (row[0] if row else None) or 0
-    fold = _Fold()
+    fold = Fold()
     gc.disable()  # a replay allocates millions of objects that all live until the end
     try:
         await _replay_and_swap(backend, projectors, shadows, fold, end, verify, progress)
@@ -172,7 +169,7 @@ async def _replay_and_swap(
     backend: Backend,
     projectors: Sequence[Projector],
     shadows: Sequence[Projector],
-    fold: _Fold,
+    fold: Fold,
     end: int,
     verify: bool,
     progress: Progress | None,
@@ -197,6 +194,7 @@ async def _replay_and_swap(
         cpu=round(time.process_time(), 3),
     )
     await backend.set_durable(False)
+    await backend.set_bulk(True)
     try:
         await _fill(backend, shadows, fold)
         log.info(
@@ -206,6 +204,7 @@ async def _replay_and_swap(
         )
         fold.difference = await _catch_up_and_swap(backend, projectors, shadows, fold, verify)
     finally:
+        await backend.set_bulk(False)
         await backend.set_durable(True)
 
 
@@ -213,7 +212,7 @@ async def _catch_up_and_swap(
     backend: Backend,
     projectors: Sequence[Projector],
     shadows: Sequence[Projector],
-    fold: _Fold,
+    fold: Fold,
     verify: bool,
 ) -> str | None:
     """Under the write lock: fold what was appended meanwhile, then swap (or compare).
@@ -245,24 +244,63 @@ async def _catch_up_and_swap(
                 await shadow.apply(conn, batch)
         if verify:
             difference = await _compare(conn, projectors)
-            for p in projectors:
-                for table in p.tables:
-                    await conn.execute(f"DROP TABLE IF EXISTS {table}{SUFFIX}")
+            await _drop_shadows(conn, projectors)
         else:
-            for p in projectors:
-                for table in p.tables:
-                    await conn.execute(f"DROP TABLE IF EXISTS {table}")
-                    await conn.execute(f"ALTER TABLE {table}{SUFFIX} RENAME TO {table}")
-                    if conn.dialect == "postgres":  # PostgreSQL names the key after the table
-                        await conn.execute(
-                            f"ALTER INDEX IF EXISTS {table}{SUFFIX}_pkey RENAME TO {table}_pkey"
-                        )
-                for sql in p.indexes():
-                    await conn.execute(sql)
+            await _swap(backend, conn, projectors)
     return difference
 
 
-async def _fill(backend: Backend, shadows: Sequence[Projector], fold: _Fold) -> None:
+async def _create_shadows(conn: Conn, projectors: Sequence[Projector]) -> None:
+    """Empty shadow tables, without secondary indexes (they are built once, after the swap)."""
+    await _drop_shadows(conn, projectors)
+    for p in projectors:
+        for sql in p.ddl(SUFFIX):
+            await conn.execute(sql)
+
+
+async def _drop_shadows(conn: Conn, projectors: Sequence[Projector]) -> None:
+    for p in projectors:
+        for table in p.tables:
+            await conn.execute(f"DROP TABLE IF EXISTS {table}{SUFFIX}")
+
+
+def swaps(projectors: Sequence[Projector]) -> list[TableSwap]:
+    return [
+        TableSwap(live=t.name, shadow=t.name + SUFFIX, columns=t.columns, key=t.key)
+        for p in projectors
+        for t in p.specs
+    ]
+
+
+async def _swap(backend: Backend, conn: Conn, projectors: Sequence[Projector]) -> None:
+    """The backend swaps the shadows in; then the live tables get their indexes."""
+    await backend.swap_tables(conn, swaps(projectors))
+    for p in projectors:
+        for sql in p.indexes():
+            await conn.execute(sql)
+
+
+async def write_models(
+    backend: Backend, conn: Conn, projectors: Sequence[Projector], fold: Fold
+) -> None:
+    """Inside one write transaction: write ``fold`` into fresh shadows and swap them in."""
+    await _create_shadows(conn, projectors)
+    shadows = [p.with_suffix(SUFFIX) for p in projectors]
+    if fold.tenant_events:
+        for shadow in shadows:
+            await shadow.apply(conn, Batch(events=fold.tenant_events))
+    items = list(fold.jobs.items())
+    for i in range(0, len(items), WRITE_CHUNK):
+        batch = Batch()
+        for key, state in items[i : i + WRITE_CHUNK]:
+            batch.changes[key] = Change(key[0], None, state)
+        for shadow in shadows:
+            await shadow.apply(conn, batch)
+        await conn.fetchone("SELECT 1")  # write this chunk now: rows do not pile up in memory
+    await _swap(backend, conn, projectors)
+
+
+async def _fill(backend: Backend, shadows: Sequence[Projector], fold: Fold) -> None:
     """Write the folded states into the shadows in short transactions."""
     if fold.tenant_events:
         async with backend.write() as conn:
@@ -291,11 +329,13 @@ def _normal(value: Any) -> Any:
 async def _compare(conn: Conn, projectors: Sequence[Projector]) -> str | None:
     """The first row where a live table and its replay differ, or ``None``."""
     for p in projectors:
-        for table in p.tables:
-            live = await conn.fetchall(f"SELECT * FROM {table}")
-            fresh = await conn.fetchall(f"SELECT * FROM {table}{SUFFIX}")
-            live_rows = _rows(table, live)
-            fresh_rows = _rows(table, fresh)
+        for spec in p.specs:
+            columns = ", ".join(spec.columns)
+            live = await conn.fetchall(f"SELECT {columns} FROM {spec.name}")
+            fresh = await conn.fetchall(f"SELECT {columns} FROM {spec.name}{SUFFIX}")
+            live_rows = _rows(spec, live)
+            fresh_rows = _rows(spec, fresh)
+            table = spec.name
             for a, b in zip(live_rows, fresh_rows, strict=False):
                 if a != b:
                     return f"{table}: live row {_show(a)} differs from replayed {_show(b)}"
@@ -306,18 +346,9 @@ async def _compare(conn: Conn, projectors: Sequence[Projector]) -> str | None:
     return None
 
 
-def _rows(table: str, rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
-    kept = [tuple(_normal(v) for v in r) for r in rows if not _is_zero(table, r)]
+def _rows(spec: TableSpec, rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
+    kept = [tuple(_normal(v) for v in r) for r in rows if not spec.is_zero(r)]
     return sorted(kept, key=lambda r: tuple(str(v) for v in r))
-
-
-def _is_zero(table: str, row: Sequence[Any]) -> bool:
-    """Counter rows that sum to nothing are the same as no row."""
-    if table == "job_counts":
-        return bool(row[6] == 0 and row[7] == 0)
-    if table == "credit_usage":
-        return bool(row[4] == 0)
-    return False
 
 
 def _show(row: tuple[Any, ...]) -> str:

@@ -94,15 +94,39 @@ class Batch:
     changes: dict[tuple[str, str], Change] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class TableSpec:
+    """One table of a read model as a rebuild and maintenance see it.
+
+    ``key`` identifies a row (the primary key); ``counters`` are summed columns, so a row whose
+    counters are all zero means the same as no row; ``erasable`` tables hold data that a
+    redaction erases.
+    """
+
+    name: str
+    columns: tuple[str, ...]
+    key: tuple[str, ...]
+    counters: tuple[str, ...] = ()
+    erasable: bool = False
+
+    def is_zero(self, row: Sequence[Any]) -> bool:
+        """Whether ``row`` (all ``columns``, in order) is a counter row summing to nothing."""
+        if not self.counters:
+            return False
+        return all(row[self.columns.index(c)] == 0 for c in self.counters)
+
+
 class Projector(Protocol):
     """A read model folded from events, written in the same transaction as they are.
 
-    It owns ``tables``; ``ddl(suffix)`` creates them under ``name + suffix`` (a rebuild fills
-    suffixed shadow tables and swaps them in); ``indexes()`` indexes the live tables.
+    It owns ``tables``, described by ``specs``; ``ddl(suffix)`` creates them under
+    ``name + suffix`` (a rebuild fills suffixed shadow tables and swaps them in);
+    ``indexes()`` indexes the live tables.
     """
 
     name: str
     tables: tuple[str, ...]
+    specs: tuple[TableSpec, ...]
 
     def ddl(self, suffix: str = "") -> list[str]: ...
 

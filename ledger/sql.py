@@ -9,9 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 Row = Sequence[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TableSwap:
+    """A rebuilt ``shadow`` table that replaces ``live`` (same ``columns``, keyed by ``key``)."""
+
+    live: str
+    shadow: str
+    columns: tuple[str, ...]
+    key: tuple[str, ...]
 
 
 class Conn(Protocol):
@@ -101,4 +112,27 @@ class Backend(Protocol):
 
     async def erase_residue(self) -> None:
         """Make erased bytes unreadable in the database files (after a redaction)."""
+        ...
+
+    def json_text(self, expr: str) -> str:
+        """SQL that renders the text ``expr`` as a JSON string, escaped exactly as
+        ``json.dumps(ensure_ascii=False)`` and msgspec escape it."""
+        ...
+
+    async def set_bulk(self, bulk: bool) -> None:
+        """``True`` lets the writer use more memory for bulk loads and index builds."""
+        ...
+
+    async def swap_tables(self, conn: Conn, swaps: Sequence[TableSwap]) -> None:
+        """Inside ``conn``'s write transaction, put each shadow in place of its live table.
+
+        Once the transaction commits, every reader, whatever its isolation level and however
+        old its snapshot, sees either the old tables whole or the new ones whole.
+        """
+        ...
+
+    async def copy_rows(
+        self, conn: Conn, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """Insert many ``rows`` into ``table`` inside ``conn``'s write transaction, fast."""
         ...

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Self
 
-from ledger.records import Batch
+from ledger.records import Batch, TableSpec
 from ledger.sql import Conn
 
 
@@ -13,6 +13,7 @@ class SqlProjector:
 
     name = ""
     tables: tuple[str, ...] = ()
+    specs: tuple[TableSpec, ...] = ()  # one per table, in the order of ``tables``
     table_ddl: tuple[str, ...] = ()
     index_ddl: tuple[str, ...] = ()
 

@@ -10,7 +10,7 @@ from collections import defaultdict
 from typing import Any
 
 from ledger.jobs import STATUSES, JobState
-from ledger.records import Batch
+from ledger.records import Batch, TableSpec
 from ledger.sql import Conn
 from projections.base import SqlProjector
 
@@ -20,6 +20,14 @@ Key = tuple[str, str, str, str, str, int]
 class CountsProjector(SqlProjector):
     name = "counts"
     tables = ("job_counts",)
+    specs = (
+        TableSpec(
+            "job_counts",
+            ("tenant", "project", "account", "agent", "status", "archived", "n", "credits"),
+            ("tenant", "project", "account", "agent", "status", "archived"),
+            counters=("n", "credits"),
+        ),
+    )
     table_ddl = (
         """CREATE TABLE IF NOT EXISTS {job_counts} (
             tenant TEXT NOT NULL,

@@ -12,7 +12,7 @@ from typing import Any
 
 from ledger.credits import to_units
 from ledger.events import CreditsGranted, Price, PriceSet
-from ledger.records import Batch, CreditTotals
+from ledger.records import Batch, CreditTotals, TableSpec
 from ledger.sql import Conn
 from projections.base import SqlProjector
 
@@ -20,6 +20,29 @@ from projections.base import SqlProjector
 class CreditsProjector(SqlProjector):
     name = "credits"
     tables = ("credit_usage", "credit_grants", "prices")
+    specs = (
+        TableSpec(
+            "credit_usage",
+            ("tenant", "project", "account", "agent", "used"),
+            ("tenant", "project", "account", "agent"),
+            counters=("used",),
+        ),
+        TableSpec("credit_grants", ("tenant", "account", "granted"), ("tenant", "account")),
+        TableSpec(
+            "prices",
+            (
+                "tenant",
+                "agent",
+                "per_job",
+                "per_row",
+                "per_execution",
+                "per_second",
+                "position",
+                "updated_at",
+            ),
+            ("tenant", "agent"),
+        ),
+    )
     table_ddl = (
         """CREATE TABLE IF NOT EXISTS {credit_usage} (
             tenant TEXT NOT NULL,

@@ -11,7 +11,7 @@ import msgspec
 
 from ledger.errors import Invalid
 from ledger.jobs import JobState
-from ledger.records import Batch
+from ledger.records import Batch, TableSpec
 from ledger.sql import Conn
 from projections.base import SqlProjector
 
@@ -27,6 +27,7 @@ COLUMNS = (
 class JobsProjector(SqlProjector):
     name = "jobs"
     tables = ("jobs",)
+    specs = (TableSpec("jobs", tuple(COLUMNS.split(", ")), ("tenant", "id"), erasable=True),)
     table_ddl = (
         """CREATE TABLE IF NOT EXISTS {jobs} (
             tenant TEXT NOT NULL,

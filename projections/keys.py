@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ledger.events import KeyCreated, KeyRevoked
-from ledger.records import Batch
+from ledger.records import Batch, TableSpec
 from ledger.sql import Conn
 from projections.base import SqlProjector
 
@@ -13,6 +13,22 @@ from projections.base import SqlProjector
 class KeysProjector(SqlProjector):
     name = "keys"
     tables = ("api_keys",)
+    specs = (
+        TableSpec(
+            "api_keys",
+            (
+                "key_id",
+                "tenant",
+                "role",
+                "name",
+                "project",
+                "secret_sha256",
+                "created_at",
+                "revoked_at",
+            ),
+            ("key_id",),
+        ),
+    )
     table_ddl = (
         """CREATE TABLE IF NOT EXISTS {api_keys} (
             key_id TEXT PRIMARY KEY,

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import structlog
 
+from ledger.backends.bulk import PostgresBulk
 from ledger.errors import CommitFailed, Rejected, StoreConflict, StoreUnavailable
 from ledger.sql import Conn, Row, WriteConn
 
@@ -215,7 +216,7 @@ def translate_error(exc: Exception) -> Exception:
     return exc
 
 
-class PostgresBackend:
+class PostgresBackend(PostgresBulk):
     """An asyncpg pool, an advisory lock for appends and LISTEN/NOTIFY for wake-ups."""
 
     dialect = "postgres"

@@ -22,6 +22,7 @@ from typing import Any
 
 import aiosqlite
 
+from ledger.backends.bulk import SqliteBulk
 from ledger.errors import CommitFailed, Rejected, StoreConflict, StoreUnavailable
 from ledger.sql import Conn, Row, WriteConn
 
@@ -196,7 +197,7 @@ def sqlite_path(url: str) -> str:
     return url
 
 
-class SqliteBackend:
+class SqliteBackend(SqliteBulk):
     dialect = "sqlite"
 
     def __init__(self, url: str, *, create: bool = True) -> None:

@@ -1,0 +1,202 @@
+"""``jobledger import``: restores an export into an empty database, on either backend."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from api.app import create_app
+from api.context import STORE
+from api.settings import Settings
+from ledger.backends import backend_for
+from ledger.store import EventStore
+from projections import all_projectors
+from tests.conftest import Api, create_pg_database, drop_pg_database, pg_server_url
+from tests.serverproc import acli
+from tests.test_rebuild import build_rich_history, snapshot
+
+MakeApi = Callable[..., Coroutine[Any, Any, Api]]
+AiohttpClient = Callable[[web.Application], Coroutine[Any, Any, TestClient[Any, Any]]]
+
+
+@pytest.fixture
+async def other_db(db_url: str, tmp_path: Path) -> AsyncIterator[str]:
+    """An empty database on the other backend (PostgreSQL for SQLite and back), when it can."""
+    if db_url.startswith("postgres") or pg_server_url() is None:
+        yield str(tmp_path / "restored.db")
+        return
+    url = await create_pg_database()
+    try:
+        yield url
+    finally:
+        await drop_pg_database(url)
+
+
+async def counts(db: str) -> tuple[int, int, int]:
+    """Events, chain heads and jobs rows of ``db``."""
+    store = EventStore(backend_for(db), all_projectors())
+    async with store.running(writer=False):
+        async with store.backend.read() as conn:
+            found = []
+            for table in ("events", "chain_heads", "jobs"):
+                row = await conn.fetchone(f"SELECT count(*) FROM {table}")
+                found.append(int(row[0]) if row else -1)
+    return found[0], found[1], found[2]
+
+
+async def export(db: str, out: Path, *tenant: str) -> bytes:
+    args = ("--tenant", tenant[0]) if tenant else ()
+    done = await acli("export", "--db", db, *args, "--out", str(out))
+    assert done.code == 0, done.err
+    return await asyncio.to_thread(out.read_bytes)
+
+
+async def test_export_import_export_is_byte_identical(
+    db_url: str,
+    other_db: str,
+    client: TestClient[Any, Any],
+    api: Api,
+    app: web.Application,
+    make_api: MakeApi,
+    aiohttp_client: AiohttpClient,
+    tmp_path: Path,
+) -> None:
+    """SQLite to PostgreSQL (and back): the export of the import is the export, byte for byte."""
+    job_ids = await build_rich_history(api, app[STORE], make_api)
+    before = await snapshot(api, job_ids)
+    await client.close()
+    every = await export(db_url, tmp_path / "all.ndjson")
+    acme = await export(db_url, tmp_path / "acme.ndjson", "acme")
+    lines = every.decode().splitlines()
+    assert {json.loads(line)["tenant"] for line in lines} == {"acme", "globex"}
+    assert '"tenant"' not in acme.decode()  # a one-tenant export is exactly the chain
+
+    done = await acli("import", "--db", other_db, str(tmp_path / "all.ndjson"))
+    assert done.code == 0, done.err
+    summary = json.loads(done.last_line)
+    assert summary["events"] == len(lines) and summary["tenants"] == 2
+    assert await export(other_db, tmp_path / "again.ndjson") == every
+    assert await export(other_db, tmp_path / "acme-again.ndjson", "acme") == acme
+    verified = await acli("verify", "--db", other_db)
+    assert verified.code == 0 and verified.out.startswith(f"OK {len(lines)} "), verified.err
+    replayed = await acli("rebuild", "--db", other_db, "--verify")
+    assert replayed.code == 0 and json.loads(replayed.last_line)["identical"] is True
+
+    restored = Api(await aiohttp_client(create_app(Settings(db_url=other_db))), None)
+    restored.headers = dict(api.headers)  # the keys came along: the same secret works
+    after = await snapshot(restored, job_ids)
+    # result payloads are not events: an export does not carry them
+    assert {k: v for k, v in before.items() if not k.startswith("results ")} == {
+        k: v for k, v in after.items() if not k.startswith("results ")
+    }
+
+
+async def test_one_tenant_export_imports_under_a_named_tenant(
+    db_url: str, client: TestClient[Any, Any], api: Api, app: web.Application, tmp_path: Path
+) -> None:
+    """A one-tenant export names no tenant: ``--tenant`` gives it, and it is required."""
+    await api.post("/v1/jobs", {"id": "j1", "agent": "a", "account": "x"})
+    await api.post("/v1/jobs/j1/events", {"type": "job.completed", "data": {"row_count": 2}})
+    await client.close()
+    acme = await export(db_url, tmp_path / "acme.ndjson", "acme")
+    target = str(tmp_path / "target.db")
+    missing = await acli("import", "--db", target, str(tmp_path / "acme.ndjson"))
+    assert missing.code == 1 and "give the tenant" in missing.err
+    assert "Traceback" not in missing.err
+    assert await counts(target) == (0, 0, 0)
+    done = await acli("import", "--db", target, "--tenant", "acme", str(tmp_path / "acme.ndjson"))
+    assert done.code == 0, done.err
+    assert await export(target, tmp_path / "again.ndjson", "acme") == acme
+    assert (await counts(target))[2] == 1
+
+
+def _tampered(lines: list[str], index: int, change: Callable[[dict[str, Any]], None]) -> str:
+    events = [json.loads(line) for line in lines]
+    change(events[index])
+    return "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in events)
+
+
+@pytest.mark.parametrize("how", ["data", "header", "deleted", "swapped", "hash"])
+async def test_a_broken_chain_is_refused_with_its_position(
+    db_url: str,
+    other_db: str,
+    client: TestClient[Any, Any],
+    api: Api,
+    app: web.Application,
+    make_api: MakeApi,
+    tmp_path: Path,
+    how: str,
+) -> None:
+    """An edited, deleted or moved event is refused at its position; nothing is imported."""
+    await build_rich_history(api, app[STORE], make_api)
+    await client.close()
+    lines = (await export(db_url, tmp_path / "all.ndjson")).decode().splitlines()
+    victim = len(lines) // 2
+    while json.loads(lines[victim])["data"] is None:
+        victim += 1
+    position = json.loads(lines[victim])["position"]
+    if how == "data":
+        text = _tampered(lines, victim, lambda e: e["data"].update(evil=True))
+    elif how == "header":
+        text = _tampered(lines, victim, lambda e: e.update(actor="key_evil"))
+    elif how == "hash":
+        text = _tampered(lines, victim, lambda e: e.update(hash="0" * 64))
+    elif how == "deleted":
+        tenant = json.loads(lines[victim])["tenant"]
+        position = next(
+            json.loads(line)["position"]
+            for line in lines[victim + 1 :]
+            if json.loads(line)["tenant"] == tenant
+        )
+        text = "".join(line + "\n" for i, line in enumerate(lines) if i != victim)
+    else:  # two events trade places
+        lines[victim], lines[victim + 1] = lines[victim + 1], lines[victim]
+        position = json.loads(lines[victim])["position"]
+        text = "".join(line + "\n" for line in lines)
+    bad = tmp_path / "bad.ndjson"
+    bad.write_text(text, encoding="utf-8")
+
+    done = await acli("import", "--db", other_db, str(bad))
+    assert done.code == 1
+    assert done.out == ""
+    assert len(done.err.strip().splitlines()) == 1 and "Traceback" not in done.err
+    assert f"import refused at position {position}:" in done.err, done.err
+    assert await counts(other_db) == (0, 0, 0)  # nothing half-imported
+    # and the intact export still imports into the same (still empty) database
+    good = await acli("import", "--db", other_db, str(tmp_path / "all.ndjson"))
+    assert good.code == 0, good.err
+
+
+async def test_import_refuses_a_database_with_events(
+    db_url: str, client: TestClient[Any, Any], api: Api, tmp_path: Path
+) -> None:
+    """Import restores into an empty database only; one with events is left as it was."""
+    await api.post("/v1/jobs", {"id": "j1", "agent": "a", "account": "x"})
+    await client.close()
+    await export(db_url, tmp_path / "all.ndjson")
+    before = await counts(db_url)
+    done = await acli("import", "--db", db_url, str(tmp_path / "all.ndjson"))
+    assert done.code == 1 and "already holds events" in done.err
+    assert await counts(db_url) == before
+
+
+async def test_import_refuses_what_is_not_an_export(tmp_path: Path) -> None:
+    """A line that is not an exported event is named by its number; a missing file, plainly."""
+    bad = tmp_path / "bad.ndjson"
+    bad.write_text('{"position": 1}\n', encoding="utf-8")
+    db = str(tmp_path / "ledger.db")
+    done = await acli("import", "--db", db, "--tenant", "t", str(bad))
+    assert done.code == 1 and "import refused at line 1:" in done.err
+    gone = await acli("import", "--db", db, str(tmp_path / "nope.ndjson"))
+    assert gone.code == 1 and "cannot read" in gone.err
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
+    conn.close()
