@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
-from api import compat, credits, feed, jobs, openapi
+from api import agents, compat, credits, feed, jobs, openapi
 from api.auth import KeyRing, RateLimiter
 from api.context import KEYRING, LIMITER, SETTINGS, STOPPING, STORE
 from api.http import endpoint, json_response
@@ -86,6 +86,6 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(jobs.routes)
     app.add_routes(credits.routes)
     app.add_routes(feed.routes)
-    for module in compat.DIALECTS:
-        app.add_routes(module.routes)
+    app.add_routes(agents.routes)
+    compat.mount(app)
     return app

@@ -10,6 +10,7 @@ from tests.conftest import Api
 
 BASE = "/compat/mindcase/api/v1"
 ROW_KEYS = {"id", "status", "agent", "row_count", "credits_used", "created_at", "completed_at"}
+SDK_KEYS = {"started_at", "error"}  # what Mindcase's SDK reads beyond the seed's example
 SECONDS_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 MakeApi = Callable[..., Coroutine[Any, Any, Api]]
 
@@ -99,16 +100,24 @@ async def seed_history(api: Api) -> None:
 
 
 async def test_list_answers_the_seed_example(api: Api) -> None:
-    """GET /jobs answers the seed's example exactly: newest first, its seven fields, seconds."""
+    """GET /jobs answers the seed's example: newest first, its seven fields, plus started_at."""
     await seed_history(api)
-    assert await api.get(f"{BASE}/jobs") == SEED_LIST
+    body = await api.get(f"{BASE}/jobs")
+    assert set(body) == {"jobs"}
+    assert [{k: j[k] for k in ROW_KEYS} for j in body["jobs"]] == SEED_LIST["jobs"]
+    assert [set(j) for j in body["jobs"]] == [ROW_KEYS | SDK_KEYS] * 2
+    assert [j["started_at"] for j in body["jobs"]] == [
+        "2026-03-30T10:15:02Z",
+        "2026-03-30T10:12:01Z",
+    ]
+    assert [j["error"] for j in body["jobs"]] == [None, None]
 
 
 async def test_get_adds_expires_at(api: Api) -> None:
     """GET /jobs/{id} answers the list fields plus expires_at, in the seed's time format."""
     await seed_history(api)
     job = await api.get(f"{BASE}/jobs/job_7f3a2b1c")
-    assert set(job) == ROW_KEYS | {"expires_at"}
+    assert set(job) == ROW_KEYS | SDK_KEYS | {"expires_at"}
     assert {k: job[k] for k in ROW_KEYS} == SEED_LIST["jobs"][0]
     assert SECONDS_Z.match(job["expires_at"])
     native = await api.get("/v1/jobs/job_7f3a2b1c")
@@ -190,6 +199,7 @@ async def test_other_tenants_jobs_are_invisible(api: Api, make_api: MakeApi) -> 
     await seed_history(api)
     other = await make_api(tenant="globex")
     assert await other.get(f"{BASE}/jobs") == {"jobs": []}
+    assert await other.get(f"{BASE}/agents/all") == {"agents": []}
     for path in ("/jobs/job_7f3a2b1c", "/jobs/job_7f3a2b1c/results"):
         assert (await other.get(BASE + path, status=404))["error"]["code"] == "not_found"
     await other.delete(f"{BASE}/jobs/job_9e2d4a5b", status=404)
