@@ -266,3 +266,56 @@ async def test_other_tenants_jobs_are_invisible(api: Api, make_api: MakeApi) -> 
     many = await other.delete(f"{BASE}/jobs", params={"created_before": "2030-01-01"})
     assert many["data"] == {"num_deleted": 0}
     assert len((await api.get(f"{BASE}/jobs"))["data"]) == 6
+
+
+async def test_apitoken_header_and_trailing_slashes(api: Api) -> None:
+    """MCRIT's client sends apitoken and calls /jobs/ and /jobs/stats/: both are answered."""
+    await seed_history(api)
+    token = api.headers["Authorization"].removeprefix("Bearer ")
+    async with api.client.get(f"{BASE}/jobs/", headers={"apitoken": token}) as resp:
+        assert resp.status == 200
+        assert len((await resp.json())["data"]) == 6
+    async with api.client.get(f"{BASE}/jobs/stats/", headers={"apitoken": token}) as resp:
+        assert (await resp.json())["data"]["total_jobs"] == 6
+    body = await api.delete(f"{BASE}/jobs/", params={"method": "query"})
+    assert body["data"] == {"num_deleted": 3}
+    unknown = await api.get(f"{BASE}/nothing/here", status=404)
+    assert unknown["status"] == "failed" and unknown["data"]["message"]
+
+
+async def test_count_selects_as_the_list_does(api: Api) -> None:
+    """GET /jobs/count answers {"count"} for the same method, state, filter and job_ids."""
+    await seed_history(api)
+    assert (await api.get(f"{BASE}/jobs/count"))["data"] == {"count": 6}
+    assert (await api.get(f"{BASE}/jobs/count", params={"state": "failed"}))["data"] == {"count": 3}
+    by_method = await api.get(f"{BASE}/jobs/count", params={"method": "query"})
+    assert by_method["data"]["count"] == 3
+    two = f"{HEX}12,{HEX}13"
+    assert (await api.get(f"{BASE}/jobs/count", params={"job_ids": two}))["data"]["count"] == 2
+    assert ids(await api.get(f"{BASE}/jobs", params={"job_ids": two})) == ["13", "12"]
+    refused = await api.get(f"{BASE}/jobs", params={"username": "x"}, status=400)
+    assert "username" in refused["data"]["message"]
+
+
+async def test_ids_that_are_not_object_ids_are_400(api: Api) -> None:
+    """A job or result id that is not 24 hex characters is 400, as in MCRIT."""
+    await seed_history(api)
+    for path in ("/jobs/abc", "/jobs/abc/result", "/results/abc", "/results/abc/job"):
+        body = await api.get(BASE + path, status=400)
+        assert body["data"]["message"].startswith("Valid ")
+    await api.delete(f"{BASE}/jobs/abc", status=400)
+    upper = await api.get(f"{BASE}/jobs/{HEX.upper()}12")  # read in lower case, as MCRIT does
+    assert upper["data"]["job_id"] == f"{HEX}12"
+
+
+async def test_job_documents_follow_the_state(api: Api) -> None:
+    """MCRIT's document fields say what MCRIT's Job class asks: failed, terminated, result."""
+    await seed_history(api)
+    docs = {row["job_id"][-2:]: row for row in (await api.get(f"{BASE}/jobs"))["data"]}
+    assert docs["11"]["result"] is None and docs["11"]["progress"] == 1.0
+    assert docs["11"]["finished_at"] == {"$date": "2024-01-15T10:31:00.750Z"}
+    assert docs["12"]["attempts_left"] == 1 and docs["12"]["started_at"] is None
+    assert docs["13"]["locked_by"] == "default" and docs["13"]["finished_at"] is None
+    assert docs["14"]["attempts_left"] == 0 and docs["14"]["last_error"] == "y"
+    assert docs["15"]["terminated"] is True
+    assert docs["16"]["attempts_left"] == 0 and docs["16"]["progress"] == 1.0

@@ -204,3 +204,112 @@ async def test_other_tenants_jobs_are_invisible(api: Api, make_api: MakeApi) -> 
         assert (await other.get(BASE + path, status=404))["error"]["code"] == "not_found"
     await other.delete(f"{BASE}/jobs/job_9e2d4a5b", status=404)
     assert (await api.get(f"{BASE}/jobs/job_9e2d4a5b"))["status"] == "running"
+
+
+AGENT_SCHEMA = {
+    "type": "object",
+    "properties": {"usernames": {"type": "array", "items": {"type": "string"}, "minItems": 1}},
+    "required": ["usernames"],
+}
+
+
+async def test_list_takes_status_and_limit(api: Api) -> None:
+    """status filters by Mindcase's words (completed takes partial_failed); limit caps."""
+    await seed_history(api)
+    await api.post("/v1/jobs", {"id": "p1", "agent": "a/b", "executions_total": 2})
+    await api.post(
+        "/v1/jobs/p1/events",
+        {
+            "events": [
+                {"type": "job.execution_succeeded", "data": {"execution_id": "e1"}},
+                {"type": "job.execution_failed", "data": {"execution_id": "e2"}},
+            ]
+        },
+    )
+    done = await api.get(f"{BASE}/jobs", params={"status": "completed"})
+    assert [j["id"] for j in done["jobs"]] == ["p1", "job_7f3a2b1c"]
+    running = await api.get(f"{BASE}/jobs", params={"status": "running", "limit": 20})
+    assert [j["id"] for j in running["jobs"]] == ["job_9e2d4a5b"]
+    newest = await api.get(f"{BASE}/jobs", params={"limit": 2})
+    assert [j["id"] for j in newest["jobs"]] == ["p1", "job_7f3a2b1c"]
+    bad = await api.get(f"{BASE}/jobs", params={"status": "partial_failed"}, status=422)
+    assert bad["error"]["field"] == "status" and "partial_failed" in bad["detail"]
+    await api.get(f"{BASE}/jobs", params={"limit": 0}, status=422)
+    results = await api.get(f"{BASE}/jobs/p1/results")  # completed to Mindcase: it has results
+    assert results == {"status": "completed", "row_count": 0, "data": []}
+
+
+async def test_failed_and_cancelled_jobs_carry_an_error(api: Api) -> None:
+    """A failed job's error is its message; a cancelled one says it was cancelled."""
+    await api.post("/v1/jobs", {"id": "f1", "agent": "a/b"})
+    await api.post("/v1/jobs/f1/events", {"type": "job.started"})
+    await api.post(
+        "/v1/jobs/f1/events",
+        {"type": "job.failed", "data": {"error": {"code": "blocked", "message": "rate limited"}}},
+    )
+    failed = await api.get(f"{BASE}/jobs/f1")
+    assert failed["status"] == "failed" and failed["error"] == "rate limited"
+    assert failed["started_at"] is not None
+    await api.post("/v1/jobs", {"id": "c1", "agent": "a/b"})
+    await api.delete(f"{BASE}/jobs/c1")
+    cancelled = await api.get(f"{BASE}/jobs/c1")
+    assert cancelled["error"] == "Job has been cancelled." and cancelled["started_at"] is None
+
+
+async def test_agents_read_the_catalog(api: Api) -> None:
+    """agents/all, agents/{group} and agents/{group}/{slug} answer the /v1 catalog."""
+    await api.post(
+        "/v1/agents",
+        {
+            "agent": "instagram/profiles",
+            "name": "Instagram Profiles",
+            "description": "Profiles",
+            "params_schema": AGENT_SCHEMA,
+            "price": {"per_row": 2},
+        },
+    )
+    await api.post("/v1/agents", {"agent": "linkedin/company"})
+    every = await api.get(f"{BASE}/agents/all")
+    assert every["agents"] == [
+        {
+            "group": "instagram",
+            "slug": "profiles",
+            "name": "Instagram Profiles",
+            "description": "Profiles",
+            "credits_per_row": 2,
+        },
+        {
+            "group": "linkedin",
+            "slug": "company",
+            "name": "company",
+            "description": "",
+            "credits_per_row": 1,
+        },
+    ]
+    group = await api.get(f"{BASE}/agents/linkedin")
+    assert [a["slug"] for a in group["agents"]] == ["company"]
+    agent = await api.get(f"{BASE}/agents/instagram/profiles")
+    assert agent["parameters"]["usernames"]["required"] is True
+    assert agent["parameters"]["usernames"]["type"] == "array"
+    missing = await api.get(f"{BASE}/agents/instagram/stories", status=404)
+    assert missing["detail"] == "no agent instagram/stories"
+
+
+async def test_run_queues_a_job_with_checked_params(api: Api, make_api: MakeApi) -> None:
+    """run appends job.queued with the agent and params; bad params are 422 naming the field."""
+    await api.post("/v1/agents", {"agent": "instagram/profiles", "params_schema": AGENT_SCHEMA})
+    run = f"{BASE}/agents/instagram/profiles/run"
+    started = await api.post(run, {"params": {"usernames": ["nike"]}})
+    assert started["job_id"] == started["id"] and started["status"] == "queued"
+    assert started["agent"] == "instagram/profiles" and SECONDS_Z.match(started["created_at"])
+    native = await api.get(f"/v1/jobs/{started['job_id']}")
+    assert native["params"] == {"usernames": ["nike"]} and native["status"] == "queued"
+    events = await api.get(f"/v1/jobs/{started['job_id']}/events")
+    assert [e["type"] for e in events["events"]] == ["job.queued"]
+    bad = await api.post(run, {"params": {"usernames": []}}, status=422)
+    assert bad["error"]["field"] == "params.usernames" and bad["detail"]
+    await api.post(f"{BASE}/agents/instagram/stories/run", {"params": {}}, status=404)
+    reader = await make_api(role="reader")
+    await reader.post(run, {"params": {"usernames": ["nike"]}}, status=403)
+    listed = await api.get(f"{BASE}/jobs")
+    assert [j["id"] for j in listed["jobs"]] == [started["job_id"]]
