@@ -11,8 +11,8 @@ The agent is MCRIT's ``method``; states are queued, processing, finished and fai
 UTC. Each job also carries the fields of MCRIT's own job document (``_id``, ``payload`` with
 ``method`` and ``params``, ``created_at``, ``started_at``, ``finished_at``, ``result``,
 ``attempts_left``, ``terminated``, ...), which MCRIT's client wraps in its ``Job`` class.
-Unlike the original, ``filter`` matches the job's id, method and account (the ledger does not
-search parameters), applied before ``start``/``limit`` so pages of a filtered list are full.
+``filter`` matches the job's id, method and account (the ledger does not search parameters),
+applied before ``start``/``limit`` as MCRIT does, so pages of a filtered list are full.
 """
 
 from __future__ import annotations
