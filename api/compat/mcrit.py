@@ -49,6 +49,7 @@ STATE = {
 }
 STATES = ("queued", "processing", "finished", "failed")
 STATUSES_OF = {state: tuple(s for s in STATUSES if STATE[s] == state) for state in STATES}
+MAX_JOB_IDS = 1000
 OBJECT_ID = re.compile(r"^[0-9a-fA-F]{24}$")
 _ENCODE = msgspec.json.Encoder().encode
 
@@ -233,6 +234,8 @@ def _selection(q: Selection) -> jobs.ListQuery:
     ids = None
     if q.job_ids is not None:
         ids = [i.strip().lower() for i in q.job_ids.split(",") if i.strip()]
+        if len(ids) > MAX_JOB_IDS:
+            raise BadRequest(f"job_ids selects at most {MAX_JOB_IDS} jobs")
     return jobs.ListQuery(statuses=_statuses(q.state), agent=q.method, q=q.filter or None, ids=ids)
 
 
