@@ -9,6 +9,8 @@ import pytest
 
 from ledger import agents
 from ledger.errors import Invalid
+from ledger.rebuild import rebuild
+from ledger.store import EventStore
 from tests.conftest import Api
 
 MakeApi = Callable[..., Coroutine[Any, Any, Api]]
@@ -67,6 +69,19 @@ async def test_define_lists_and_redefines(api: Api) -> None:
     assert events["events"][0]["data"]["params_schema"] == SCHEMA
 
 
+async def test_catalog_replays_to_the_same_read_model(api: Api, store: EventStore) -> None:
+    """A rebuild folds agent.defined into the same catalog the live projection holds."""
+    await api.post("/v1/agents", {"agent": "instagram/profiles", "params_schema": SCHEMA})
+    await api.post("/v1/agents", {"agent": "instagram/profiles", "description": "v2"})
+    await api.post("/v1/agents", {"agent": "linkedin/company", "price": {"per_job": 1}})
+    before = await api.get("/v1/agents")
+    verified = await rebuild(store.backend, store.projectors, verify=True)
+    assert verified.difference is None
+    report = await rebuild(store.backend, store.projectors)
+    assert report.difference is None
+    assert await api.get("/v1/agents") == before
+
+
 async def test_define_refuses_bad_input(api: Api, make_api: MakeApi) -> None:
     """A bad name, an unsupported schema keyword or a bad price is 422 naming the field."""
     cases = [
@@ -79,6 +94,10 @@ async def test_define_refuses_bad_input(api: Api, make_api: MakeApi) -> None:
             "params_schema.properties.x.type",
         ),
         ({"agent": "a/b", "params_schema": {"type": "array"}}, "params_schema.type"),
+        (
+            {"agent": "a/b", "params_schema": {"properties": {"x": {"pattern": "(a+)+$"}}}},
+            "params_schema.properties.x.pattern",
+        ),
         ({"agent": "a/b", "price": {"per_row": "0.00001"}}, "price.per_row"),
         ({"agent": "a/b", "typo": 1}, "typo"),
     ]
