@@ -29,6 +29,9 @@ from projections import agents, credits
 routes = web.RouteTableDef()
 
 
+AgentName = Annotated[str, Meta(min_length=3, max_length=200)]  # "group/slug"
+
+
 class PriceIn(s.Body):
     per_job: Decimal = Decimal(0)
     per_row: Decimal = Decimal(0)
@@ -37,18 +40,21 @@ class PriceIn(s.Body):
 
 
 class AgentBody(s.Body):
-    agent: Annotated[str, Meta(min_length=3, max_length=200)]  # "group/slug"
-    name: Annotated[str, Meta(max_length=200)] | None = None
+    name: AgentName | None = None
+    agent: AgentName | None = None  # the same as ``name``, as jobs and prices call it
+    title: Annotated[str, Meta(max_length=200)] | None = None
     description: Annotated[str, Meta(max_length=10_000)] = ""
-    params_schema: dict[str, Any] = msgspec.field(default_factory=dict)
-    price: PriceIn | None = None
+    params_schema: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = None  # Mindcase's parameter list instead of a schema
+    price: Decimal | PriceIn | None = None  # a number is credits per row
 
 
 class AgentView(msgspec.Struct):
+    name: str
     agent: str
     group: str
     slug: str
-    name: str
+    title: str | None
     description: str
     params_schema: dict[str, Any]
     price: s.PriceView
@@ -65,10 +71,11 @@ class AgentsQuery(s.Query):
 
 def agent_view(entry: agents.Agent, price: Price, price_at: str | None) -> AgentView:
     return AgentView(
+        name=entry.agent,
         agent=entry.agent,
         group=entry.group,
         slug=entry.slug,
-        name=entry.name or entry.slug,
+        title=entry.title,
         description=entry.description,
         params_schema=entry.params_schema,
         price=price_view(entry.agent, price, price_at),
@@ -81,6 +88,42 @@ async def catalog_of(conn: Conn, tenant: str, group: str | None = None) -> list[
     found = await agents.listing(conn, tenant, group)
     prices = {a: (p, at) for a, p, at in await credits.prices(conn, tenant)}
     return [agent_view(e, *prices.get(e.agent, (DEFAULT_PRICE, None))) for e in found]
+
+
+def _name(body: AgentBody) -> str:
+    if body.name is not None and body.agent is not None and body.name != body.agent:
+        raise Invalid("name and agent differ; send one", field="agent")
+    name = body.name or body.agent
+    if name is None:
+        raise Invalid("name the agent as group/slug", field="name")
+    try:
+        catalog.split_name(name)
+    except Invalid as exc:
+        raise Invalid(exc.message, field="name" if body.name else "agent") from None
+    return name
+
+
+def _schema(body: AgentBody) -> dict[str, Any]:
+    if body.params_schema is not None and body.parameters is not None:
+        raise Invalid("send params_schema or parameters, not both", field="parameters")
+    if body.parameters is not None:
+        return catalog.schema_from_parameters(body.parameters)
+    return body.params_schema if body.params_schema is not None else {}
+
+
+def _price(body: AgentBody) -> Price | None:
+    if body.price is None:
+        return None
+    if isinstance(body.price, Decimal):
+        price = Price(per_row=body.price)
+    else:
+        price = Price(**msgspec.structs.asdict(body.price))
+    try:
+        validate_price(price)
+    except Invalid as exc:
+        field = "price" if isinstance(body.price, Decimal) else f"price.{exc.field}"
+        raise Invalid(exc.message, field=field) from None
+    return price
 
 
 @endpoint(
@@ -98,32 +141,24 @@ async def catalog_of(conn: Conn, tenant: str, group: str | None = None) -> list[
 async def define_agent(request: web.Request) -> web.Response:
     who = caller(request)
     body = await read_body(request, AgentBody)
-    catalog.split_name(body.agent)
-    price = None
-    if body.price is not None:
-        price = Price(**msgspec.structs.asdict(body.price))
-        try:
-            validate_price(price)
-        except Invalid as exc:
-            raise Invalid(exc.message, field=f"price.{exc.field}") from None
+    name = _name(body)
+    price = _price(body)
+    schema = _schema(body)
     definition = AgentDefined(
-        agent=body.agent,
-        name=body.name,
-        description=body.description,
-        params_schema=body.params_schema,
+        agent=name, title=body.title, description=body.description, params_schema=schema
     )
 
     async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
         recorded = await catalog.define(uow, who.tenant, definition, price=price, actor=who.key_id)
-        in_force = price if price is not None else await price_in_force(uow, who.tenant, body.agent)
-        group, _, slug = body.agent.partition("/")
+        in_force = price if price is not None else await price_in_force(uow, who.tenant, name)
+        group, _, slug = name.partition("/")
         entry = agents.Agent(
-            agent=body.agent,
+            agent=name,
             group=group,
             slug=slug,
-            name=body.name,
+            title=body.title,
             description=body.description,
-            params_schema=body.params_schema,
+            params_schema=schema,
             position=recorded.position,
             updated_at=recorded.recorded_at,
         )

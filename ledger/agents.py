@@ -20,8 +20,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import msgspec
-
 from ledger import commands
 from ledger.errors import Invalid, NotFound
 from ledger.events import AgentDefined, JobQueued, Price
@@ -224,6 +222,43 @@ async def run(
     )
 
 
+def schema_from_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """Mindcase's parameter list (``{key: {name, type, required, description, default,
+    options}}``, as its SDK shows an agent) as the equivalent schema of the subset."""
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    for key, spec in parameters.items():
+        where = f"parameters.{key}"
+        if not isinstance(spec, dict):
+            raise Invalid("each parameter is an object", field=where)
+        unknown = set(spec) - {"name", "type", "required", "description", "default", "options"}
+        if unknown:
+            raise Invalid(f"unknown parameter field {sorted(unknown)[0]!r}", field=where)
+        kind = spec.get("type", "string")
+        if kind not in TYPES:
+            raise Invalid(f"type is one of {', '.join(TYPES)}", field=f"{where}.type")
+        prop: dict[str, Any] = {"type": kind}
+        for source, target in (("name", "title"), ("description", "description")):
+            if spec.get(source) is not None:
+                prop[target] = spec[source]
+        if "default" in spec and spec["default"] is not None:
+            prop["default"] = spec["default"]
+        options = spec.get("options")
+        if options:
+            if not isinstance(options, list):
+                raise Invalid("options is a list", field=f"{where}.options")
+            prop["enum"] = [
+                o["value"] if isinstance(o, dict) and "value" in o else o for o in options
+            ]
+        if spec.get("required") is True:
+            required.append(key)
+        properties[key] = prop
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = required
+    return schema
+
+
 def parameters(schema: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The schema's top-level properties as Mindcase lists an agent's parameters."""
     required = set(schema.get("required", []))
@@ -241,9 +276,3 @@ def parameters(schema: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             entry["options"] = [{"label": str(v), "value": v} for v in sub["enum"]]
         out[key] = entry
     return out
-
-
-def to_json(definition: AgentDefined) -> dict[str, Any]:
-    data: dict[str, Any] = msgspec.to_builtins(definition)
-    data.pop("type", None)
-    return data

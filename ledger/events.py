@@ -158,7 +158,7 @@ class AgentDefined(Event, frozen=True, kw_only=True, tag="agent.defined"):
     """An agent of the tenant's catalog, defined or redefined (the latest one is in force)."""
 
     agent: str  # "group/slug"
-    name: str | None = None
+    title: str | None = None  # a display name
     description: str = ""
     params_schema: dict[str, Any] = {}  # a JSON Schema subset (``ledger.agents``)
 

@@ -24,7 +24,7 @@ class AgentsProjector(SqlProjector):
             agent TEXT NOT NULL,
             agent_group TEXT NOT NULL,
             slug TEXT NOT NULL,
-            name TEXT,
+            title TEXT,
             description TEXT NOT NULL,
             params_schema TEXT NOT NULL,
             position INTEGER NOT NULL,
@@ -38,9 +38,9 @@ class AgentsProjector(SqlProjector):
         super().__init__(suffix)
         t = self.t["agents"]
         self._upsert = (
-            f"INSERT INTO {t} (tenant, agent, agent_group, slug, name, description, "
+            f"INSERT INTO {t} (tenant, agent, agent_group, slug, title, description, "
             "params_schema, position, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (tenant, agent) DO UPDATE SET name = excluded.name, "
+            "ON CONFLICT (tenant, agent) DO UPDATE SET title = excluded.title, "
             "description = excluded.description, params_schema = excluded.params_schema, "
             "position = excluded.position, updated_at = excluded.updated_at"
         )
@@ -56,7 +56,7 @@ class AgentsProjector(SqlProjector):
                         event.agent,
                         group,
                         slug,
-                        event.name,
+                        event.title,
                         event.description,
                         _ENCODE(event.params_schema).decode(),
                         recorded.position,
@@ -74,14 +74,14 @@ class Agent:
     agent: str
     group: str
     slug: str
-    name: str | None
+    title: str | None
     description: str
     params_schema: dict[str, Any]
     position: int
     updated_at: str
 
 
-_COLUMNS = "agent, agent_group, slug, name, description, params_schema, position, updated_at"
+_COLUMNS = "agent, agent_group, slug, title, description, params_schema, position, updated_at"
 
 
 def _agent(row: Any) -> Agent:
@@ -89,7 +89,7 @@ def _agent(row: Any) -> Agent:
         agent=row[0],
         group=row[1],
         slug=row[2],
-        name=row[3],
+        title=row[3],
         description=row[4],
         params_schema=msgspec.json.decode(row[5]),
         position=row[6],

@@ -37,14 +37,14 @@ async def test_define_lists_and_redefines(api: Api) -> None:
     made = await api.post(
         "/v1/agents",
         {
-            "agent": "instagram/profiles",
-            "name": "Instagram Profiles",
+            "name": "instagram/profiles",
+            "title": "Instagram Profiles",
             "description": "Public profile data",
             "params_schema": SCHEMA,
         },
     )
-    assert made["agent"] == "instagram/profiles" and made["group"] == "instagram"
-    assert made["slug"] == "profiles" and made["name"] == "Instagram Profiles"
+    assert made["name"] == made["agent"] == "instagram/profiles" and made["group"] == "instagram"
+    assert made["slug"] == "profiles" and made["title"] == "Instagram Profiles"
     assert made["params_schema"] == SCHEMA and made["price"]["per_row"] == 1
     await api.post("/v1/agents", {"agent": "linkedin/company"})
     await api.post(
@@ -54,7 +54,7 @@ async def test_define_lists_and_redefines(api: Api) -> None:
     listed = await api.get("/v1/agents")
     assert [a["agent"] for a in listed["agents"]] == ["instagram/profiles", "linkedin/company"]
     first = listed["agents"][0]
-    assert first["description"] == "v2" and first["name"] == "profiles"  # redefined whole
+    assert first["description"] == "v2" and first["title"] is None  # redefined whole
     assert first["price"]["per_row"] == 0.5
     prices = await api.get("/v1/prices")  # the agent's price is the one credits use
     assert [(p["agent"], p["per_row"]) for p in prices["prices"]] == [("instagram/profiles", 0.5)]
@@ -86,6 +86,12 @@ async def test_define_refuses_bad_input(api: Api, make_api: MakeApi) -> None:
     """A bad name, an unsupported schema keyword or a bad price is 422 naming the field."""
     cases = [
         ({"agent": "no-slash"}, "agent"),
+        ({"name": "no-slash"}, "name"),
+        ({"description": "no name"}, "name"),
+        ({"name": "a/b", "agent": "a/c"}, "agent"),
+        ({"name": "a/b", "price": "-1"}, "price"),
+        ({"name": "a/b", "parameters": {"x": {"type": "date"}}}, "parameters.x.type"),
+        ({"name": "a/b", "parameters": {}, "params_schema": {}}, "parameters"),
         ({"agent": "a/b/c"}, "agent"),
         ({"agent": "all/x"}, "agent"),
         ({"agent": "a/b", "params_schema": {"oneOf": []}}, "params_schema.oneOf"),
@@ -107,6 +113,34 @@ async def test_define_refuses_bad_input(api: Api, make_api: MakeApi) -> None:
     writer = await make_api(role="writer")
     await writer.post("/v1/agents", {"agent": "a/b"}, status=403)
     assert (await api.get("/v1/agents"))["agents"] == []
+
+
+async def test_mindcase_parameters_and_a_number_price(api: Api) -> None:
+    """Mindcase's parameter list is taken as the schema it means; a number price is per row."""
+    made = await api.post(
+        "/v1/agents",
+        {
+            "name": "instagram/profiles",
+            "parameters": {
+                "usernames": {"name": "Usernames", "type": "array", "required": True},
+                "mode": {"type": "string", "options": [{"label": "Fast", "value": "fast"}]},
+            },
+            "price": 2,
+        },
+    )
+    assert made["params_schema"] == {
+        "type": "object",
+        "properties": {
+            "usernames": {"type": "array", "title": "Usernames"},
+            "mode": {"type": "string", "enum": ["fast"]},
+        },
+        "required": ["usernames"],
+    }
+    assert made["price"]["per_row"] == 2 and made["price"]["per_job"] == 0
+    run = "/compat/mindcase/api/v1/agents/instagram/profiles/run"
+    bad = await api.post(run, {"params": {"mode": "fast"}}, status=422)
+    assert bad["error"]["field"] == "params.usernames"
+    await api.post(run, {"params": {"usernames": ["nike"], "mode": "fast"}})
 
 
 async def test_catalog_is_per_tenant(api: Api, make_api: MakeApi) -> None:

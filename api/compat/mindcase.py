@@ -224,7 +224,7 @@ def _summary(view: AgentView) -> AgentSummary:
     return AgentSummary(
         group=view.group,
         slug=view.slug,
-        name=view.name,
+        name=view.title or view.slug,
         description=view.description,
         credits_per_row=view.price.per_row,
     )

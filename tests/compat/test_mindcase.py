@@ -262,7 +262,7 @@ async def test_agents_read_the_catalog(api: Api) -> None:
         "/v1/agents",
         {
             "agent": "instagram/profiles",
-            "name": "Instagram Profiles",
+            "title": "Instagram Profiles",
             "description": "Profiles",
             "params_schema": AGENT_SCHEMA,
             "price": {"per_row": 2},

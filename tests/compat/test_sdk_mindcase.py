@@ -165,7 +165,7 @@ async def _seed(http: aiohttp.ClientSession) -> dict[str, str]:
         "/v1/agents",
         {
             "agent": AGENT,
-            "name": "Instagram Profiles",
+            "title": "Instagram Profiles",
             "description": "Public profile data",
             "params_schema": SCHEMA,
             "price": {"per_row": 2},
