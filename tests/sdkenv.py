@@ -103,10 +103,12 @@ def sdk_python(name: str, requirement: str, *, minimum: tuple[int, int] = (3, 8)
         base = find_python(minimum)
         if base is None:
             wanted = ".".join(map(str, minimum))
-            pytest.skip(
-                f"{requirement} needs Python >= {wanted} and none was found "
-                f"(looked on PATH, /usr/bin, pyenv; set {PYTHON_ENV} to name one)"
+            where = (
+                f"{PYTHON_ENV}={os.environ[PYTHON_ENV]} is older or not an interpreter"
+                if os.environ.get(PYTHON_ENV)
+                else f"looked on PATH, /usr/bin, /usr/local/bin, pyenv; set {PYTHON_ENV}"
             )
+            pytest.skip(f"{requirement} needs Python >= {wanted} and none was found ({where})")
         shutil.rmtree(directory, ignore_errors=True)
         steps = [
             [base, "-m", "venv", str(directory)],
