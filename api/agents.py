@@ -107,6 +107,8 @@ def _schema(body: AgentBody) -> dict[str, Any]:
     if body.params_schema is not None and body.parameters is not None:
         raise Invalid("send params_schema or parameters, not both", field="parameters")
     if body.parameters is not None:
+        if catalog.looks_like_schema(body.parameters):
+            return body.parameters  # a JSON Schema sent under Mindcase's word
         return catalog.schema_from_parameters(body.parameters)
     return body.params_schema if body.params_schema is not None else {}
 

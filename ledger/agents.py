@@ -222,6 +222,11 @@ async def run(
     )
 
 
+def looks_like_schema(value: Mapping[str, Any]) -> bool:
+    """A JSON Schema object rather than Mindcase's ``{key: {...}}`` parameter list."""
+    return value.get("type") == "object" or isinstance(value.get("properties"), dict)
+
+
 def schema_from_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
     """Mindcase's parameter list (``{key: {name, type, required, description, default,
     options}}``, as its SDK shows an agent) as the equivalent schema of the subset."""

@@ -137,6 +137,10 @@ async def test_mindcase_parameters_and_a_number_price(api: Api) -> None:
         "required": ["usernames"],
     }
     assert made["price"]["per_row"] == 2 and made["price"]["per_job"] == 0
+    as_schema = await api.post(
+        "/v1/agents", {"name": "x/y", "parameters": made["params_schema"]}
+    )  # a JSON Schema under Mindcase's word is taken as the schema
+    assert as_schema["params_schema"] == made["params_schema"]
     run = "/compat/mindcase/api/v1/agents/instagram/profiles/run"
     bad = await api.post(run, {"params": {"mode": "fast"}}, status=422)
     assert bad["error"]["field"] == "params.usernames"
