@@ -17,6 +17,7 @@ applied before ``start``/``limit`` as MCRIT does, so pages of a filtered list ar
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any
 
@@ -96,6 +97,7 @@ class MongoDate(msgspec.Struct):
 class Payload(msgspec.Struct):
     method: str
     params: str  # JSON text, as MCRIT's queue keeps a job's arguments
+    descriptor: str  # JSON text of [method, params, file hashes]: no files here
     file_params: str = "{}"
 
 
@@ -159,6 +161,11 @@ def _date(us: int | None) -> MongoDate | None:
     return MongoDate(date=f"{text}.{millis:03d}Z" if millis else f"{text}Z")
 
 
+def _descriptor(job: JobState) -> str:
+    """What MCRIT's ``get_descriptor`` writes: ``json.dumps([method, params, hashes])``."""
+    return json.dumps([job.agent, job.params, {}], sort_keys=True)
+
+
 def _progress(job: JobState) -> float:
     if job.status == "completed":
         return 1.0
@@ -186,7 +193,11 @@ def _fields(job: JobState) -> dict[str, Any]:
         "created": seconds_naive(job.created_at),
         "finished": seconds_naive(job.finished_at),
         "id": job.id,
-        "payload": Payload(method=job.agent, params=_ENCODE(job.params).decode()),
+        "payload": Payload(
+            method=job.agent,
+            params=_ENCODE(job.params).decode(),
+            descriptor=_descriptor(job),
+        ),
         "username": (person.email or person.id) if person is not None else None,
         "attempts_left": 0 if job.status in ("failed", "partial_failed") else 1,
         "created_at": _date(job.created_at),

@@ -71,6 +71,7 @@ out["stats"] = client.getQueueStatistics()
 out["stats_refresh"] = client.getQueueStatistics(with_refresh=True)
 out["done"] = job(client.getJobData(ids["DONE"]))
 done = client.getJobData(ids["DONE"])
+out["family"] = done.family
 out["result_for_job"] = client.getResultForJob(ids["DONE"])
 out["result_for_job_compact"] = client.getResultForJob(ids["DONE"], compact=True)
 out["result"] = client.getResult(done.result)
@@ -135,7 +136,7 @@ async def _seed(http: aiohttp.ClientSession) -> None:
         30,
         at("job.started", 30, 5),
         at("job.completed", 31, 0, result={"sample_info": {"sample_id": 7}}),
-        params={"0": "a.exe", "family": "wannacry"},
+        params={"0": "a.exe", "1": "a.exe", "2": "wannacry"},
     )
     await job(QUEUED, "query", 32)
     await job(RUNNING, "query", 33, at("job.started", 33, 1))
@@ -189,8 +190,9 @@ async def test_the_mcrit_client_works_unchanged(db_url: str, tmp_path: Any) -> N
     jobs = {j["job_id"]: j for j in queue}
     done = jobs[DONE]
     assert done["method"] == "addBinarySample"
-    assert done["arguments"] == ["a.exe", "wannacry"]
-    assert done["parameters"] == "addBinarySample(a.exe, wannacry)"
+    assert done["arguments"] == ["a.exe", "a.exe", "wannacry"]
+    assert done["parameters"] == "addBinarySample(a.exe, a.exe, wannacry)"
+    assert out["family"] == "wannacry"
     assert done["created_at"] == "2024-01-15T10:30:00Z"
     assert done["started_at"] == "2024-01-15T10:30:05Z"
     assert done["finished_at"] == "2024-01-15T10:31:00Z"
