@@ -9,7 +9,19 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
-from api import compat, credits, dashboard, feed, insights, jobs, metrics, openapi, results, stats
+from api import (
+    agents,
+    compat,
+    credits,
+    dashboard,
+    feed,
+    insights,
+    jobs,
+    metrics,
+    openapi,
+    results,
+    stats,
+)
 from api.auth import KeyRing, RateLimiter
 from api.context import KEYRING, LIMITER, SETTINGS, STOPPING, STORE
 from api.http import endpoint, json_response
@@ -89,8 +101,8 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(credits.routes)
     app.add_routes(feed.routes)
     app.add_routes(insights.routes)
+    app.add_routes(agents.routes)
     dashboard.install(app)
     metrics.install(app)
-    for module in compat.DIALECTS:
-        app.add_routes(module.routes)
+    compat.mount(app)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -60,8 +61,21 @@ def bearer(request: web.Request) -> str:
     return secret.strip()
 
 
-async def authenticate(request: web.Request, ring: KeyRing) -> Caller:
-    key = await ring.find(bearer(request))
+def bearer_or_apitoken(request: web.Request) -> str:
+    """MCRIT's clients send ``apitoken: <secret>``; a Bearer header is accepted as well."""
+    token = request.headers.get("apitoken", "").strip()
+    if token and "Authorization" not in request.headers:
+        return token
+    try:
+        return bearer(request)
+    except Unauthorized:
+        raise Unauthorized("send apitoken: <api key> or Authorization: Bearer <api key>") from None
+
+
+async def authenticate(
+    request: web.Request, ring: KeyRing, credential: Callable[[web.Request], str] = bearer
+) -> Caller:
+    key = await ring.find(credential(request))
     if key is None:
         raise Unauthorized("the API key is not valid")
     if key.revoked_at is not None:

@@ -90,6 +90,12 @@ def _rate(text: str) -> int:
     return int(number)
 
 
+def _secret_prefix(text: str) -> str:
+    if not commands.SECRET_PREFIX.match(text):
+        raise argparse.ArgumentTypeError("use 1-32 of [a-z0-9_], e.g. mk_live_")
+    return text
+
+
 def _duration(text: str) -> int:
     try:
         return parse_duration(text)
@@ -164,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--name", help="a label shown by keys list")
     create.add_argument("--project", help="confine the key to one project")
+    create.add_argument(
+        "--secret-prefix",
+        type=_secret_prefix,
+        default=commands.DEFAULT_SECRET_PREFIX,
+        help="what the secret starts with, 1-32 of [a-z0-9_] (e.g. mk_live_ for Mindcase's SDK)",
+    )
     listing = keys_sub.add_parser("list", help="list keys (never secrets)")
     _db(listing)
     listing.add_argument("--tenant", help="only this tenant's keys")
@@ -352,7 +364,12 @@ async def cmd_keys(args: argparse.Namespace) -> int:
                 raise CliError("--tenant must not be empty")
             new = await store.execute(
                 lambda uow: commands.create_key(
-                    uow, tenant, args.role, name=args.name, project=args.project
+                    uow,
+                    tenant,
+                    args.role,
+                    name=args.name,
+                    project=args.project,
+                    secret_prefix=args.secret_prefix,
                 ),
                 tenants=[tenant],
             )

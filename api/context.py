@@ -25,8 +25,8 @@ def caller(request: web.Request) -> Caller:
 
 
 def store(request: web.Request) -> EventStore:
-    return request.app[STORE]
+    return request.config_dict[STORE]  # also from a dialect's sub-application
 
 
 def settings(request: web.Request) -> Settings:
-    return request.app[SETTINGS]
+    return request.config_dict[SETTINGS]

@@ -62,15 +62,20 @@ def endpoint(
     errors: tuple[int, ...] = (),
     tag: str = "jobs",
     also: tuple[str, ...] = (),
+    mount: str = "",
 ) -> Callable[[Handler], Handler]:
-    """Register a handler on ``routes`` and document it."""
+    """Register a handler on ``routes`` and document it.
+
+    ``mount`` is the prefix a sub-application is mounted at: ``path`` is the route inside it,
+    and the document names the full path.
+    """
 
     def register(handler: Handler) -> Handler:
         handler.__role__ = role  # type: ignore[attr-defined]
         OPERATIONS.append(
             Operation(
                 method,
-                path,
+                mount + path,
                 role,
                 summary,
                 query,

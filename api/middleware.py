@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
-from api.auth import RateLimited, authenticate
+from api.auth import RateLimited, authenticate, bearer
 from api.context import CALLER, KEYRING, LIMITER
 from api.http import ROLE_RANK, Handler, error_body, json_response
 from ledger import errors
@@ -44,7 +45,8 @@ HTTP_CODES = {
 
 # A dialect renders errors in its own shape: (status, error) -> response.
 ErrorRenderer = Callable[[int, errors.LedgerError], web.StreamResponse]
-ERROR_RENDERERS: dict[str, ErrorRenderer] = {}
+# Where a request's secret comes from: the Bearer header, or a dialect's own header.
+Credential = Callable[[web.Request], str]
 
 
 def status_of(error: errors.LedgerError) -> int:
@@ -60,11 +62,8 @@ def _from_http(exc: web.HTTPException) -> errors.LedgerError:
     return error
 
 
-def _render(request: web.Request, status: int, error: errors.LedgerError) -> web.StreamResponse:
-    dialect = getattr(request.match_info.handler, "__dialect__", None)
-    renderer = ERROR_RENDERERS.get(dialect) if dialect else None
-    if renderer is not None:
-        return renderer(status, error)
+def native_error(status: int, error: errors.LedgerError) -> web.StreamResponse:
+    """The contract's envelope: ``{"error": {"code", "message", "field"?}}``."""
     return json_response(error_body(error), status)
 
 
@@ -87,11 +86,34 @@ def _client_gone(request: web.Request) -> bool:
 
 @web.middleware
 async def handle(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One middleware for every request: context, auth, roles, rate limit, error envelope.
+    """The application's middleware: context, auth, roles, rate limit, error envelope.
 
-    It binds a request id for the logs, resolves the caller from the Bearer key, checks the
-    route's role and the key's rate limit, answers every error in the envelope (or the
-    dialect's shape), and logs one line per request.
+    A request routed into a dialect's sub-application passes through: the dialect's own
+    middleware (``dialect_middleware``) does the same work with its credential and error shape.
+    """
+    if len(request.match_info.apps) > 1:
+        return await handler(request)
+    return await guard(request, handler, native_error, bearer)
+
+
+def dialect_middleware(render: ErrorRenderer, credential: Credential = bearer) -> Middleware:
+    """A sub-application's middleware: ``guard`` with the dialect's credential and errors."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await guard(request, handler, render, credential)
+
+    return middleware
+
+
+async def guard(
+    request: web.Request, handler: Handler, render: ErrorRenderer, credential: Credential
+) -> web.StreamResponse:
+    """Context, auth, roles, rate limit and errors for one request.
+
+    It binds a request id for the logs, resolves the caller from the key ``credential`` reads,
+    checks the route's role and the key's rate limit, answers every error with ``render``, and
+    logs one line per request.
     """
     request_id = request.headers.get("X-Request-Id", "")[:64] or ulid()
     structlog.contextvars.clear_contextvars()
@@ -107,10 +129,10 @@ async def handle(request: web.Request, handler: Handler) -> web.StreamResponse:
         _check_text(request)
         role = getattr(match.handler, "__role__", "public")
         if role != "public":
-            caller = await authenticate(request, request.app[KEYRING])
+            caller = await authenticate(request, request.config_dict[KEYRING], credential)
             request[CALLER] = caller
             structlog.contextvars.bind_contextvars(key_id=caller.key_id, tenant=caller.tenant)
-            limiter = request.app.get(LIMITER)
+            limiter = request.config_dict.get(LIMITER)
             if limiter is not None:
                 extra = limiter.hit(caller.key_id)
             if ROLE_RANK[caller.role] < ROLE_RANK[role]:
@@ -121,11 +143,11 @@ async def handle(request: web.Request, handler: Handler) -> web.StreamResponse:
     except errors.LedgerError as exc:
         if isinstance(exc, RateLimited):
             extra = exc.headers
-        response = _render(request, status_of(exc), exc)
+        response = render(status_of(exc), exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = _render(request, exc.status, _from_http(exc))
+        response = render(exc.status, _from_http(exc))
     except Exception as exc:
         if isinstance(exc, ConnectionResetError) and _client_gone(request):
             log.info("http.client_gone", ms=round((time.perf_counter() - started) * 1000, 2))
@@ -133,7 +155,7 @@ async def handle(request: web.Request, handler: Handler) -> web.StreamResponse:
         log.exception("http.unhandled")
         err = errors.LedgerError("an internal error occurred; it has been logged")
         err.code = "internal"
-        response = _render(request, 500, err)
+        response = render(500, err)
     if not response.prepared:
         if extra:
             response.headers.update(extra)

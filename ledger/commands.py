@@ -8,6 +8,7 @@ caller answers with, so every write answers with the job as it stands after the 
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ from ledger.records import CreditTotals, Recorded
 from ledger.store import UnitOfWork
 
 ROLES = ("reader", "writer", "admin")
+SECRET_PREFIX = re.compile(r"^[a-z0-9_]{1,32}$")
+DEFAULT_SECRET_PREFIX = "jl_"
 _ENCODE = msgspec.json.Encoder(decimal_format="number").encode
 
 
@@ -317,12 +320,19 @@ async def create_key(
     name: str | None = None,
     project: str | None = None,
     actor: str = "cli",
+    secret_prefix: str = DEFAULT_SECRET_PREFIX,
 ) -> NewKey:
-    """A new API key; the secret leaves only in the answer, the ledger keeps its hash."""
+    """A new API key; the secret leaves only in the answer, the ledger keeps its hash.
+
+    ``secret_prefix`` lets a tenant hand its customers keys in the format their SDK expects
+    (Mindcase's refuses any key not starting ``mk_live_``); only the hash is stored either way.
+    """
     if role not in ROLES:
         raise Invalid(f"role must be one of {', '.join(ROLES)}", field="role")
+    if not SECRET_PREFIX.match(secret_prefix):
+        raise Invalid("a secret prefix is 1-32 of [a-z0-9_]", field="secret_prefix")
     key_id = new_key_id()
-    secret = "jl_" + secrets.token_urlsafe(32)
+    secret = secret_prefix + secrets.token_urlsafe(32)
     event = KeyCreated(
         key_id=key_id, role=role, name=name, project=project, secret_sha256=hash_secret(secret)
     )

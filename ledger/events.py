@@ -155,6 +155,15 @@ class CreditsGranted(Event, frozen=True, kw_only=True, tag="credits.granted"):
     reason: Text | None = None
 
 
+class AgentDefined(Event, frozen=True, kw_only=True, tag="agent.defined"):
+    """An agent of the tenant's catalog, defined or redefined (the latest one is in force)."""
+
+    agent: str  # "group/slug"
+    title: str | None = None  # a display name
+    description: str = ""
+    params_schema: dict[str, Any] = {}  # a JSON Schema subset (``ledger.agents``)
+
+
 JobEvent = (
     JobQueued
     | JobStarted
@@ -171,7 +180,7 @@ JobEvent = (
     | ExecutionSucceeded
     | ExecutionFailed
 )
-TenantEvent = KeyCreated | KeyRevoked | PriceSet | CreditsGranted
+TenantEvent = KeyCreated | KeyRevoked | PriceSet | CreditsGranted | AgentDefined
 AnyEvent = JobEvent | TenantEvent
 
 JOB_EVENT_TYPES: dict[str, type[Event]] = {

@@ -1,10 +1,11 @@
-"""Read models folded from the ledger's events: jobs, counts, credits, keys."""
+"""Read models folded from the ledger's events: jobs, counts, credits, keys, agents."""
 
 from __future__ import annotations
 
 from ledger.records import Projector
 from ledger.sql import Backend
 from ledger.store import EventStore
+from projections.agents import AgentsProjector
 from projections.base import SqlProjector
 from projections.counts import CountsProjector
 from projections.credits import CreditsProjector
@@ -16,6 +17,7 @@ PROJECTORS: dict[str, type[SqlProjector]] = {
     "counts": CountsProjector,
     "credits": CreditsProjector,
     "keys": KeysProjector,
+    "agents": AgentsProjector,
 }
 
 

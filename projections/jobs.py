@@ -130,6 +130,7 @@ class ListQuery:
     finished_before: int | None = None
     archived: bool | None = None
     q: str | None = None
+    ids: Sequence[str] | None = None  # only these job ids (MCRIT's ``job_ids``)
     ascending: bool = False
     limit: int = 50
     offset: int = 0
@@ -155,6 +156,9 @@ def _where(tenant: str, query: ListQuery) -> tuple[str, list[Any]]:
     if query.statuses:
         sql.append(f"status IN ({', '.join('?' * len(query.statuses))})")
         params.extend(query.statuses)
+    if query.ids is not None:
+        sql.append(f"id IN ({', '.join('?' * len(query.ids))})" if query.ids else "1 = 0")
+        params.extend(query.ids)
     for column, value in (("agent", query.agent), ("account", query.account)):
         if value is not None:
             sql.append(f"{column} = ?")
@@ -201,6 +205,13 @@ async def page(conn: Conn, tenant: str, query: ListQuery) -> tuple[list[JobState
     rows = rows[: query.limit]
     cursor = encode_cursor(rows[-1][1], rows[-1][2]) if more and rows else None
     return [_DECODE(r[0]) for r in rows], cursor
+
+
+async def count(conn: Conn, tenant: str, query: ListQuery) -> int:
+    """How many live jobs match ``query`` (its paging fields aside)."""
+    where, params = _where(tenant, query)
+    row = await conn.fetchone(f"SELECT COUNT(*) FROM jobs WHERE {where}", params)
+    return int(row[0]) if row is not None else 0
 
 
 def project_streams(tenant: str, project: str) -> tuple[str, list[Any]]:

@@ -43,6 +43,8 @@ def one_line_error(done: Done) -> str:
         ["keys", "create"],
         ["keys", "create", "--tenant", "acme"],
         ["keys", "create", "--tenant", "acme", "--role", "root"],
+        ["keys", "create", "--tenant", "acme", "--secret-prefix", "MK-Live"],
+        ["keys", "create", "--tenant", "acme", "--secret-prefix", ""],
         ["keys", "revoke"],
         ["export", "--format", "xml"],
         ["export", "--since", "last tuesday"],
@@ -169,6 +171,22 @@ async def test_keys_create_prints_the_secret_last(tmp_path: Path) -> None:
     assert secret.encode() not in _file_bytes(db)
     second = await acli("keys", "create", "--db", db, "--tenant", "acme", "--role", "reader")
     assert second.last_line != secret
+
+
+async def test_keys_create_with_a_secret_prefix(tmp_path: Path) -> None:
+    """``--secret-prefix`` starts the secret as a customer's SDK expects; only the hash is kept."""
+    db = str(tmp_path / "ledger.db")
+    done = await acli(
+        "keys", "create", "--db", db, "--tenant", "acme", "--secret-prefix", "mk_live_"
+    )
+    assert done.code == 0, done.err
+    secret = done.last_line
+    assert secret.startswith("mk_live_") and len(secret) > 40
+    assert secret.encode() not in _file_bytes(db)
+    async with served(db, log_dir=tmp_path) as server, aiohttp.ClientSession(server.base) as http:
+        headers = {"Authorization": f"Bearer {secret}"}
+        async with http.get("/v1/jobs", headers=headers) as resp:
+            assert resp.status == 200
 
 
 def _file_bytes(db: str) -> bytes:

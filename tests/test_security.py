@@ -221,6 +221,9 @@ A_AGENT = "secret-agent-a"
 A_ACCOUNT = "acct-of-a"
 A_PROJECT = "proj-of-a"
 A_MARKER = "A-PRIVATE-MARKER"
+A_DONE = "ad0e00000000000000000001"  # 24 hex: MCRIT's routes take only ids of that form
+A_RUNNING = "ad0e00000000000000000002"
+A_GROUP, A_SLUG = "secret-group-a", "secret-slug-a"
 
 
 def every_route(openapi: dict[str, Any]) -> list[tuple[str, str]]:
@@ -231,8 +234,7 @@ def every_route(openapi: dict[str, Any]) -> list[tuple[str, str]]:
         for method in item
         if method in ("get", "post", "put", "patch", "delete")
     ]
-    for module in compat.DIALECTS:
-        routes.extend((r.method, r.path) for r in module.routes if isinstance(r, web.RouteDef))
+    routes.extend(compat.paths())
     return sorted(set(routes))
 
 
@@ -245,6 +247,8 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/v1/jobs/{id}/redact"): {"reason": "b"},
     ("POST", "/v1/prices"): {"agent": "agent-of-b", "per_row": 2},
     ("POST", "/v1/credits/grants"): {"account": "acct-of-b", "amount": 5},
+    ("POST", "/v1/agents"): {"agent": "group-of-b/agent-of-b"},
+    ("POST", "/compat/mindcase/api/v1/agents/{group}/{slug}/run"): {"params": {}},
 }
 QUERIES: dict[tuple[str, str], dict[str, str]] = {
     ("DELETE", "/v1/jobs"): {"agent": A_AGENT},
@@ -285,6 +289,7 @@ async def snapshot(a: Api, job_ids: list[str]) -> dict[str, Any]:
         "credits": await a.get("/v1/credits", params={"account": A_ACCOUNT}),
         "head": await a.get("/v1/audit/head"),
         "prices": await a.get("/v1/prices"),
+        "agents": await a.get("/v1/agents"),
         "jobs": [await a.get(f"/v1/jobs/{j}") for j in job_ids],
     }
 
@@ -296,20 +301,28 @@ async def test_no_route_shows_or_changes_another_tenants_data(
     a = await make_api(tenant="tenant-a")
     b = await make_api(tenant="tenant-b")
     common = {"agent": A_AGENT, "account": A_ACCOUNT, "project": A_PROJECT}
-    done = await a.post("/v1/jobs", {**common, "id": "a-done", "params": {"m": A_MARKER}})
+    done = await a.post("/v1/jobs", {**common, "id": A_DONE, "params": {"m": A_MARKER}})
     await a.post(f"/v1/jobs/{done['id']}/events", {"type": "job.started"})
     finished = await a.post(
         f"/v1/jobs/{done['id']}/events",
         {"type": "job.completed", "data": {"row_count": 1, "result": [A_MARKER]}},
     )
     result_id = finished["job"]["result_id"]
-    running = await a.post("/v1/jobs", {**common, "id": "a-running"})
+    running = await a.post("/v1/jobs", {**common, "id": A_RUNNING})
+    await a.post("/v1/agents", {"agent": f"{A_GROUP}/{A_SLUG}", "description": A_MARKER})
     await a.post(f"/v1/jobs/{running['id']}/events", {"type": "job.started"})
     await a.post("/v1/prices", {"agent": A_AGENT, "per_row": 3})
     await a.post("/v1/credits/grants", {"account": A_ACCOUNT, "amount": 1000, "reason": A_MARKER})
-    before = await snapshot(a, ["a-done", "a-running"])
-    params = {"id": "a-done", "result_id": result_id, "account": A_ACCOUNT, "projectId": A_PROJECT}
-    forbidden = ["a-done", "a-running", result_id, A_AGENT, A_MARKER, A_PROJECT]
+    before = await snapshot(a, [A_DONE, A_RUNNING])
+    params = {
+        "id": A_DONE,
+        "result_id": result_id,
+        "account": A_ACCOUNT,
+        "projectId": A_PROJECT,
+        "group": A_GROUP,
+        "slug": A_SLUG,
+    }
+    forbidden = [A_DONE, A_RUNNING, result_id, A_AGENT, A_MARKER, A_PROJECT, A_GROUP, A_SLUG]
 
     openapi = await a.get("/v1/openapi.json")
     walked = []
@@ -320,7 +333,7 @@ async def test_no_route_shows_or_changes_another_tenants_data(
             headers["x-project-id"] = A_PROJECT
         query = dict(QUERIES.get((method, template), {}))
         if "job_id" in query:
-            query["job_id"] = "a-done"
+            query["job_id"] = A_DONE
         status, ctype, body = await raw_call(
             client, method, path, headers, json=BODIES.get((method, template)), params=query
         )
@@ -343,5 +356,5 @@ async def test_no_route_shows_or_changes_another_tenants_data(
                     assert data[field] == 0, f"{method} {path} counts A's credits: {data}"
     assert len(walked) >= 40  # every native and dialect route
     mine = await a.get("/v1/jobs", params={"agent": A_AGENT})  # the control: A sees its own
-    assert {j["id"] for j in mine["jobs"]} == {"a-done", "a-running"}
-    assert await snapshot(a, ["a-done", "a-running"]) == before
+    assert {j["id"] for j in mine["jobs"]} == {A_DONE, A_RUNNING}
+    assert await snapshot(a, [A_DONE, A_RUNNING]) == before

@@ -1,4 +1,4 @@
-"""What every dialect shares: registering a handler under a dialect, time formats, full lists.
+"""What every dialect shares: its sub-application, time formats, full lists.
 
 A dialect maps; it never computes. Reads go through the same projections and helpers the
 native routes use (``api.jobs``), and writes through the same commands.
@@ -12,8 +12,10 @@ from typing import Any
 
 from aiohttp import web
 
+from api.auth import bearer
 from api.context import caller, store
 from api.http import Handler, endpoint
+from api.middleware import Credential, ErrorRenderer, dialect_middleware, native_error
 from ledger.jobs import JobState
 from projections import jobs
 
@@ -21,16 +23,49 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 PAGE = 1000
 
 
-def dialect_endpoint(
-    dialect: str, routes: web.RouteTableDef, method: str, path: str, **options: Any
-) -> Callable[[Handler], Handler]:
-    """``endpoint`` (auth, roles) for a dialect's handler, whose errors the dialect renders."""
+class Dialect:
+    """One seed API: its routes, mounted as a sub-application with its own error middleware.
 
-    def register(handler: Handler) -> Handler:
-        handler.__dialect__ = dialect  # type: ignore[attr-defined]
-        return endpoint(routes, method, path, tag="compat", **options)(handler)
+    ``render`` answers every error of the dialect (auth and unknown routes included) in the
+    original's shape; ``credential`` reads the key the way the original's clients send it;
+    ``trailing_slash`` also routes every path with a ``/`` appended, for originals that strip
+    it (the extra routes are not documented twice).
+    """
 
-    return register
+    def __init__(
+        self,
+        name: str,
+        prefix: str,
+        *,
+        render: ErrorRenderer = native_error,
+        credential: Credential = bearer,
+        trailing_slash: bool = False,
+    ) -> None:
+        self.name = name
+        self.prefix = prefix
+        self.render = render
+        self.credential = credential
+        self.trailing_slash = trailing_slash
+        self.routes = web.RouteTableDef()
+
+    def endpoint(self, method: str, path: str, **options: Any) -> Callable[[Handler], Handler]:
+        """``endpoint`` (auth, roles, documentation) for a route inside the sub-application."""
+        return endpoint(self.routes, method, path, tag="compat", mount=self.prefix, **options)
+
+    def paths(self) -> list[tuple[str, str]]:
+        """``(method, full path)`` of every documented route."""
+        return [
+            (r.method, self.prefix + r.path) for r in self.routes if isinstance(r, web.RouteDef)
+        ]
+
+    def app(self) -> web.Application:
+        sub = web.Application(middlewares=[dialect_middleware(self.render, self.credential)])
+        sub.add_routes(self.routes)
+        if self.trailing_slash:
+            for r in self.routes:
+                if isinstance(r, web.RouteDef) and not r.path.endswith("/"):
+                    sub.router.add_route(r.method, r.path + "/", r.handler)
+        return sub
 
 
 def _utc(us: int) -> datetime:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from api.compat.common import dialect_endpoint, millis_z
+from api.compat.common import Dialect, millis_z
 from api.http import json_response
 from api.lookups import job_id_of, read_job
 from ledger.errors import BadRequest
@@ -30,7 +30,8 @@ STATUS = {
     "cancelled": "failed",
 }
 
-routes = web.RouteTableDef()
+DIALECT = Dialect(NAME, PREFIX)
+routes = DIALECT.routes
 
 
 class CreatedBy(msgspec.Struct, rename="camel"):
@@ -78,9 +79,7 @@ def job_view(job: JobState) -> Job:
     )
 
 
-@dialect_endpoint(
-    NAME, routes, "GET", f"{PREFIX}/jobs/{{id}}", role="reader", summary="Mentionlab: a job"
-)
+@DIALECT.endpoint("GET", "/jobs/{id}", role="reader", summary="Mentionlab: a job")
 async def get_job(request: web.Request) -> web.Response:
     if not request.headers.get("x-project-id", "").strip():
         raise BadRequest("the x-project-id header is required")

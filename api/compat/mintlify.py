@@ -11,7 +11,7 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from api.compat.common import dialect_endpoint, seconds_z
+from api.compat.common import Dialect, seconds_z
 from api.http import json_response
 from api.lookups import job_id_of, read_job
 from ledger.errors import JobNotFound
@@ -28,7 +28,8 @@ STATUS = {
     "cancelled": "failed",
 }
 
-routes = web.RouteTableDef()
+DIALECT = Dialect(NAME, PREFIX)
+routes = DIALECT.routes
 
 
 class Source(msgspec.Struct):
@@ -65,11 +66,9 @@ def job_view(job: JobState) -> Job:
     )
 
 
-@dialect_endpoint(
-    NAME,
-    routes,
+@DIALECT.endpoint(
     "GET",
-    f"{PREFIX}/agent/{{projectId}}/job/{{id}}",
+    "/agent/{projectId}/job/{id}",
     role="reader",
     summary="Mintlify: an agent job",
 )

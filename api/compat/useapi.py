@@ -1,8 +1,9 @@
-"""useapi.net MiniMax running agent jobs (seed 001), at ``/compat/useapi/v1/minimax/agent/jobs``.
+"""useapi.net MiniMax agent jobs (seed 001), mounted at ``/compat/useapi/v1/minimax``.
 
-The native ``GET /v1/jobs/running`` answer with useapi's field names (``jobId``, ``elapsed`` as
-``mm:ss``). Errors are ``{"error": "<text>"}``; a missing or bad token is exactly
-``401 {"error": "Unauthorized"}``.
+``GET agent/jobs`` is the native ``GET /v1/jobs/running`` answer with useapi's field names
+(``jobId``, ``elapsed`` as ``mm:ss``). ``GET agent/{jobId}`` answers one job, finished ones
+included, as the seed promises. Errors are ``{"error": "<text>"}``; a missing or bad token is
+exactly ``401 {"error": "Unauthorized"}``.
 """
 
 from __future__ import annotations
@@ -10,16 +11,35 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from api.compat.common import dialect_endpoint
+from api import schemas as s
+from api.compat.common import Dialect, seconds_z
 from api.http import json_response
-from api.middleware import ERROR_RENDERERS
+from api.lookups import job_id_of, read_job
 from api.stats import running_answer
+from ledger.clock import now_us
 from ledger.errors import LedgerError
+from ledger.jobs import JobState
 
 NAME = "useapi"
 PREFIX = "/compat/useapi/v1/minimax"
+# useapi's job words: started while it runs, then completed or failed.
+STATUS = {
+    "queued": "started",
+    "running": "started",
+    "completed": "completed",
+    "partial_failed": "completed",
+    "failed": "failed",
+    "cancelled": "failed",
+}
 
-routes = web.RouteTableDef()
+
+def render_error(status: int, error: LedgerError) -> web.StreamResponse:
+    message = "Unauthorized" if status == 401 else error.message
+    return json_response({"error": message}, status)
+
+
+DIALECT = Dialect(NAME, PREFIX, render=render_error)
+routes = DIALECT.routes
 
 
 class Executing(msgspec.Struct, rename="camel"):
@@ -37,11 +57,9 @@ class Running(msgspec.Struct):
     executing: dict[str, list[Executing]]
 
 
-@dialect_endpoint(
-    NAME,
-    routes,
+@DIALECT.endpoint(
     "GET",
-    f"{PREFIX}/agent/jobs",
+    "/agent/jobs",
     role="reader",
     summary="useapi: running agent jobs by account",
 )
@@ -59,9 +77,36 @@ async def running_jobs(request: web.Request) -> web.Response:
     )
 
 
-def render_error(status: int, error: LedgerError) -> web.StreamResponse:
-    message = "Unauthorized" if status == 401 else error.message
-    return json_response({"error": message}, status)
+class AgentJob(msgspec.Struct, rename="camel", omit_defaults=True):
+    job_id: str
+    status: str
+    account: str
+    created: str | None
+    updated: str | None
+    elapsed: str | None = None  # while it runs
+    error: str | None = None  # when it failed
 
 
-ERROR_RENDERERS[NAME] = render_error
+def agent_job(job: JobState) -> AgentJob:
+    status = STATUS[job.status]
+    return AgentJob(
+        job_id=job.id,
+        status=status,
+        account=job.account,
+        created=seconds_z(job.created_at),
+        updated=seconds_z(job.updated_at),
+        elapsed=s.elapsed(job.started_at, now_us()) if job.status == "running" else None,
+        error=(job.error.message or job.error.code)
+        if job.error is not None
+        else ("cancelled" if job.status == "cancelled" else None),
+    )
+
+
+@DIALECT.endpoint(
+    "GET",
+    "/agent/{id}",
+    role="reader",
+    summary="useapi: one agent job, running or finished",
+)
+async def get_job(request: web.Request) -> web.Response:
+    return json_response(agent_job(await read_job(request, job_id_of(request))))

@@ -97,3 +97,16 @@ async def test_other_tenants_jobs_are_invisible(api: Api, make_api: MakeApi) -> 
     await seed_history(api)
     other = await make_api(tenant="globex")
     assert await other.get(PATH) == {"accounts": [], "summary": {}, "executing": {}}
+
+
+async def test_one_job_running_or_finished(api: Api) -> None:
+    """GET agent/{jobId} answers one job, finished ones too (the seed's promise)."""
+    await seed_history(api)
+    job_id = SEED_JOBS["67890"][0]
+    running = await api.get(f"/compat/useapi/v1/minimax/agent/{job_id}")
+    assert running["jobId"] == job_id and running["status"] == "started"
+    assert running["account"] == "67890" and ELAPSED.match(running["elapsed"])
+    done = await api.get("/compat/useapi/v1/minimax/agent/done")
+    assert done["status"] == "completed" and "elapsed" not in done
+    missing = await api.get("/compat/useapi/v1/minimax/agent/nope", status=404)
+    assert missing == {"error": "no job nope"}
