@@ -171,8 +171,8 @@ def _amounts(schema: Any) -> Any:
     options = schema.get("anyOf")
     if isinstance(options, list) and _DECIMAL in options:
         rest = [o for o in options if o not in (_DECIMAL, {"type": "integer"})]
-        amount = {**{k: v for k, v in schema.items() if k != "anyOf"}, **_AMOUNT}
-        return {"anyOf": [amount, *rest]} if rest else amount
+        around = {k: v for k, v in schema.items() if k != "anyOf"}  # default, title: outside
+        return {**around, "anyOf": [_AMOUNT, *rest]} if rest else {**around, **_AMOUNT}
     return {key: _amounts(value) for key, value in schema.items()}
 
 
