@@ -16,12 +16,13 @@ from api import schemas as s
 from api.context import caller, store
 from api.credits import price_view
 from api.http import endpoint, json_response, read_body, read_query
-from api.idempotency import run_write
+from api.idempotency import Written, run_command
 from ledger import agents as catalog
 from ledger.commands import price_in_force
 from ledger.credits import validate_price
 from ledger.errors import Invalid
 from ledger.events import DEFAULT_PRICE, AgentDefined, Price
+from ledger.records import Recorded
 from ledger.sql import Conn
 from ledger.store import UnitOfWork
 from projections import agents, credits
@@ -150,9 +151,13 @@ async def define_agent(request: web.Request) -> web.Response:
         agent=name, title=body.title, description=body.description, params_schema=schema
     )
 
-    async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
+    async def write(uow: UnitOfWork) -> Written[tuple[Recorded, Price]]:
         recorded = await catalog.define(uow, who.tenant, definition, price=price, actor=who.key_id)
         in_force = price if price is not None else await price_in_force(uow, who.tenant, name)
+        return Written(201, (recorded, in_force))
+
+    def render(value: tuple[Recorded, Price]) -> Any:
+        recorded, in_force = value
         group, _, slug = name.partition("/")
         entry = agents.Agent(
             agent=name,
@@ -165,9 +170,9 @@ async def define_agent(request: web.Request) -> web.Response:
             updated_at=recorded.recorded_at,
         )
         price_at = recorded.recorded_at if price is not None else None
-        return 201, agent_view(entry, in_force, price_at), None
+        return agent_view(entry, in_force, price_at)
 
-    return await run_write(request, write)
+    return await run_command(request, write, render, tuple[Recorded, Price])
 
 
 @endpoint(

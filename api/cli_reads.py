@@ -282,11 +282,14 @@ async def cmd_stats(args: argparse.Namespace) -> int:
                 "SELECT position FROM chain_heads WHERE tenant = ?", (tenant,)
             )
         answer = s.Stats(
-            total_jobs=totals["total_jobs"],
-            by_status=totals["by_status"],
-            by_agent={a: s.ByAgent(**e) for a, e in totals["by_agent"].items()},
-            archived=totals["archived"],
-            credits_used=from_units(totals["credits_units"]),
+            total_jobs=totals.total_jobs,
+            by_status=totals.by_status,
+            by_agent={
+                a: s.ByAgent(total=e.total, by_status=e.by_status)
+                for a, e in totals.by_agent.items()
+            },
+            archived=totals.archived,
+            credits_used=from_units(totals.credits_units),
             position=head[0] if head else 0,
         )
         if args.json:
@@ -367,10 +370,10 @@ async def cmd_credits(args: argparse.Namespace) -> int:
             )
         report = CreditsReport(
             totals=s.Credits(
-                granted=from_units(totals["granted"]),
-                used=from_units(totals["used"]),
-                balance=from_units(totals["granted"] - totals["used"]),
-                by_agent={a: from_units(u) for a, u in totals["by_agent"].items()},
+                granted=from_units(totals.granted),
+                used=from_units(totals.used),
+                balance=from_units(totals.granted - totals.used),
+                by_agent={a: from_units(u) for a, u in totals.by_agent.items()},
             ),
             accounts=accounts,
             usage=None

@@ -138,10 +138,10 @@ async def get_credits(request: web.Request) -> web.Response:
     scoped = who.project is not None  # grants span projects: a project sees its usage only
     return json_response(
         s.Credits(
-            granted=None if scoped else from_units(totals["granted"]),
-            used=from_units(totals["used"]),
-            balance=None if scoped else from_units(totals["granted"] - totals["used"]),
-            by_agent={a: from_units(u) for a, u in totals["by_agent"].items()},
+            granted=None if scoped else from_units(totals.granted),
+            used=from_units(totals.used),
+            balance=None if scoped else from_units(totals.granted - totals.used),
+            by_agent={a: from_units(u) for a, u in totals.by_agent.items()},
         )
     )
 

@@ -2,8 +2,7 @@
 
 ``run_command`` runs a ledger command and renders its value into the answer once, after the
 COMMIT; under an ``Idempotency-Key`` the command's value itself (ledger types, msgspec-encoded)
-is what the transaction stores, and a replay renders it again. (``run_write`` is the older
-form whose closure renders inside the writer; the dialects still use it.)
+is what the transaction stores, and a replay renders it again.
 
 The same key with the same request within 24 h answers the first answer again and appends
 nothing; the same key with another request is ``409 conflict``. The check, the write and the
@@ -31,8 +30,6 @@ from ledger.jobs import JobState
 from ledger.limits import bad_text
 from ledger.store import IdempotentAnswer, UnitOfWork
 
-# A write: status, answer, and the job it concerns (so a redaction can forget its answers).
-Write = Callable[[UnitOfWork], Awaitable[tuple[int, Any, str | None]]]
 V = TypeVar("V")
 _ENCODE_VALUE = msgspec.json.Encoder().encode
 
@@ -104,40 +101,3 @@ async def _erased_job(uow: UnitOfWork, tenant: str, job_id: str | None) -> JobSt
     if job is None or job.deleted:
         raise JobNotFound(f"no job {job_id}")
     return job
-
-
-async def run_write(request: web.Request, write: Write) -> web.Response:
-    tenant = caller(request).tenant
-    scoped = _scoped_key(request)
-    if scoped is None:
-        status, answer, _ = await store(request).execute(write, tenants=[tenant])
-        return raw_json(ENCODE(answer), status)
-    fp = fingerprint(request, await request.read())
-
-    async def replayable(uow: UnitOfWork) -> tuple[int, bytes]:
-        stored = await uow.idempotent(tenant, scoped)
-        if stored is not None:
-            answer, job_id = stored
-            if answer.fingerprint != fp:
-                raise Conflict(
-                    "this Idempotency-Key was used with a different request",
-                    field="Idempotency-Key",
-                )
-            if answer.body:
-                return answer.status, answer.body.encode()
-            return answer.status, await _erased_answer(uow, tenant, job_id)
-        status, answer_, job_id = await write(uow)
-        body = ENCODE(answer_)
-        uow.remember(tenant, scoped, IdempotentAnswer(fp, status, body.decode()), job_id)
-        return status, body
-
-    status, body = await store(request).execute(replayable, tenants=[tenant])
-    return raw_json(body, status)
-
-
-async def _erased_answer(uow: UnitOfWork, tenant: str, job_id: str | None) -> bytes:
-    """The answer of a request whose job was erased since: the job as it stands now."""
-    job = None if job_id is None else await uow.job(tenant, job_id)
-    if job is None or job.deleted:
-        raise JobNotFound(f"no job {job_id}")
-    return ENCODE(job_view(job))

@@ -30,11 +30,14 @@ async def get_stats(request: web.Request) -> web.Response:
         head = await reads.head(conn, who.tenant)
     return json_response(
         s.Stats(
-            total_jobs=totals["total_jobs"],
-            by_status=totals["by_status"],
-            by_agent={a: s.ByAgent(**e) for a, e in totals["by_agent"].items()},
-            archived=totals["archived"],
-            credits_used=from_units(totals["credits_units"]),
+            total_jobs=totals.total_jobs,
+            by_status=totals.by_status,
+            by_agent={
+                a: s.ByAgent(total=e.total, by_status=e.by_status)
+                for a, e in totals.by_agent.items()
+            },
+            archived=totals.archived,
+            credits_used=from_units(totals.credits_units),
             position=head.position if head else 0,
         )
     )

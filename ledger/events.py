@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgspec
 
@@ -196,6 +196,14 @@ POSTABLE_TYPES = frozenset(JOB_EVENT_TYPES) - {"job.queued", "job.redacted"}
 
 _ENCODER = msgspec.json.Encoder(decimal_format="string")
 _DECODERS = {tag: msgspec.json.Decoder(cls) for tag, cls in EVENT_TYPES.items()}
+
+
+_JOB_CLASSES = frozenset(JOB_EVENT_TYPES.values())
+
+
+def is_job_event(event: Event) -> TypeGuard[JobEvent]:
+    """Whether ``event`` belongs on a job's stream (the fold's ``match`` is then exhaustive)."""
+    return type(event) in _JOB_CLASSES
 
 
 def event_type(event: Event) -> str:

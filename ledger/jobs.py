@@ -7,7 +7,7 @@ contract's transitions), by replays for time travel, and by projection rebuilds.
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
+from typing import Any, assert_never
 
 import msgspec
 
@@ -26,6 +26,7 @@ from ledger.events import (
     JobCancelled,
     JobCompleted,
     JobDeleted,
+    JobEvent,
     JobFailed,
     JobPrLinked,
     JobProgressed,
@@ -35,6 +36,7 @@ from ledger.events import (
     Person,
     Price,
     Source,
+    is_job_event,
 )
 
 STATUSES = ("queued", "running", "completed", "partial_failed", "failed", "cancelled")
@@ -120,12 +122,14 @@ def evolve(
     new.updated_at = max(new.updated_at, occurred_us)
     if event is None:
         _apply_bare(new, type_, occurred_us)
-    else:
+    elif is_job_event(event):
         _apply(new, event, occurred_us, check)
+    else:
+        raise Invalid(f"{event.__struct_config__.tag} is not a job event", field="type")
     return new
 
 
-def _apply(job: JobState, event: Event, at: int, check: bool) -> None:
+def _apply(job: JobState, event: JobEvent, at: int, check: bool) -> None:
     if check and job.status in FINISHED and type(event) not in AFTER_FINISH:
         raise InvalidTransition(
             f"job {job.id} is {job.status}; {event.__struct_config__.tag} is not allowed"
@@ -185,7 +189,7 @@ def _apply(job: JobState, event: Event, at: int, check: bool) -> None:
         case ExecutionRetrying() | ExecutionSucceeded() | ExecutionFailed():
             _execution(job, event, at)
         case _:
-            raise Invalid(f"{event.__struct_config__.tag} is not a job event", field="type")
+            assert_never(event)
 
 
 def _apply_bare(job: JobState, type_: str, at: int) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
 
 LEDGER_SCHEMA = [
     """CREATE TABLE IF NOT EXISTS events (

@@ -7,6 +7,7 @@ number of accounts and agents, never with the number of jobs. Deleted jobs leave
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from ledger.jobs import STATUSES, JobState
@@ -93,7 +94,24 @@ def empty_by_status() -> dict[str, int]:
     return dict.fromkeys(STATUSES, 0)
 
 
-async def stats(conn: Conn, tenant: str, *, project: str | None = None) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class AgentTotals:
+    total: int
+    by_status: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class JobTotals:
+    """Job counts by status and by agent, the archived count and live credits (in units)."""
+
+    total_jobs: int
+    by_status: dict[str, int]
+    by_agent: dict[str, AgentTotals]
+    archived: int
+    credits_units: int
+
+
+async def stats(conn: Conn, tenant: str, *, project: str | None = None) -> JobTotals:
     """Totals by status and by agent, archived count and live credits (in units)."""
     where, params = _scope(tenant, project)
     rows = await conn.fetchall(
@@ -102,25 +120,21 @@ async def stats(conn: Conn, tenant: str, *, project: str | None = None) -> dict[
         params,
     )
     by_status = empty_by_status()
-    by_agent: dict[str, dict[str, Any]] = {}
+    agents: dict[str, dict[str, int]] = {}
     archived = credits = 0
     for agent, status, is_archived, n, units in rows:
         n, units = int(n), int(units)
         by_status[status] += n
-        entry = by_agent.setdefault(agent, {"total": 0, "by_status": empty_by_status()})
-        entry["total"] += n
-        entry["by_status"][status] += n
+        agents.setdefault(agent, empty_by_status())[status] += n
         if is_archived:
             archived += n
         credits += units
-    by_agent = {a: e for a, e in sorted(by_agent.items()) if e["total"]}
-    return {
-        "total_jobs": sum(by_status.values()),
-        "by_status": by_status,
-        "by_agent": by_agent,
-        "archived": archived,
-        "credits_units": credits,
+    by_agent = {
+        agent: AgentTotals(sum(counted.values()), counted)
+        for agent, counted in sorted(agents.items())
+        if sum(counted.values())
     }
+    return JobTotals(sum(by_status.values()), by_status, by_agent, archived, credits)
 
 
 async def by_account(

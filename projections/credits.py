@@ -7,8 +7,8 @@ delta of each job's ``credits_used``, which the ledger's fold computes from the 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
 
 from ledger.credits import to_units
 from ledger.events import CreditsGranted, Price, PriceSet
@@ -132,7 +132,7 @@ class CreditsProjector(SqlProjector):
     async def totals(self, conn: Conn, tenant: str, account: str) -> CreditTotals:
         """The ``CreditBalances`` port of the ledger: an account's committed totals."""
         totals = await balance(conn, tenant, account=account)
-        return CreditTotals(totals["granted"], totals["used"])
+        return CreditTotals(totals.granted, totals.used)
 
 
 # -- reads ---------------------------------------------------------------------------------
@@ -159,9 +159,18 @@ async def prices(conn: Conn, tenant: str) -> list[tuple[str, Price, str]]:
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """Credits in units (ten-thousandths): granted, used, and the usage of each agent."""
+
+    granted: int
+    used: int
+    by_agent: dict[str, int]
+
+
 async def balance(
     conn: Conn, tenant: str, *, account: str | None = None, project: str | None = None
-) -> dict[str, Any]:
+) -> Balance:
     """``granted``, ``used`` (units) and ``by_agent`` usage, for one account or all."""
     where, params = "tenant = ?", [tenant]
     if account is not None:
@@ -182,7 +191,7 @@ async def balance(
     by_agent = {agent: int(used) for agent, used in rows if int(used)}
     granted = int(granted_row[0] or 0) if granted_row else 0
     used = sum(by_agent.values())
-    return {"granted": granted, "used": used, "by_agent": by_agent}
+    return Balance(granted, used, by_agent)
 
 
 async def accounts_usage(

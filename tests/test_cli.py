@@ -43,8 +43,8 @@ def one_line_error(done: Done) -> str:
         ["keys", "create"],
         ["keys", "create", "--tenant", "acme"],
         ["keys", "create", "--tenant", "acme", "--role", "root"],
-        ["keys", "create", "--tenant", "acme", "--secret-prefix", "MK-Live"],
-        ["keys", "create", "--tenant", "acme", "--secret-prefix", ""],
+        ["keys", "create", "--tenant", "acme", "--role", "admin", "--secret-prefix", "MK-Live"],
+        ["keys", "create", "--tenant", "acme", "--role", "admin", "--secret-prefix", ""],
         ["keys", "revoke"],
         ["export", "--format", "xml"],
         ["export", "--since", "last tuesday"],
@@ -177,7 +177,16 @@ async def test_keys_create_with_a_secret_prefix(tmp_path: Path) -> None:
     """``--secret-prefix`` starts the secret as a customer's SDK expects; only the hash is kept."""
     db = str(tmp_path / "ledger.db")
     done = await acli(
-        "keys", "create", "--db", db, "--tenant", "acme", "--secret-prefix", "mk_live_"
+        "keys",
+        "create",
+        "--db",
+        db,
+        "--tenant",
+        "acme",
+        "--role",
+        "writer",
+        "--secret-prefix",
+        "mk_live_",
     )
     assert done.code == 0, done.err
     secret = done.last_line

@@ -29,7 +29,7 @@ from api.auth import bearer_or_apitoken
 from api.compat.common import Dialect, list_jobs, seconds_naive
 from api.context import caller, store
 from api.http import json_response, read_query
-from api.idempotency import run_write
+from api.idempotency import Written, run_command
 from api.lookups import job_of_result, read_job, time_param
 from api.results import result_answer
 from api.schemas import Query
@@ -284,9 +284,9 @@ async def stats(request: web.Request) -> web.Response:
     async with store(request).backend.read(snapshot=True) as conn:
         totals = await counts.stats(conn, who.tenant, project=who.project)
     by_state = dict.fromkeys(STATES, 0)
-    for status, n in totals["by_status"].items():
+    for status, n in totals.by_status.items():
         by_state[STATE[status]] += n
-    return successful(Stats(total_jobs=totals["total_jobs"], **by_state))
+    return successful(Stats(total_jobs=totals.total_jobs, **by_state))
 
 
 @DIALECT.endpoint(
@@ -310,11 +310,10 @@ async def delete_many(request: web.Request) -> web.Response:
     async with store(request).backend.read() as conn:
         ids = await jobs.ids_matching(conn, who.tenant, query)
 
-    async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
-        n = await commands.delete_many(uow, who.tenant, ids, actor=who.key_id)
-        return 200, {"status": "successful", "data": Deleted(num_deleted=n)}, None
+    async def write(uow: UnitOfWork) -> Written[int]:
+        return Written(200, await commands.delete_many(uow, who.tenant, ids, actor=who.key_id))
 
-    return await run_write(request, write)
+    return await run_command(request, write, _deleted, int)
 
 
 @DIALECT.endpoint("GET", "/jobs/{id}", role="reader", summary="MCRIT: a job")
@@ -328,11 +327,15 @@ async def delete_one(request: web.Request) -> web.Response:
     job_id = object_id(request, "id", "Job")
     await read_job(request, job_id)  # 404 outside the caller's tenant and project
 
-    async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
-        await commands.delete(uow, who.tenant, job_id, actor=who.key_id)
-        return 200, {"status": "successful", "data": Deleted(num_deleted=1)}, job_id
+    async def write(uow: UnitOfWork) -> Written[int]:
+        await commands.delete(uow, who.tenant, job_id, actor=who.key_id, project=who.project)
+        return Written(200, 1, job_id)
 
-    return await run_write(request, write)
+    return await run_command(request, write, _deleted, int)
+
+
+def _deleted(count: int) -> dict[str, Any]:
+    return {"status": "successful", "data": Deleted(num_deleted=count)}
 
 
 async def _result(request: web.Request, job: JobState) -> web.Response:

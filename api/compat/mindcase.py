@@ -22,7 +22,7 @@ from api.agents import AgentView, catalog_of
 from api.compat.common import Dialect, list_jobs, seconds_z
 from api.context import caller, settings, store
 from api.http import error_body, json_response, read_body, read_query
-from api.idempotency import run_write
+from api.idempotency import Written, run_command
 from api.lookups import job_id_of, read_job
 from api.results import result_answer
 from ledger import agents as catalog
@@ -202,11 +202,16 @@ async def cancel_job(request: web.Request) -> web.Response:
     job_id = job_id_of(request)
     await read_job(request, job_id)  # 404 outside the caller's tenant and project
 
-    async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
-        state = await commands.cancel(uow, who.tenant, job_id, None, actor=who.key_id)
-        return 200, Cancelled(job_id=state.id, status=state.status, message=CANCELLED), job_id
+    async def write(uow: UnitOfWork) -> Written[JobState]:
+        state = await commands.cancel(
+            uow, who.tenant, job_id, None, actor=who.key_id, project=who.project
+        )
+        return Written(200, state, job_id)
 
-    return await run_write(request, write)
+    def render(state: JobState) -> Cancelled:
+        return Cancelled(job_id=state.id, status=state.status, message=CANCELLED)
+
+    return await run_command(request, write, render, JobState)
 
 
 @DIALECT.endpoint("GET", "/credits", role="reader", summary="Mindcase: credits left")
@@ -215,7 +220,7 @@ async def get_credits(request: web.Request) -> web.Response:
     q = read_query(request, s.CreditsQuery)
     async with store(request).backend.read(snapshot=True) as conn:
         totals = await credits.balance(conn, who.tenant, account=q.account, project=who.project)
-    return json_response(Credits(credits_remaining=from_units(totals["granted"] - totals["used"])))
+    return json_response(Credits(credits_remaining=from_units(totals.granted - totals.used)))
 
 
 # -- agents --------------------------------------------------------------------------------------
@@ -287,10 +292,13 @@ async def run_agent(request: web.Request) -> web.Response:
     queued = JobQueued(agent=name, project=who.project, params=body.params)
     enforce = settings(request).enforce_credits
 
-    async def write(uow: UnitOfWork) -> tuple[int, Any, str | None]:
+    async def write(uow: UnitOfWork) -> Written[JobState]:
         state = await catalog.run(
             uow, who.tenant, job_id, queued, actor=who.key_id, enforce_credits=enforce
         )
-        return 201, Started(**_fields(state), expires_at=None, job_id=state.id), job_id
+        return Written(201, state, job_id)
 
-    return await run_write(request, write)
+    def render(state: JobState) -> Started:
+        return Started(**_fields(state), expires_at=None, job_id=state.id)
+
+    return await run_command(request, write, render, JobState)

@@ -192,10 +192,10 @@ async def _seed(http: aiohttp.ClientSession) -> dict[str, str]:
 async def test_the_mindcase_sdk_works_unchanged(db_url: str, tmp_path: Any) -> None:
     """Every jobs, results, credits and agents method of the SDK answers what the ledger holds."""
     python = await asyncio.to_thread(sdk_python, "mindcase", REQUIREMENT)
-    admin = await _key(db_url, "acme", "--secret-prefix", "mk_live_")
+    admin = await _key(db_url, "acme", "--role", "admin", "--secret-prefix", "mk_live_")
     assert admin.secret.startswith("mk_live_")
     native = await _key(db_url, "acme", "--role", "reader")
-    broke = await _key(db_url, "broke", "--secret-prefix", "mk_live_")
+    broke = await _key(db_url, "broke", "--role", "admin", "--secret-prefix", "mk_live_")
     async with (
         served(db_url, "--enforce-credits", log_dir=tmp_path) as server,
         aiohttp.ClientSession(server.base, headers=admin.headers) as http,
