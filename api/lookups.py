@@ -15,7 +15,7 @@ from projections import jobs
 
 def job_id_of(request: web.Request, name: str = "id") -> str:
     job_id = request.match_info[name]
-    if not JOB_ID.match(job_id):
+    if not JOB_ID.fullmatch(job_id):
         raise Invalid("job ids are 1-128 of [A-Za-z0-9_.:-]", field="id")
     return job_id
 

@@ -40,11 +40,24 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+HEADER = (
+    "position",
+    "event_id",
+    "stream",
+    "version",
+    "type",
+    "occurred_at",
+    "recorded_at",
+    "actor",
+    "data_hash",
+)
+
+
 def event_problem(event: dict[str, Any]) -> str | None:
     """Why one exported event does not match its own hashes, or ``None``."""
     if event["data"] is not None and sha256_hex(canon(event["data"])) != event["data_hash"]:
         return "data_hash"
-    header = {k: v for k, v in event.items() if k not in ("hash", "prev_hash", "data", "redacted")}
+    header = {k: event[k] for k in HEADER}
     expected = sha256_hex(event["prev_hash"].encode() + b"\n" + canon(header))
     return None if expected == event["hash"] else "hash"
 

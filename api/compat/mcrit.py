@@ -224,7 +224,7 @@ def job_detail(job: JobState) -> JobDetail:
 def object_id(request: web.Request, name: str, what: str) -> str:
     """A job or result id as MCRIT takes it: 24 hex characters, read in lower case."""
     value = request.match_info[name]
-    if not OBJECT_ID.match(value):
+    if not OBJECT_ID.fullmatch(value):
         raise BadRequest(f"Valid {what}IDs are hexstrings with 24 characters.")
     return value.lower()
 
