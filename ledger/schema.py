@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 LEDGER_SCHEMA = [
     """CREATE TABLE IF NOT EXISTS events (
         position INTEGER PRIMARY KEY,
