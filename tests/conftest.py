@@ -142,6 +142,13 @@ def store(client: TestClient[Any, Any], app: web.Application) -> EventStore:
     return app[STORE]
 
 
+def requests_started(client: TestClient[Any, Any]) -> int:
+    """How many requests the in-process server has begun handling so far."""
+    runner = client.server.runner
+    assert runner is not None and runner.server is not None
+    return runner.server.requests_count
+
+
 class Api:
     """A thin JSON client for one key; each call checks the status it expects."""
 

@@ -171,6 +171,17 @@ class Server:
         """Everything every run of this server wrote to stdout and stderr."""
         return self.log_path.read_text(errors="replace")
 
+    def has_read_request_from(self, port: int) -> bool:
+        """Whether the server accepted a connection from local ``port`` and read all it was sent.
+
+        The way to know a request is being handled (say, a long poll that is now held) without
+        sleeping: the kernel's view of the server's own sockets (Linux ``/proc``). The client
+        binds that port itself, e.g. ``aiohttp.TCPConnector(local_addr=("127.0.0.1", port))``.
+        """
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        return _holds_read_connection(self.proc.pid, port)
+
     def _spawn(self) -> None:
         assert not self.alive, "the server is already running"
         self.port = free_port()
@@ -272,6 +283,31 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self._reap()
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir() if fd_dir.exists() else ():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    return inodes
+
+
+def _holds_read_connection(pid: int, port: int) -> bool:
+    """An ESTABLISHED socket of ``pid`` whose peer is ``port``, with nothing left unread."""
+    inodes = _socket_inodes(pid)
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                peer_port = int(fields[2].rsplit(":", 1)[1], 16)
+                unread = int(fields[4].split(":")[1], 16)
+                if peer_port == port and fields[3] == "01" and fields[9] in inodes:
+                    return unread == 0
+    return False
 
 
 @contextlib.asynccontextmanager

@@ -9,6 +9,7 @@ a reader tails the feed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from ledger.schema import LEDGER_SCHEMA
 from projections import all_projectors
 from tests.conftest import create_pg_database, drop_pg_database, pg_server_url
 from tests.serverproc import Key, acli, acreate_key, free_port, served
+from tests.waits import wait_until
 
 needs_pg = pytest.mark.skipif(
     pg_server_url() is None, reason="JOBLEDGER_TEST_POSTGRES is not set: no PostgreSQL server"
@@ -303,20 +305,37 @@ async def test_long_poll_and_stream_wake_across_servers(pg_url: str) -> None:
     async with served(pg_url) as a, served(pg_url) as b:
         key = await acreate_key(pg_url, "acme")
         timeout = aiohttp.ClientTimeout(total=90)
-        async with aiohttp.ClientSession(headers=key.headers, timeout=timeout) as http:
+        sessions: dict[int, aiohttp.ClientSession] = {}
+        async with (
+            contextlib.AsyncExitStack() as stack,
+            aiohttp.ClientSession(headers=key.headers, timeout=timeout) as http,
+        ):
             job = await _post(http, f"{b.base}/v1/jobs", {"id": "poll", "agent": "w/a"})
             assert job["version"] == 1
 
+            # each waiting request on a connection of its own, from a port we know, so that we
+            # can see server A hold them
+            poll_port, stream_port = free_port(), free_port()
+            for port in (poll_port, stream_port):
+                session = aiohttp.ClientSession(
+                    headers=key.headers,
+                    timeout=timeout,
+                    connector=aiohttp.TCPConnector(local_addr=("127.0.0.1", port)),
+                )
+                stack.push_async_callback(session.close)
+                sessions[port] = session
+
             async def long_poll() -> dict[str, Any]:
                 url = f"{a.base}/v1/jobs/poll"
-                async with http.get(url, params={"wait": "60", "after_version": "1"}) as resp:
+                params = {"wait": "60", "after_version": "1"}
+                async with sessions[poll_port].get(url, params=params) as resp:
                     assert resp.status == 200
                     answer: dict[str, Any] = await resp.json()
                     return answer
 
             async def first_streamed(after: int) -> dict[str, Any]:
                 url = f"{a.base}/v1/events/stream"
-                async with http.get(url, params={"after": str(after)}) as resp:
+                async with sessions[stream_port].get(url, params={"after": str(after)}) as resp:
                     assert resp.status == 200
                     async for raw in resp.content:
                         line = raw.decode().strip()
@@ -328,7 +347,10 @@ async def test_long_poll_and_stream_wake_across_servers(pg_url: str) -> None:
             head = job_position = (await _events(http, a.base, 0))["next_after"]
             poll = asyncio.create_task(long_poll())
             stream = asyncio.create_task(first_streamed(head))
-            await asyncio.sleep(0.5)  # let both requests start waiting on server A
+            await wait_until(
+                lambda: a.has_read_request_from(poll_port) and a.has_read_request_from(stream_port),
+                what="server A holds the poll and the stream",
+            )
             assert not poll.done() and not stream.done()
             started = await _post(http, f"{b.base}/v1/jobs/poll/events", {"type": "job.started"})
             woke = await asyncio.wait_for(poll, 60)
