@@ -1,9 +1,10 @@
 """The PostgreSQL backend: what is specific to it, and several servers over one database.
 
-The rest of the suite already runs on PostgreSQL through the ``db_url`` fixture; these tests
-cover the translation of the shared SQL, the driver's errors, schema creation racing between
-processes, cross-process wake-ups, and two ``jobledger serve`` processes appending at once while
-a reader tails the feed.
+The backend contract both backends keep is tests/test_backends.py, and the rest of the suite
+runs on PostgreSQL too through the ``db_url`` fixture; these tests cover what only PostgreSQL
+does: the translation of the shared SQL, a transaction aborted by its first conflict,
+wake-ups across processes (LISTEN/NOTIFY), and two ``jobledger serve`` processes appending at
+once while a reader tails the feed.
 """
 
 from __future__ import annotations
@@ -20,16 +21,11 @@ import pytest
 
 from ledger.backends import backend_for
 from ledger.backends.postgres import PostgresBackend, translate
-from ledger.errors import StoreConflict, StoreUnavailable
-from ledger.schema import LEDGER_SCHEMA
-from projections import all_projectors
+from ledger.errors import StoreConflict
 from tests.conftest import create_pg_database, drop_pg_database, pg_server_url
-from tests.serverproc import Key, acli, acreate_key, free_port, served
+from tests.serverproc import Key, acreate_key, free_port, served
+from tests.test_backends import all_statements
 from tests.waits import wait_until
-
-needs_pg = pytest.mark.skipif(
-    pg_server_url() is None, reason="JOBLEDGER_TEST_POSTGRES is not set: no PostgreSQL server"
-)
 
 
 @pytest.fixture
@@ -42,14 +38,6 @@ async def pg_url() -> AsyncIterator[str]:
         yield url
     finally:
         await drop_pg_database(url)
-
-
-def all_statements() -> list[str]:
-    statements = list(LEDGER_SCHEMA)
-    for projector in all_projectors():
-        statements.extend(projector.ddl())
-        statements.extend(projector.indexes())
-    return statements
 
 
 @pytest.fixture
@@ -100,32 +88,8 @@ def test_translation_is_cached_per_statement() -> None:
 # -- the backend against a real server ---------------------------------------------------------
 
 
-async def test_schema_creation_races_safely(pg_url: str) -> None:
-    """Several processes creating the schema at once all succeed, with BIGINT positions."""
-    backends = [PostgresBackend(pg_url) for _ in range(4)]
-    for b in backends:
-        await b.open()
-    try:
-        await asyncio.gather(*(b.ensure_schema(all_statements()) for b in backends))
-        await backends[0].ensure_schema(all_statements())  # and once more, when up to date
-        async with backends[0].read() as conn:
-            row = await conn.fetchone(
-                "SELECT data_type FROM information_schema.columns "
-                "WHERE table_name = 'events' AND column_name = 'position'"
-            )
-            tables = await conn.fetchall(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
-            )
-    finally:
-        for b in backends:
-            await b.close()
-    assert row == ("bigint",)
-    names = {t[0] for t in tables}
-    assert {"events", "chain_heads", "jobs", "job_counts", "credit_usage", "api_keys"} <= names
-
-
-async def test_unique_violation_is_a_store_conflict(backend: PostgresBackend) -> None:
-    """A duplicate key raises StoreConflict, poisons the transaction and leaves nothing."""
+async def test_a_conflict_aborts_the_whole_transaction(backend: PostgresBackend) -> None:
+    """After a duplicate key every later statement of the transaction raises StoreConflict."""
     insert = "INSERT INTO ledger_meta (name, value) VALUES (?, ?)"
     with pytest.raises(StoreConflict):
         async with backend.write() as conn:
@@ -157,33 +121,6 @@ async def test_swallowed_conflict_never_commits(backend: PostgresBackend) -> Non
     assert row == (0,)
 
 
-async def test_sums_come_back_as_ints(backend: PostgresBackend) -> None:
-    """``sum()`` over BIGINT columns answers Python ints, as on SQLite."""
-    async with backend.write() as conn:
-        await conn.executemany(
-            "INSERT INTO credit_grants (tenant, account, granted) VALUES (?, ?, ?)",
-            [("acme", "a", 5 * 10**15), ("acme", "b", 7)],
-        )
-    async with backend.read() as conn:
-        row = await conn.fetchone("SELECT sum(granted), count(*) FROM credit_grants")
-    assert row == (5 * 10**15 + 7, 2)
-    assert all(type(v) is int for v in row)
-
-
-async def test_snapshot_reads_hold_one_view(backend: PostgresBackend) -> None:
-    """A snapshot read sees the same rows throughout, while another connection commits."""
-    count = "SELECT count(*) FROM ledger_meta WHERE name LIKE 'snap%'"
-    async with backend.read(snapshot=True) as conn:
-        before = await conn.fetchone(count)
-        async with backend.write() as writer:
-            await writer.execute("INSERT INTO ledger_meta (name, value) VALUES ('snap1', 'x')")
-        during = await conn.fetchone(count)
-    async with backend.read() as conn:
-        after = await conn.fetchone(count)
-    assert before == during == (0,)
-    assert after == (1,)
-
-
 async def test_signal_wakes_another_process(pg_url: str) -> None:
     """``signal()`` on one backend ends ``wait_for_signal`` on another backend's listener."""
     a, b = PostgresBackend(pg_url), PostgresBackend(pg_url)
@@ -199,28 +136,6 @@ async def test_signal_wakes_another_process(pg_url: str) -> None:
     finally:
         await a.close()
         await b.close()
-
-
-@needs_pg
-async def test_unreachable_server_is_one_clear_error() -> None:
-    """A closed port, a missing database and a malformed URL each fail with one line."""
-    base = pg_server_url()
-    assert base is not None
-    server = base.partition("://")[2].split("/", 1)[0]
-    cases = {
-        f"postgresql://postgres@127.0.0.1:{free_port()}/jobledger": "cannot reach PostgreSQL",
-        f"postgresql://{server}/jl_no_such_database_here": "does not exist (create it first",
-        "postgresql://postgres@127.0.0.1:notaport/x": "invalid PostgreSQL URL",
-    }
-    for url, words in cases.items():
-        with pytest.raises(StoreUnavailable) as caught:
-            await PostgresBackend(url).open()
-        assert words in caught.value.message
-        assert "\n" not in caught.value.message
-    done = await acli("keys", "list", "--db", f"postgresql://127.0.0.1:{free_port()}/jobledger")
-    assert done.code == 1
-    assert done.err.startswith("jobledger: cannot reach PostgreSQL")
-    assert len(done.err.strip().splitlines()) == 1 and "Traceback" not in done.err
 
 
 # -- two server processes over one database ----------------------------------------------------
