@@ -2,6 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
+TEST_WORKERS ?= auto
 
 .PHONY: run test check lint bench clean
 
@@ -20,7 +21,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: lint
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist worksteal
 
 bench: $(STAMP)
 	$(PIP) install -q -e '.[dev,bench]'
