@@ -319,7 +319,7 @@ async def test_nul_bytes_in_ids_and_filters_never_5xx(
     for method, path in NUL_REQUESTS:
         try:
             async with api.client.request(
-                method, path, headers=api.headers, timeout=aiohttp.ClientTimeout(total=10)
+                method, path, headers=api.headers, timeout=aiohttp.ClientTimeout(total=3)
             ) as resp:
                 await resp.read()
                 statuses[f"{method} {path}"] = resp.status
