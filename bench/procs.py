@@ -1,7 +1,9 @@
-"""Processes the benchmark starts: ledger servers, the echo baseline, the ``jobledger`` CLI.
+"""What the benchmark adds to the server harness it shares with the tests (tests/serverproc.py).
 
-Every process started here is remembered and stopped by ``stop_all()`` (run.py calls it on
-exit, also on Ctrl-C), by its own pid only. Servers listen on 127.0.0.1, on a free port.
+Servers and CLI runs come from that one harness (free ports on 127.0.0.1, bounded waits, every
+process remembered and stopped by ``stop_all()``, by its own pid only; run.py calls it on exit,
+also on Ctrl-C). This module adds what only a benchmark needs: the echo baseline server, the
+memory and CPU time of a server process, and commands whose output is counted as it streams.
 """
 
 from __future__ import annotations
@@ -9,31 +11,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests import serverproc
+from tests.serverproc import HOST, JOBLEDGER, free_port, stop_all, track, untrack
+
+__all__ = ["HOST", "JOBLEDGER", "ROOT", "free_port", "stop_all", "track", "untrack"]
+
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-JOBLEDGER = str(BIN / "jobledger") if (BIN / "jobledger").exists() else "jobledger"
 ECHO_SERVER = ROOT / "bench" / "baselines" / "echo_server.py"
-HOST = "127.0.0.1"
 STARTUP_TIMEOUT = 60.0
-
-_started: dict[int, subprocess.Popen[bytes]] = {}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def memory(pid: int) -> dict[str, float]:
@@ -53,51 +45,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class Server:
-    """One HTTP server process; ``url`` once ``ready()``."""
+class Server(serverproc.Server):
+    """A ``jobledger serve`` of the harness, measured: its memory and its CPU under a load."""
 
-    def __init__(
-        self, argv: Sequence[str], *, port: int, log_path: Path, probe: str, name: str
-    ) -> None:
-        self.argv = list(argv)
-        self.port = port
-        self.url = f"http://{HOST}:{port}"
-        self.log_path = log_path
-        self.probe = probe
-        self.name = name
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> Server:
-        log = open(self.log_path, "ab")
-        try:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=ROOT,
-            )
-        finally:
-            log.close()
-        _started[self.proc.pid] = self.proc
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + self.probe, timeout=2) as resp:
-                    if resp.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"{self.name} did not answer {self.probe} in {STARTUP_TIMEOUT} s")
+    start_seconds = STARTUP_TIMEOUT  # big histories take a while to open
 
     def memory(self) -> dict[str, float]:
         return memory(self.pid)
@@ -113,94 +64,38 @@ class Server:
         result["server_cpu_us_per_request"] = round(1e6 * cpu / requests, 1) if requests else None
         return result
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM, wait (the ledger finishes in-flight appends), SIGKILL as a last resort."""
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        _started.pop(proc.pid, None)
-        return proc.returncode
 
-    def log_tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
+class EchoServer(Server):
+    """The bare aiohttp + msgspec baseline (bench/baselines/echo_server.py)."""
 
-    def __enter__(self) -> Server:
-        return self.start()
+    probe = "/ping"
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __init__(self, log_dir: Path) -> None:
+        super().__init__("", log_dir=log_dir, name="echo")
+
+    def command(self, port: int) -> list[str]:
+        return [sys.executable, str(ECHO_SERVER), "--host", HOST, "--port", str(port)]
 
 
 def ledger_server(db: str, log_dir: Path, *, name: str = "ledger") -> Server:
-    port = free_port()
-    argv = [JOBLEDGER, "serve", "--db", db, "--host", HOST, "--port", str(port)]
-    return Server(
-        argv,
-        port=port,
-        log_path=log_dir / f"{name}-{port}.log",
-        probe="/healthz",
-        name=f"jobledger serve ({name})",
-    )
+    return Server(db, log_dir=log_dir, name=name)
 
 
 def echo_server(log_dir: Path) -> Server:
-    port = free_port()
-    argv = [sys.executable, str(ECHO_SERVER), "--host", HOST, "--port", str(port)]
-    return Server(
-        argv, port=port, log_path=log_dir / f"echo-{port}.log", probe="/ping", name="echo server"
-    )
-
-
-def stop_all() -> None:
-    for pid, proc in list(_started.items()):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        _started.pop(pid, None)
+    return EchoServer(log_dir)
 
 
 def cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> tuple[str, float]:
     """Run ``jobledger ARGS``; (stdout, wall seconds). Raises with stderr on a non-zero exit."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(
-        [JOBLEDGER, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
-    _started[proc.pid] = proc
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        _started.pop(proc.pid, None)
-    seconds = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"jobledger {' '.join(args)} exited {proc.returncode}: {err.decode()}")
-    return out.decode(), seconds
+    done = serverproc.cli(*args, timeout=timeout, extra_env=env)
+    if done.code != 0:
+        raise RuntimeError(f"jobledger {' '.join(args)} exited {done.code}: {done.err}")
+    return done.out, done.seconds
 
 
 def create_key(db: str, tenant: str, role: str = "admin") -> str:
-    """``jobledger keys create``: the secret is alone on the last line of stdout."""
-    out, _ = cli("keys", "create", "--db", db, "--tenant", tenant, "--role", role)
-    return out.strip().splitlines()[-1]
+    """``jobledger keys create``: the new key's secret."""
+    return serverproc.create_key(db, tenant, role).secret
 
 
 def rebuild(db: str) -> dict[str, Any]:
@@ -221,7 +116,7 @@ def count_stream(argv: Sequence[str], timeout: float = 900) -> tuple[int, int, f
         stdin=subprocess.DEVNULL,
         cwd=ROOT,
     )
-    _started[proc.pid] = proc
+    track(proc)
     lines = size = 0
     try:
         assert proc.stdout is not None
@@ -236,7 +131,7 @@ def count_stream(argv: Sequence[str], timeout: float = 900) -> tuple[int, int, f
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        _started.pop(proc.pid, None)
+        untrack(proc)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:3])} exited {proc.returncode}: {err}")
     return lines, size, time.perf_counter() - started

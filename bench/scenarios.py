@@ -102,7 +102,7 @@ def profiled(
         "--nonblocking",
     ]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    procs._started[proc.pid] = proc
+    procs.track(proc)
     try:
         yield
     finally:
@@ -111,7 +111,7 @@ def profiled(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        procs._started.pop(proc.pid, None)
+        procs.untrack(proc)
     if out.exists():
         result["profile"] = summarise(out, top=15)
 

@@ -7,6 +7,7 @@ around the test, whenever ``JOBLEDGER_TEST_POSTGRES`` names a server.
 
 from __future__ import annotations
 
+import asyncio
 import json as json_module
 import os
 import uuid
@@ -77,18 +78,57 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(f"skipped {count}: {reason}")
 
 
+async def pg_database_exists(url: str) -> bool:
+    """Whether the database that ``url`` names exists on the test server."""
+    import asyncpg
+
+    base = pg_server_url()
+    assert base is not None
+    conn = await asyncpg.connect(_with_db(base, "postgres"))
+    try:
+        name = url.rsplit("/", 1)[1]
+        return bool(await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
+    finally:
+        await conn.close()
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[str]:
-    if request.param == "sqlite":
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """``sqlite`` always, ``postgres`` when ``JOBLEDGER_TEST_POSTGRES`` names a server."""
+    if request.param == "postgres" and pg_server_url() is None:
+        pytest.skip(f"{PG_ENV} is not set: no PostgreSQL server to test against")
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+async def db_url(backend_name: str, tmp_path: Any) -> AsyncIterator[str]:
+    """A new, empty database of the test's own: a SQLite file or a PostgreSQL database."""
+    if backend_name == "sqlite":
         yield str(tmp_path / "ledger.db")
         return
-    if pg_server_url() is None:
-        pytest.skip(f"{PG_ENV} is not set: no PostgreSQL server to test against")
     url = await create_pg_database()
     try:
         yield url
     finally:
         await drop_pg_database(url)
+
+
+@pytest.fixture
+def missing_db_url(backend_name: str, tmp_path: Any) -> str:
+    """A database URL naming nothing that exists (``database_exists`` stays false)."""
+    if backend_name == "sqlite":
+        return str(tmp_path / "missing.db")
+    base = pg_server_url()
+    assert base is not None
+    return _with_db(base, f"jl_missing_{uuid.uuid4().hex[:12]}")
+
+
+async def database_exists(url: str) -> bool:
+    """Whether the SQLite file or the PostgreSQL database that ``url`` names exists."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return await pg_database_exists(url)
+    return await asyncio.to_thread(os.path.exists, url.removeprefix("sqlite://"))
 
 
 @pytest.fixture
@@ -114,6 +154,13 @@ async def client(
 @pytest.fixture
 def store(client: TestClient[Any, Any], app: web.Application) -> EventStore:
     return app[STORE]
+
+
+def requests_started(client: TestClient[Any, Any]) -> int:
+    """How many requests the in-process server has begun handling so far."""
+    runner = client.server.runner
+    assert runner is not None and runner.server is not None
+    return runner.server.requests_count
 
 
 class Api:

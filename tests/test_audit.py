@@ -7,7 +7,6 @@ import csv
 import hashlib
 import io
 import json
-import sqlite3
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -21,6 +20,7 @@ from api.app import create_app
 from api.context import STORE
 from api.settings import Settings
 from ledger.rebuild import rebuild
+from tests import rawdb
 from tests.conftest import Api
 from tests.serverproc import Done, acli
 
@@ -287,13 +287,9 @@ async def test_tenants_have_separate_chains(api: Api, make_api: MakeApi) -> None
     await globex.post("/v1/jobs/j1/redact", {}, status=404)
 
 
-# -- tampering with a real SQLite file, found by ``jobledger verify`` ---------------------------
-
-
-def sqlite_file(db_url: str) -> str:
-    if db_url.startswith(("postgres://", "postgresql://")):
-        pytest.skip("tampers with the bytes of a SQLite file")
-    return db_url
+# -- tampering with the stored rows, found by ``jobledger verify`` ------------------------------
+#
+# SQLite: plain sqlite3 edits the file; PostgreSQL: plain asyncpg UPDATEs and DELETEs the rows.
 
 
 async def closed_history(client: TestClient[Any, Any], api: Api, make_api: MakeApi) -> None:
@@ -306,7 +302,7 @@ async def closed_history(client: TestClient[Any, Any], api: Api, make_api: MakeA
     await client.close()
 
 
-def positions(db: str, tenant: str | None = None, type_: str | None = None) -> list[int]:
+async def positions(db: str, tenant: str | None = None, type_: str | None = None) -> list[int]:
     sql, args = "SELECT position FROM events WHERE 1 = 1", []
     if tenant is not None:
         sql += " AND tenant = ?"
@@ -314,18 +310,7 @@ def positions(db: str, tenant: str | None = None, type_: str | None = None) -> l
     if type_ is not None:
         sql += " AND type = ?"
         args.append(type_)
-    with sqlite3.connect(db) as conn:
-        return [r[0] for r in conn.execute(sql + " ORDER BY position", args)]
-
-
-def tamper(db: str, *statements: tuple[str, tuple[Any, ...]]) -> None:
-    conn = sqlite3.connect(db)
-    try:
-        with conn:
-            for sql, args in statements:
-                conn.execute(sql, args)
-    finally:
-        conn.close()
+    return [r[0] for r in await rawdb.rows(db, sql + " ORDER BY position", *args)]
 
 
 def expect_failure_at(done: Done, position: int) -> None:
@@ -339,28 +324,28 @@ async def test_untouched_database_verifies(
     db_url: str, client: TestClient[Any, Any], api: Api, make_api: MakeApi
 ) -> None:
     """``jobledger verify`` prints ``OK <count> <head-hash>`` and exits 0 on an intact file."""
-    db = sqlite_file(db_url)
+    db = db_url
     await closed_history(client, api, make_api)
     done = await acli("verify", "--db", db)
     assert done.code == 0, done.err
-    with sqlite3.connect(db) as conn:
-        tenants = sorted(r[0] for r in conn.execute("SELECT DISTINCT tenant FROM events"))
+    tenants = sorted(r[0] for r in await rawdb.rows(db, "SELECT DISTINCT tenant FROM events"))
     assert len(tenants) > 1
     assert done.out.splitlines() == [  # one line per tenant: its count, its head, its name
-        f"OK {len(positions(db, t))} {_last_hash(db, t)} {t}" for t in tenants
+        f"OK {len(await positions(db, t))} {await _last_hash(db, t)} {t}" for t in tenants
     ]
     acme = await acli("verify", "--db", db, "--tenant", "acme")
     assert acme.code == 0
-    assert acme.out.splitlines() == [f"OK {len(positions(db, 'acme'))} {_last_hash(db, 'acme')}"]
+    assert acme.out.splitlines() == [
+        f"OK {len(await positions(db, 'acme'))} {await _last_hash(db, 'acme')}"
+    ]
 
 
-def _last_hash(db: str, tenant: str | None = None) -> str:
-    with sqlite3.connect(db) as conn:
-        sql, args = "SELECT hash FROM events", ()
-        if tenant is not None:
-            sql, args = sql + " WHERE tenant = ?", (tenant,)
-        row = conn.execute(sql + " ORDER BY position DESC LIMIT 1", args).fetchone()
-    return str(row[0])
+async def _last_hash(db: str, tenant: str | None = None) -> str:
+    sql, args = "SELECT hash FROM events", ()
+    if tenant is not None:
+        sql, args = sql + " WHERE tenant = ?", (tenant,)
+    found = await rawdb.rows(db, sql + " ORDER BY position DESC LIMIT 1", *args)
+    return str(found[0][0])
 
 
 async def test_verify_beside_a_server_that_appends(db_url: str, api: Api) -> None:
@@ -394,10 +379,10 @@ async def test_edited_data_is_detected(
     db_url: str, client: TestClient[Any, Any], api: Api, make_api: MakeApi
 ) -> None:
     """Editing an event's stored data (hashes untouched) fails verify at that position."""
-    db = sqlite_file(db_url)
+    db = db_url
     await closed_history(client, api, make_api)
-    target = positions(db, "acme", "job.queued")[1]
-    tamper(
+    target = (await positions(db, "acme", "job.queued"))[1]
+    await rawdb.tamper(
         db,
         (
             "UPDATE events SET data = replace(data, 'scraper', 'scrapex') WHERE position = ?",
@@ -414,11 +399,11 @@ async def test_edited_header_is_detected(
     db_url: str, client: TestClient[Any, Any], api: Api, make_api: MakeApi, column: str
 ) -> None:
     """Editing any header column of a middle event fails verify at that position."""
-    db = sqlite_file(db_url)
+    db = db_url
     await closed_history(client, api, make_api)
-    target = positions(db, "acme", "job.started")[0]
+    target = (await positions(db, "acme", "job.started"))[0]
     new = {"type": "job.failed", "stream": "j9"}.get(column, "2020-01-01T00:00:00Z")
-    tamper(db, (f"UPDATE events SET {column} = ? WHERE position = ?", (new, target)))
+    await rawdb.tamper(db, (f"UPDATE events SET {column} = ? WHERE position = ?", (new, target)))
     expect_failure_at(await acli("verify", "--db", db), target)
 
 
@@ -426,10 +411,10 @@ async def test_edited_occurred_us_is_detected(
     db_url: str, client: TestClient[Any, Any], api: Api, make_api: MakeApi
 ) -> None:
     """The stored microseconds behind occurred_at cannot drift from the hashed text unseen."""
-    db = sqlite_file(db_url)
+    db = db_url
     await closed_history(client, api, make_api)
-    target = positions(db, "acme", "job.completed")[0]
-    tamper(
+    target = (await positions(db, "acme", "job.completed"))[0]
+    await rawdb.tamper(
         db,
         ("UPDATE events SET occurred_us = occurred_us + 3600000000 WHERE position = ?", (target,)),
     )
@@ -440,10 +425,12 @@ async def test_nulled_data_without_redaction_is_detected(
     db_url: str, client: TestClient[Any, Any], api: Api, make_api: MakeApi
 ) -> None:
     """Data erased outside a redaction fails verify at that position."""
-    db = sqlite_file(db_url)
+    db = db_url
     await closed_history(client, api, make_api)
-    target = positions(db, "acme", "job.queued")[0]
-    tamper(db, ("UPDATE events SET data = NULL, redacted = 1 WHERE position = ?", (target,)))
+    target = (await positions(db, "acme", "job.queued"))[0]
+    await rawdb.tamper(
+        db, ("UPDATE events SET data = NULL, redacted = 1 WHERE position = ?", (target,))
+    )
     expect_failure_at(await acli("verify", "--db", db), target)
 
 
@@ -451,11 +438,11 @@ async def test_deleted_middle_row_is_detected(
     db_url: str, client: TestClient[Any, Any], api: Api, make_api: MakeApi
 ) -> None:
     """Deleting a middle event fails verify, naming the missing position."""
-    db = sqlite_file(db_url)
+    db = db_url
     await closed_history(client, api, make_api)
-    acme = positions(db, "acme")
+    acme = await positions(db, "acme")
     target = acme[len(acme) // 2]
-    tamper(db, ("DELETE FROM events WHERE position = ?", (target,)))
+    await rawdb.tamper(db, ("DELETE FROM events WHERE position = ?", (target,)))
     done = await acli("verify", "--db", db)
     expect_failure_at(done, target)
     following = next(p for p in acme if p > target)
@@ -466,11 +453,11 @@ async def test_deleted_interleaved_row_is_detected(
     db_url: str, client: TestClient[Any, Any], api: Api, make_api: MakeApi
 ) -> None:
     """Deleting a row of one tenant between another tenant's rows names the missing position."""
-    db = sqlite_file(db_url)
+    db = db_url
     await closed_history(client, api, make_api)
-    globex = positions(db, "globex")
+    globex = await positions(db, "globex")
     target = globex[-2]
-    tamper(db, ("DELETE FROM events WHERE position = ?", (target,)))
+    await rawdb.tamper(db, ("DELETE FROM events WHERE position = ?", (target,)))
     expect_failure_at(await acli("verify", "--db", db), target)
     expect_failure_at(await acli("verify", "--db", db, "--tenant", "globex"), target)
     assert (await acli("verify", "--db", db, "--tenant", "acme")).code == 0
@@ -480,9 +467,9 @@ async def test_deleted_first_row_is_detected(
     db_url: str, client: TestClient[Any, Any], api: Api, make_api: MakeApi
 ) -> None:
     """Deleting the very first event fails verify at position 1."""
-    db = sqlite_file(db_url)
+    db = db_url
     await closed_history(client, api, make_api)
-    tamper(db, ("DELETE FROM events WHERE position = 1", ()))
+    await rawdb.tamper(db, ("DELETE FROM events WHERE position = 1", ()))
     expect_failure_at(await acli("verify", "--db", db), 1)
 
 
@@ -490,10 +477,10 @@ async def test_deleted_last_row_is_detected(
     db_url: str, client: TestClient[Any, Any], api: Api, make_api: MakeApi
 ) -> None:
     """Deleting the newest event fails verify against the stored chain head."""
-    db = sqlite_file(db_url)
+    db = db_url
     await closed_history(client, api, make_api)
-    last = positions(db)[-1]
-    tamper(db, ("DELETE FROM events WHERE position = ?", (last,)))
+    last = (await positions(db))[-1]
+    await rawdb.tamper(db, ("DELETE FROM events WHERE position = ?", (last,)))
     expect_failure_at(await acli("verify", "--db", db), last)
 
 
@@ -501,10 +488,12 @@ async def test_deleted_last_rows_name_the_first_missing(
     db_url: str, client: TestClient[Any, Any], api: Api, make_api: MakeApi
 ) -> None:
     """Deleting a tenant's last two events names the first of them."""
-    db = sqlite_file(db_url)
+    db = db_url
     await closed_history(client, api, make_api)
-    acme = positions(db, "acme")
-    tamper(db, ("DELETE FROM events WHERE position >= ? AND tenant = 'acme'", (acme[-2],)))
+    acme = await positions(db, "acme")
+    await rawdb.tamper(
+        db, ("DELETE FROM events WHERE position >= ? AND tenant = 'acme'", (acme[-2],))
+    )
     expect_failure_at(await acli("verify", "--db", db), acme[-2])
 
 
@@ -512,10 +501,10 @@ async def test_swapped_rows_are_detected(
     db_url: str, client: TestClient[Any, Any], api: Api, make_api: MakeApi
 ) -> None:
     """Swapping two events' positions fails verify at the first of them."""
-    db = sqlite_file(db_url)
+    db = db_url
     await closed_history(client, api, make_api)
-    a, b = positions(db, "acme")[4:6]
-    tamper(
+    a, b = (await positions(db, "acme"))[4:6]
+    await rawdb.tamper(
         db,
         ("UPDATE events SET position = -1 WHERE position = ?", (a,)),
         ("UPDATE events SET position = ? WHERE position = ?", (a, b)),
@@ -595,15 +584,6 @@ async def test_cli_export_matches_http_export(
 # -- erasure -------------------------------------------------------------------------------------
 
 
-def file_bytes(db: str) -> bytes:
-    """Every byte of the database, its WAL and its shared-memory index, as they are now."""
-    return b"".join(
-        Path(db + suffix).read_bytes()
-        for suffix in ("", "-wal", "-shm")
-        if Path(db + suffix).exists()
-    )
-
-
 async def test_redaction_erases_and_keeps_the_chain(
     db_url: str,
     client: TestClient[Any, Any],
@@ -613,7 +593,7 @@ async def test_redaction_erases_and_keeps_the_chain(
     aiohttp_client: Any,
 ) -> None:
     """A redacted job's data and result are gone from every file; chain and credits stay."""
-    db = sqlite_file(db_url)
+    db = db_url
     await api.post("/v1/prices", {"agent": "pii/agent", "per_job": 2, "per_row": "0.25"})
     await api.post("/v1/credits/grants", {"account": "acct-9", "amount": 50})
     await api.post(
@@ -637,7 +617,7 @@ async def test_redaction_erases_and_keeps_the_chain(
         headers={"Idempotency-Key": "complete-pii"},
     )
     await api.post("/v1/jobs", {"id": "other", "agent": "pii/agent", "account": "acct-9"})
-    assert MARKER.encode() in file_bytes(db)  # the marker really was written
+    assert MARKER.encode() in await rawdb.stored_bytes(db)  # the marker really was written
 
     job_before = await api.get("/v1/jobs/pii")
     account_before = await api.get("/v1/accounts/acct-9")
@@ -649,7 +629,7 @@ async def test_redaction_erases_and_keeps_the_chain(
     redacted = await api.post("/v1/jobs/pii/redact", {"reason": "GDPR art. 17"}, status=200)
     assert redacted["credits_used"] == job_before["credits_used"]
     assert redacted["params"] == {} and redacted["created_by"] is None
-    assert MARKER.encode() not in file_bytes(db)  # while the server still runs
+    assert MARKER.encode() not in await rawdb.stored_bytes(db)  # while the server still runs
 
     events = (await api.get("/v1/jobs/pii/events"))["events"]
     assert [e["type"] for e in events][-1] == "job.redacted"
@@ -686,12 +666,12 @@ async def test_redaction_erases_and_keeps_the_chain(
     assert (await api.get("/v1/jobs/pii"))["credits_used"] == job_before["credits_used"]
     assert await api.get("/v1/accounts/acct-9") == account_before
     await client.close()
-    assert MARKER.encode() not in file_bytes(db)  # and after the store closed
+    assert MARKER.encode() not in await rawdb.stored_bytes(db)  # and after the store closed
     assert (await acli("verify", "--db", db)).code == 0
     done = await acli("rebuild", "--db", db)
     assert done.code == 0, done.err
     assert (await acli("rebuild", "--db", db, "--verify")).code == 0
-    assert MARKER.encode() not in file_bytes(db)
+    assert MARKER.encode() not in await rawdb.stored_bytes(db)
 
     again = Api(await aiohttp_client(create_app(Settings(db_url=db))), None)
     again.headers = dict(api.headers)

@@ -1,4 +1,4 @@
-"""The ``jobledger`` command line, run as a real subprocess (section 2)."""
+"""The ``jobledger`` command line as a real subprocess (section 2), on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import Api
-from tests.serverproc import JOBLEDGER, Done, acli, acreate_key, env, served
+from tests import rawdb
+from tests.conftest import Api, database_exists
+from tests.serverproc import JOBLEDGER, Done, acli, acreate_key, env, free_port, served
+from tests.waits import wait_until
 
 KEY_LINE = re.compile(
     r"^(key_[0-9A-Za-z]+) +(\S+) +(admin|writer|reader) +(\S+) +"
@@ -55,14 +57,14 @@ def one_line_error(done: Done) -> str:
         ["verify", "--nope"],
     ],
 )
-async def test_usage_errors_exit_2(argv: list[str], tmp_path: Path) -> None:
+async def test_usage_errors_exit_2(argv: list[str], missing_db_url: str) -> None:
     """A malformed command line exits 2 with one line pointing at the help; no traceback."""
-    done = await acli(*argv, *(["--db", str(tmp_path / "x.db")] if len(argv) > 1 else []))
+    done = await acli(*argv, *(["--db", missing_db_url] if len(argv) > 1 else []))
     assert done.code == 2, (done.out, done.err)
     assert len(done.err.strip().splitlines()) == 1, done.err
     assert done.err.startswith("jobledger: ") and "--help" in done.err
     assert "Traceback" not in done.err and "OverflowError" not in done.err
-    assert not (tmp_path / "x.db").exists()
+    assert not await database_exists(missing_db_url)
 
 
 async def test_help_shows_defaults_and_version() -> None:
@@ -106,35 +108,51 @@ async def test_serve_on_a_busy_port_is_one_line_and_creates_nothing(tmp_path: Pa
         ["keys", "revoke", "key_0"],
     ],
 )
-async def test_missing_database_is_one_line(argv: list[str], tmp_path: Path) -> None:
+async def test_missing_database_is_one_line(argv: list[str], missing_db_url: str) -> None:
     """A command on a database that does not exist exits 1 with one line and creates nothing."""
-    db = tmp_path / "missing.db"
-    line = one_line_error(await acli(*argv, "--db", str(db)))
-    assert "missing.db" in line
-    assert not db.exists()
+    line = one_line_error(await acli(*argv, "--db", missing_db_url))
+    assert missing_db_url.rsplit("/", 1)[1] in line
+    assert not await database_exists(missing_db_url)
 
 
 @pytest.mark.parametrize(
     "url",
-    ["mysql://localhost/x", "/no/such/dir/ledger.db", "sqlite:////no/such/dir/x.db"],
+    [
+        "mysql://localhost/x",
+        "/no/such/dir/ledger.db",
+        "sqlite:////no/such/dir/x.db",
+        "postgresql://postgres@127.0.0.1:notaport/x",
+        "postgresql://postgres@127.0.0.1:{closed}/x",  # a free port: nothing listens there
+    ],
 )
 async def test_bad_database_urls_are_one_line(url: str) -> None:
-    """An unsupported URL or a missing directory exits 1 with one line."""
+    """An unsupported or malformed URL, a missing directory, a closed port: one line, exit 1."""
+    url = url.replace("{closed}", str(free_port()))
     one_line_error(await acli("keys", "create", "--db", url, "--tenant", "acme", "--role", "admin"))
     one_line_error(await acli("verify", "--db", url))
 
 
-async def test_a_file_that_is_not_a_database_is_one_line(tmp_path: Path) -> None:
-    """Pointing ``--db`` at a file that is not SQLite exits 1 with one line."""
-    junk = tmp_path / "junk.db"
-    junk.write_bytes(b"this is not a database\n" * 100)
-    one_line_error(await acli("verify", "--db", str(junk)))
-    one_line_error(await acli("keys", "list", "--db", str(junk)))
+async def test_a_database_that_is_not_a_ledger_is_one_line(
+    backend_name: str, db_url: str, tmp_path: Path
+) -> None:
+    """``--db`` at a file that is not SQLite, or a database with foreign tables, is one line."""
+    if backend_name == "sqlite":
+        (tmp_path / "junk.db").write_bytes(b"this is not a database\n" * 100)
+        db = str(tmp_path / "junk.db")
+    else:
+        db = db_url
+        await rawdb.tamper(
+            db,
+            ("CREATE TABLE events (id integer, name text)", ()),
+            ("CREATE TABLE api_keys (id integer)", ()),
+        )
+    for argv in (["verify"], ["keys", "list"], ["export"], ["rebuild"]):
+        one_line_error(await acli(*argv, "--db", db))
 
 
-async def test_unknown_tenant_and_key_are_one_line(tmp_path: Path) -> None:
+async def test_unknown_tenant_and_key_are_one_line(db_url: str, tmp_path: Path) -> None:
     """An unknown tenant or key id exits 1 with one line naming it."""
-    db = str(tmp_path / "ledger.db")
+    db = db_url
     await acreate_key(db, "acme")
     for argv in (
         ["export", "--tenant", "nobody"],
@@ -147,9 +165,9 @@ async def test_unknown_tenant_and_key_are_one_line(tmp_path: Path) -> None:
     assert "none.ndjson" in one_line_error(await acli("verify", "--file", missing))
 
 
-async def test_keys_create_prints_the_secret_last(tmp_path: Path) -> None:
+async def test_keys_create_prints_the_secret_last(db_url: str) -> None:
     """``keys create`` prints the secret alone on the last line; the ledger keeps only its hash."""
-    db = str(tmp_path / "ledger.db")
+    db = db_url
     done = await acli(
         "keys",
         "create",
@@ -168,14 +186,14 @@ async def test_keys_create_prints_the_secret_last(tmp_path: Path) -> None:
     secret = done.last_line
     assert secret == secret.strip() and " " not in secret and len(secret) >= 32
     assert secret not in "\n".join(done.out.splitlines()[:-1])
-    assert secret.encode() not in _file_bytes(db)
+    assert secret.encode() not in await rawdb.stored_bytes(db)
     second = await acli("keys", "create", "--db", db, "--tenant", "acme", "--role", "reader")
     assert second.last_line != secret
 
 
-async def test_keys_create_with_a_secret_prefix(tmp_path: Path) -> None:
+async def test_keys_create_with_a_secret_prefix(db_url: str, tmp_path: Path) -> None:
     """``--secret-prefix`` starts the secret as a customer's SDK expects; only the hash is kept."""
-    db = str(tmp_path / "ledger.db")
+    db = db_url
     done = await acli(
         "keys",
         "create",
@@ -191,21 +209,16 @@ async def test_keys_create_with_a_secret_prefix(tmp_path: Path) -> None:
     assert done.code == 0, done.err
     secret = done.last_line
     assert secret.startswith("mk_live_") and len(secret) > 40
-    assert secret.encode() not in _file_bytes(db)
+    assert secret.encode() not in await rawdb.stored_bytes(db)
     async with served(db, log_dir=tmp_path) as server, aiohttp.ClientSession(server.base) as http:
         headers = {"Authorization": f"Bearer {secret}"}
         async with http.get("/v1/jobs", headers=headers) as resp:
             assert resp.status == 200
 
 
-def _file_bytes(db: str) -> bytes:
-    paths = [Path(db + suffix) for suffix in ("", "-wal", "-shm")]
-    return b"".join(p.read_bytes() for p in paths if p.exists())
-
-
-async def test_keys_list_format(tmp_path: Path) -> None:
+async def test_keys_list_format(db_url: str) -> None:
     """``keys list`` prints a header, then ``KEY_ID TENANT ROLE PROJECT CREATED_AT STATE NAME``."""
-    db = str(tmp_path / "ledger.db")
+    db = db_url
     named = await acli(
         "keys", "create", "--db", db, "--tenant", "acme", "--role", "admin", "--name", "ci bot"
     )
@@ -241,28 +254,36 @@ async def test_keys_list_format(tmp_path: Path) -> None:
     assert len(acme.out.splitlines()) == 4  # the header and acme's three keys
 
 
-async def test_cli_revocation_reaches_a_running_server(tmp_path: Path) -> None:
-    """A key revoked with the CLI is refused (401) by a running server within a second."""
-    db = str(tmp_path / "ledger.db")
+async def answers(session: aiohttp.ClientSession, secret: str, status: int) -> bool:
+    """Whether a running server answers ``GET /v1/jobs`` for this key with ``status``."""
+    async with session.get("/v1/jobs", headers={"Authorization": f"Bearer {secret}"}) as resp:
+        await resp.read()
+        return resp.status == status
+
+
+async def test_cli_revocation_reaches_a_running_server(db_url: str) -> None:
+    """Keys made and revoked with the CLI take effect in a running server (401 once revoked)."""
+    db = db_url
     old = await acreate_key(db, "acme", "reader")
     async with served(db) as server, aiohttp.ClientSession(base_url=server.base) as session:
         reader = Api(session, old.secret)  # type: ignore[arg-type]
         assert (await reader.get("/v1/jobs"))["jobs"] == []
         new = await acreate_key(db, "acme", "writer")
-        await asyncio.sleep(1.0)  # the contract's bound for keys made elsewhere
         writer = Api(session, new.secret)  # type: ignore[arg-type]
+
+        await wait_until(lambda: answers(session, new.secret, 200), what="the new key works")
         await writer.post("/v1/jobs", {"agent": "a"})
         done = await acli("keys", "revoke", old.key_id, "--db", db)
         assert done.code == 0, done.err
-        await asyncio.sleep(1.0)
+        await wait_until(lambda: answers(session, old.secret, 401), what="the key is refused")
         body = await reader.get("/v1/jobs", status=401)
         assert body["error"]["code"] == "unauthorized"
         assert len((await writer.get("/v1/jobs"))["jobs"]) == 1
 
 
-async def test_export_progress_stays_off_stdout(tmp_path: Path) -> None:
+async def test_export_progress_stays_off_stdout(db_url: str, tmp_path: Path) -> None:
     """``export`` to stdout is pure NDJSON; ``--out`` writes the file and nothing to stdout."""
-    db = str(tmp_path / "ledger.db")
+    db = db_url
     await acreate_key(db, "acme")
     await acreate_key(db, "globex")
     done = await acli("export", "--db", db)
@@ -302,9 +323,9 @@ def _with_terminal_stderr(*args: str) -> tuple[int, bytes, bytes]:
     return proc.returncode, out, seen
 
 
-async def test_progress_goes_to_the_terminal_not_stdout(tmp_path: Path) -> None:
+async def test_progress_goes_to_the_terminal_not_stdout(db_url: str) -> None:
     """On a terminal the progress bar draws on stderr; stdout stays the export or the summary."""
-    db = str(tmp_path / "ledger.db")
+    db = db_url
     await acreate_key(db, "acme")
     await acreate_key(db, "acme")
     code, out, terminal = await asyncio.to_thread(_with_terminal_stderr, "export", "--db", db)

@@ -1,5 +1,6 @@
 """Hostile input against a real ``jobledger serve``: schemathesis over ``/v1/openapi.json``, random
-garbage to every route (dialects included), and the contract's answers to known-bad input.
+garbage to every route (dialects included), and the contract's answers to known-bad input; on
+SQLite and on PostgreSQL.
 
 Each part is bounded: a fixed number of examples per operation, a fixed number of garbage
 requests, every request with a timeout. The random choices are seeded, so a failure reproduces.
@@ -26,6 +27,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from api import compat
+from tests.conftest import Api
 from tests.serverproc import Key, acreate_key, create_key, running, served
 
 pytestmark = pytest.mark.slow
@@ -43,9 +45,9 @@ CHECKS = [
 SKIP = {("GET", "/v1/events/stream")}
 
 
-def test_schemathesis_finds_no_5xx_and_no_schema_violation(tmp_path: Path) -> None:
+def test_schemathesis_finds_no_5xx_and_no_schema_violation(db_url: str, tmp_path: Path) -> None:
     """Schemathesis cases for every documented operation get no 5xx and schema-true answers."""
-    db = str(tmp_path / "fuzz.db")
+    db = db_url
     key = create_key(db, "acme")
     failures: list[str] = []
     ran = 0
@@ -210,9 +212,9 @@ async def one_garbage_request(
         return resp.status, resp.content_type, await resp.read()
 
 
-async def test_garbage_to_every_route_never_5xx(tmp_path: Path) -> None:
+async def test_garbage_to_every_route_never_5xx(db_url: str, tmp_path: Path) -> None:
     """Random garbage to every route and dialect: no 5xx, errors in JSON, still healthy after."""
-    db = str(tmp_path / "garbage.db")
+    db = db_url
     key = await acreate_key(db, "acme")
     rng = random.Random(20261123)
     async with (
@@ -273,15 +275,55 @@ async def test_garbage_to_every_route_never_5xx(tmp_path: Path) -> None:
     assert '"http.unhandled"' not in server.log_text()
 
 
+# -- NUL bytes ----------------------------------------------------------------------------------
+
+# Paths and filters that carry a NUL byte (``%00``) into a lookup. PostgreSQL refuses NUL in
+# text, SQLite stores it; either way the answer is a 4xx or an empty answer, never a 5xx.
+NUL_REQUESTS = [
+    ("GET", "/v1/results/%00"),
+    ("GET", "/v1/results/%00/job"),
+    ("HEAD", "/v1/results/%00/job"),
+    ("GET", "/v1/jobs/%00"),
+    ("GET", "/v1/accounts/%00"),
+    ("GET", "/v1/events?types=%00"),
+    ("GET", "/v1/events?job_id=%00"),
+    ("GET", "/v1/jobs?account=%00"),
+    ("GET", "/v1/jobs?agent=%00"),
+    ("GET", "/v1/credits?account=%00"),
+    ("GET", "/v1/credits/statement?account=%00"),
+    ("GET", "/v1/audit/export?job_id=%00"),
+    ("GET", "/v1/audit/export?account=%00"),
+    ("POST", "/v1/jobs/%00/cancel"),
+    ("GET", "/compat/mcrit/jobs/%00"),
+]
+
+
+async def test_nul_bytes_in_ids_and_filters_never_5xx(api: Api) -> None:
+    """A NUL byte in a path id or a query filter is answered 2xx or 4xx, never 5xx."""
+    await api.post("/v1/jobs", {"id": "j", "agent": "a"})
+    statuses: dict[str, int | str] = {}
+    for method, path in NUL_REQUESTS:
+        try:
+            async with api.client.request(
+                method, path, headers=api.headers, timeout=aiohttp.ClientTimeout(total=3)
+            ) as resp:
+                await resp.read()
+                statuses[f"{method} {path}"] = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            statuses[f"{method} {path}"] = f"no whole answer: {exc!r}"
+    assert {k: v for k, v in statuses.items() if not isinstance(v, int) or v >= 500} == {}
+    assert statuses["GET /v1/jobs/%00"] == 422  # not a job id at all
+
+
 # -- known-bad input, the contract's answers ---------------------------------------------------
 
 
 CODES = {400: "bad_request", 413: "too_large", 422: "invalid"}
 
 
-async def test_hostile_input_gets_the_contract_status(tmp_path: Path) -> None:
+async def test_hostile_input_gets_the_contract_status(db_url: str, tmp_path: Path) -> None:
     """Oversized 413, deep nesting and huge numbers 422, bad UTF-8 400, CR/LF in ids 422."""
-    db = str(tmp_path / "hostile.db")
+    db = db_url
     key = await acreate_key(db, "acme")
     json_ct = {**key.headers, "Content-Type": "application/json"}
     cases: list[tuple[str, str, bytes | None, dict[str, str], int]] = [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -16,6 +15,7 @@ from api.settings import Settings
 from ledger import commands
 from ledger.store import EventStore
 from tests.conftest import Api, new_key
+from tests.waits import wait_until
 
 MakeApi = Callable[..., Coroutine[Any, Any, Api]]
 
@@ -40,7 +40,13 @@ async def test_missing_bad_and_revoked_keys_are_401(
     reader = Api(client, made.secret)
     await reader.get("/v1/jobs")
     await store.execute(lambda uow: commands.revoke_key(uow, "acme", made.key_id), tenants=["acme"])
-    await asyncio.sleep(KEY_CACHE_SECONDS + 0.1)
+
+    async def refused() -> bool:
+        return (await reader.call("GET", "/v1/jobs")).get("error", {}).get("code") == (
+            "unauthorized"
+        )
+
+    await wait_until(refused, KEY_CACHE_SECONDS + 10, "the revoked key is refused")
     body = await reader.get("/v1/jobs", status=401)
     assert "revoked" in body["error"]["message"]
 
@@ -180,20 +186,26 @@ async def test_rate_limit_headers_and_429(
     client = await aiohttp_client(app)
     from api.context import STORE
 
-    secret = await new_key(app[STORE], "acme")
-    headers = {"Authorization": f"Bearer {secret}"}
-    remaining = []
-    for _ in range(3):
-        async with client.get("/v1/jobs", headers=headers) as resp:
-            assert resp.status == 200
-            assert resp.headers["X-RateLimit-Limit"] == "3"
-            assert int(resp.headers["X-RateLimit-Reset"]) > 0
-            remaining.append(int(resp.headers["X-RateLimit-Remaining"]))
-    assert remaining == [2, 1, 0]
-    async with client.get("/v1/jobs", headers=headers) as resp:
-        assert resp.status == 429
-        assert int(resp.headers["Retry-After"]) >= 1
-        assert (await resp.json())["error"]["code"] == "rate_limited"
+    # The window is the wall-clock minute: should it turn between these four requests, the
+    # count starts over, so the attempt is repeated with a fresh key (never twice in a row).
+    for _attempt in range(3):
+        secret = await new_key(app[STORE], "acme")
+        headers = {"Authorization": f"Bearer {secret}"}
+        answers = []
+        for _ in range(4):
+            async with client.get("/v1/jobs", headers=headers) as resp:
+                answers.append((resp.status, resp.headers.copy(), await resp.json()))
+        if len({h["X-RateLimit-Reset"] for _, h, _ in answers}) == 1:
+            break
+    else:
+        raise AssertionError("a minute boundary split each of three attempts")
+    assert [status for status, _, _ in answers] == [200, 200, 200, 429]
+    assert [h["X-RateLimit-Remaining"] for _, h, _ in answers] == ["2", "1", "0", "0"]
+    assert all(h["X-RateLimit-Limit"] == "3" for _, h, _ in answers)
+    assert int(answers[0][1]["X-RateLimit-Reset"]) % 60 == 0
+    _, limited, body = answers[3]
+    assert int(limited["Retry-After"]) >= 1
+    assert body["error"]["code"] == "rate_limited"
     other = await new_key(app[STORE], "acme")
     async with client.get("/v1/jobs", headers={"Authorization": f"Bearer {other}"}) as resp:
         assert resp.status == 200

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Api
+from tests.conftest import Api, requests_started
+from tests.waits import wait_until
 
 JOB_FIELDS = {
     "id",
@@ -356,8 +357,9 @@ async def test_cursor_never_repeats_or_skips_while_jobs_are_created(api: Api) ->
 async def test_long_poll_wakes_on_a_new_version(api: Api) -> None:
     """GET with wait and after_version answers as soon as the job moves past it."""
     await new_job(api, "w")
+    started = requests_started(api.client)
     poll = asyncio.create_task(api.get("/v1/jobs/w", params={"wait": 10, "after_version": 1}))
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: requests_started(api.client) > started, what="the poll arrives")
     assert not poll.done()
     await event(api, "w", "job.started")
     job = await asyncio.wait_for(poll, 5)

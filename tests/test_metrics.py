@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import urllib.request
 from collections.abc import Callable, Coroutine
@@ -21,6 +20,7 @@ from ledger.rebuild import rebuild
 from ledger.store import EventStore
 from tests.conftest import Api
 from tests.serverproc import acli, acreate_key, free_port, served
+from tests.waits import wait_until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 MakeClient = Callable[[web.Application], Coroutine[Any, Any, TestClient[Any, Any]]]
@@ -109,12 +109,12 @@ async def test_open_event_streams_are_counted(client: TestClient[Any, Any], api:
         assert stream.status == 200
         assert await stream.content.readuntil(b"\n\n") == b"retry: 1000\n\n"
         assert value(await scrape(client), "jobledger_sse_streams_open") == 1
-    for _ in range(200):  # the server notices the closed connection on its next write or wake
+
+    async def closed() -> bool:  # noticed on the server's next write or wake
         await api.post("/v1/jobs", {"agent": "a", "account": "x"})
-        if value(await scrape(client), "jobledger_sse_streams_open") == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert value(await scrape(client), "jobledger_sse_streams_open") == 0
+        return value(await scrape(client), "jobledger_sse_streams_open") == 0
+
+    await wait_until(closed, 10, "the closed stream to leave the gauge")
 
 
 async def test_a_metrics_token_is_required_when_configured(
@@ -238,12 +238,12 @@ async def test_each_process_exposes_its_own_numbers(db_url: str) -> None:
                     return parse(await resp.text())
 
             ours = await scrape_of(first)
-            theirs = await scrape_of(second)
-            for _ in range(200):  # the second learns of the first's commits by signal or poll
-                if value(theirs, "jobledger_head_position") >= head:
-                    break
-                await asyncio.sleep(0.05)
-                theirs = await scrape_of(second)
+
+            async def caught_up() -> Samples | None:  # by signal or poll
+                latest = await scrape_of(second)
+                return latest if value(latest, "jobledger_head_position") >= head else None
+
+            theirs = await wait_until(caught_up, 10, "the second server to learn the head")
     assert value(ours, "jobledger_events_appended_total") == 3
     posts = value(
         ours, "jobledger_http_requests_total", method="POST", route="/v1/jobs", status="201"

@@ -1,14 +1,16 @@
 """The PostgreSQL backend: what is specific to it, and several servers over one database.
 
-The rest of the suite already runs on PostgreSQL through the ``db_url`` fixture; these tests
-cover the translation of the shared SQL, the driver's errors, schema creation racing between
-processes, cross-process wake-ups, and two ``jobledger serve`` processes appending at once while
-a reader tails the feed.
+The backend contract both backends keep is tests/test_backends.py, and the rest of the suite
+runs on PostgreSQL too through the ``db_url`` fixture; these tests cover what only PostgreSQL
+does: the translation of the shared SQL, a transaction aborted by its first conflict,
+wake-ups across processes (LISTEN/NOTIFY), and two ``jobledger serve`` processes appending at
+once while a reader tails the feed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 from collections.abc import AsyncIterator
@@ -19,15 +21,11 @@ import pytest
 
 from ledger.backends import backend_for
 from ledger.backends.postgres import PostgresBackend, translate
-from ledger.errors import CommitFailed, StoreConflict, StoreUnavailable
-from ledger.schema import LEDGER_SCHEMA
-from projections import all_projectors
+from ledger.errors import CommitFailed, StoreConflict
 from tests.conftest import create_pg_database, drop_pg_database, pg_server_url
-from tests.serverproc import Key, acli, acreate_key, free_port, served
-
-needs_pg = pytest.mark.skipif(
-    pg_server_url() is None, reason="JOBLEDGER_TEST_POSTGRES is not set: no PostgreSQL server"
-)
+from tests.serverproc import Key, acreate_key, free_port, served
+from tests.test_backends import all_statements
+from tests.waits import wait_until
 
 
 @pytest.fixture
@@ -40,14 +38,6 @@ async def pg_url() -> AsyncIterator[str]:
         yield url
     finally:
         await drop_pg_database(url)
-
-
-def all_statements() -> list[str]:
-    statements = list(LEDGER_SCHEMA)
-    for projector in all_projectors():
-        statements.extend(projector.ddl())
-        statements.extend(projector.indexes())
-    return statements
 
 
 @pytest.fixture
@@ -98,32 +88,8 @@ def test_translation_is_cached_per_statement() -> None:
 # -- the backend against a real server ---------------------------------------------------------
 
 
-async def test_schema_creation_races_safely(pg_url: str) -> None:
-    """Several processes creating the schema at once all succeed, with BIGINT positions."""
-    backends = [PostgresBackend(pg_url) for _ in range(4)]
-    for b in backends:
-        await b.open()
-    try:
-        await asyncio.gather(*(b.ensure_schema(all_statements()) for b in backends))
-        await backends[0].ensure_schema(all_statements())  # and once more, when up to date
-        async with backends[0].read() as conn:
-            row = await conn.fetchone(
-                "SELECT data_type FROM information_schema.columns "
-                "WHERE table_name = 'events' AND column_name = 'position'"
-            )
-            tables = await conn.fetchall(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
-            )
-    finally:
-        for b in backends:
-            await b.close()
-    assert row == ("bigint",)
-    names = {t[0] for t in tables}
-    assert {"events", "chain_heads", "jobs", "job_counts", "credit_usage", "api_keys"} <= names
-
-
-async def test_unique_violation_is_a_store_conflict(backend: PostgresBackend) -> None:
-    """A duplicate key raises StoreConflict, poisons the transaction and leaves nothing."""
+async def test_a_conflict_aborts_the_whole_transaction(backend: PostgresBackend) -> None:
+    """After a duplicate key every later statement of the transaction raises StoreConflict."""
     insert = "INSERT INTO ledger_meta (name, value) VALUES (?, ?)"
     with pytest.raises(StoreConflict):
         async with backend.write() as conn:
@@ -155,33 +121,6 @@ async def test_swallowed_conflict_never_commits(backend: PostgresBackend) -> Non
     assert row == (0,)
 
 
-async def test_sums_come_back_as_ints(backend: PostgresBackend) -> None:
-    """``sum()`` over BIGINT columns answers Python ints, as on SQLite."""
-    async with backend.write() as conn:
-        await conn.executemany(
-            "INSERT INTO credit_grants (tenant, account, granted) VALUES (?, ?, ?)",
-            [("acme", "a", 5 * 10**15), ("acme", "b", 7)],
-        )
-    async with backend.read() as conn:
-        row = await conn.fetchone("SELECT sum(granted), count(*) FROM credit_grants")
-    assert row == (5 * 10**15 + 7, 2)
-    assert all(type(v) is int for v in row)
-
-
-async def test_snapshot_reads_hold_one_view(backend: PostgresBackend) -> None:
-    """A snapshot read sees the same rows throughout, while another connection commits."""
-    count = "SELECT count(*) FROM ledger_meta WHERE name LIKE 'snap%'"
-    async with backend.read(snapshot=True) as conn:
-        before = await conn.fetchone(count)
-        async with backend.write() as writer:
-            await writer.execute("INSERT INTO ledger_meta (name, value) VALUES ('snap1', 'x')")
-        during = await conn.fetchone(count)
-    async with backend.read() as conn:
-        after = await conn.fetchone(count)
-    assert before == during == (0,)
-    assert after == (1,)
-
-
 async def test_signal_wakes_another_process(pg_url: str) -> None:
     """``signal()`` on one backend ends ``wait_for_signal`` on another backend's listener."""
     a, b = PostgresBackend(pg_url), PostgresBackend(pg_url)
@@ -197,28 +136,6 @@ async def test_signal_wakes_another_process(pg_url: str) -> None:
     finally:
         await a.close()
         await b.close()
-
-
-@needs_pg
-async def test_unreachable_server_is_one_clear_error() -> None:
-    """A closed port, a missing database and a malformed URL each fail with one line."""
-    base = pg_server_url()
-    assert base is not None
-    server = base.partition("://")[2].split("/", 1)[0]
-    cases = {
-        f"postgresql://postgres@127.0.0.1:{free_port()}/jobledger": "cannot reach PostgreSQL",
-        f"postgresql://{server}/jl_no_such_database_here": "does not exist (create it first",
-        "postgresql://postgres@127.0.0.1:notaport/x": "invalid PostgreSQL URL",
-    }
-    for url, words in cases.items():
-        with pytest.raises(StoreUnavailable) as caught:
-            await PostgresBackend(url).open()
-        assert words in caught.value.message
-        assert "\n" not in caught.value.message
-    done = await acli("keys", "list", "--db", f"postgresql://127.0.0.1:{free_port()}/jobledger")
-    assert done.code == 1
-    assert done.err.startswith("jobledger: cannot reach PostgreSQL")
-    assert len(done.err.strip().splitlines()) == 1 and "Traceback" not in done.err
 
 
 # -- two server processes over one database ----------------------------------------------------
@@ -303,20 +220,37 @@ async def test_long_poll_and_stream_wake_across_servers(pg_url: str) -> None:
     async with served(pg_url) as a, served(pg_url) as b:
         key = await acreate_key(pg_url, "acme")
         timeout = aiohttp.ClientTimeout(total=90)
-        async with aiohttp.ClientSession(headers=key.headers, timeout=timeout) as http:
+        sessions: dict[int, aiohttp.ClientSession] = {}
+        async with (
+            contextlib.AsyncExitStack() as stack,
+            aiohttp.ClientSession(headers=key.headers, timeout=timeout) as http,
+        ):
             job = await _post(http, f"{b.base}/v1/jobs", {"id": "poll", "agent": "w/a"})
             assert job["version"] == 1
 
+            # each waiting request on a connection of its own, from a port we know, so that we
+            # can see server A hold them
+            poll_port, stream_port = free_port(), free_port()
+            for port in (poll_port, stream_port):
+                session = aiohttp.ClientSession(
+                    headers=key.headers,
+                    timeout=timeout,
+                    connector=aiohttp.TCPConnector(local_addr=("127.0.0.1", port)),
+                )
+                stack.push_async_callback(session.close)
+                sessions[port] = session
+
             async def long_poll() -> dict[str, Any]:
                 url = f"{a.base}/v1/jobs/poll"
-                async with http.get(url, params={"wait": "60", "after_version": "1"}) as resp:
+                params = {"wait": "60", "after_version": "1"}
+                async with sessions[poll_port].get(url, params=params) as resp:
                     assert resp.status == 200
                     answer: dict[str, Any] = await resp.json()
                     return answer
 
             async def first_streamed(after: int) -> dict[str, Any]:
                 url = f"{a.base}/v1/events/stream"
-                async with http.get(url, params={"after": str(after)}) as resp:
+                async with sessions[stream_port].get(url, params={"after": str(after)}) as resp:
                     assert resp.status == 200
                     async for raw in resp.content:
                         line = raw.decode().strip()
@@ -328,7 +262,10 @@ async def test_long_poll_and_stream_wake_across_servers(pg_url: str) -> None:
             head = job_position = (await _events(http, a.base, 0))["next_after"]
             poll = asyncio.create_task(long_poll())
             stream = asyncio.create_task(first_streamed(head))
-            await asyncio.sleep(0.5)  # let both requests start waiting on server A
+            await wait_until(
+                lambda: a.has_read_request_from(poll_port) and a.has_read_request_from(stream_port),
+                what="server A holds the poll and the stream",
+            )
             assert not poll.done() and not stream.done()
             started = await _post(http, f"{b.base}/v1/jobs/poll/events", {"type": "job.started"})
             woke = await asyncio.wait_for(poll, 60)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from ledger.rebuild import rebuild
 from ledger.store import EventStore
 from projections import counts as counts_model
 from projections import jobs as jobs_model
+from tests import rawdb
 from tests.conftest import Api
 from tests.serverproc import acli
 
@@ -238,12 +238,6 @@ def check_history(seen: dict[str, Any]) -> None:
 # -- the rebuilds --------------------------------------------------------------------------------
 
 
-def sqlite_file(db_url: str) -> str:
-    if db_url.startswith(("postgres://", "postgresql://")):
-        pytest.skip("tampers with a SQLite file")
-    return db_url
-
-
 async def test_rebuild_reproduces_every_answer(
     db_url: str,
     client: TestClient[Any, Any],
@@ -287,12 +281,10 @@ async def test_verify_names_a_tampered_row(
     db_url: str, client: TestClient[Any, Any], api: Api, app: web.Application, make_api: MakeApi
 ) -> None:
     """``rebuild --verify`` exits 1 naming a tampered read model; a rebuild repairs it."""
-    db = sqlite_file(db_url)
+    db = db_url
     await build_rich_history(api, app[STORE], make_api)
     await client.close()
-    with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE job_counts SET n = n + 1 WHERE status = 'failed'")
-    conn.close()
+    await rawdb.tamper(db, ("UPDATE job_counts SET n = n + 1 WHERE status = 'failed'", ()))
 
     done = await acli("rebuild", "--db", db, "--verify")
     assert done.code == 1
@@ -328,12 +320,10 @@ async def test_verify_covers_every_read_model(
     tamper: str,
 ) -> None:
     """Each read model's table is compared by ``rebuild --verify``."""
-    db = sqlite_file(db_url)
+    db = db_url
     await build_rich_history(api, app[STORE], make_api)
     await client.close()
-    with sqlite3.connect(db) as conn:
-        assert conn.execute(tamper).rowcount > 0
-    conn.close()
+    assert (await rawdb.tamper(db, (tamper, ())))[0] > 0
     done = await acli("rebuild", "--db", db, "--verify")
     assert done.code == 1 and done.err.split()[1].startswith(f"{table}:"), done.err
 
@@ -342,13 +332,14 @@ async def test_projection_option_rebuilds_only_one(
     db_url: str, client: TestClient[Any, Any], api: Api, app: web.Application, make_api: MakeApi
 ) -> None:
     """``--projection NAME`` replays and swaps that read model alone."""
-    db = sqlite_file(db_url)
+    db = db_url
     await build_rich_history(api, app[STORE], make_api)
     await client.close()
-    with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE job_counts SET n = n + 1")
-        conn.execute("UPDATE jobs SET version = version + 100 WHERE id = 'done'")
-    conn.close()
+    await rawdb.tamper(
+        db,
+        ("UPDATE job_counts SET n = n + 1", ()),
+        ("UPDATE jobs SET version = version + 100 WHERE id = 'done'", ()),
+    )
 
     jobs_only = await acli("rebuild", "--db", db, "--projection", "jobs", "--verify")
     assert jobs_only.code == 1 and "jobs:" in jobs_only.err and "job_counts" not in jobs_only.err

@@ -25,7 +25,8 @@ from ledger.events import JobCompleted, JobQueued, JobStarted
 from ledger.rebuild import SUFFIX
 from ledger.store import UnitOfWork
 from tests.conftest import Api
-from tests.serverproc import JOBLEDGER, Key, Server, acli, acreate_key, env, served
+from tests.serverproc import JOBLEDGER, Key, Server, acli, acreate_key, env, free_port, served
+from tests.waits import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -209,16 +210,27 @@ async def test_sigterm_lets_in_flight_requests_finish(db_url: str, tmp_path: Pat
     try:
         await server.astart()
         connector = aiohttp.TCPConnector(limit=32)
-        async with aiohttp.ClientSession(
-            server.base, headers=key.headers, connector=connector, timeout=TIMEOUT
-        ) as http:
+        async with (
+            contextlib.AsyncExitStack() as stack,
+            aiohttp.ClientSession(
+                server.base, headers=key.headers, connector=connector, timeout=TIMEOUT
+            ) as http,
+        ):
             (polled, target) = await make_jobs(http, 2, "term-")
             version = (await get_json(http, f"/v1/jobs/{polled}"))["version"]
+            port = free_port()  # the poll's own connection, to see the server hold it
+            poller = aiohttp.ClientSession(
+                server.base,
+                headers=key.headers,
+                connector=aiohttp.TCPConnector(local_addr=("127.0.0.1", port)),
+                timeout=TIMEOUT,
+            )
+            stack.push_async_callback(poller.close)
             poll = asyncio.create_task(
                 # the longest wait there is: longer than serve's 30 s shutdown timeout
-                get_json(http, f"/v1/jobs/{polled}", wait="60", after_version=str(version))
+                get_json(poller, f"/v1/jobs/{polled}", wait="60", after_version=str(version))
             )
-            await asyncio.sleep(0.3)
+            await wait_until(lambda: server.has_read_request_from(port), what="the held poll")
             assert not poll.done()  # held: nothing changes the polled job
             first_ack = asyncio.Event()
             outcomes: dict[str, int | str] = {}

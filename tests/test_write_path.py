@@ -19,6 +19,7 @@ from ledger.errors import LedgerError
 from ledger.store import EventStore
 from ledger.store.tables import IDEMPOTENCY_WINDOW_US
 from tests.conftest import Api
+from tests.waits import wait_until
 
 MakeApi = Callable[..., Coroutine[Any, Any, Api]]
 
@@ -289,11 +290,7 @@ async def test_erasure_beside_an_open_snapshot_leaves_no_residue(
             if Path(db_url + suffix).exists()
         )
 
-    for _ in range(200):
-        if not residue():
-            break
-        await asyncio.sleep(0.05)
-    assert not residue()
+    await wait_until(lambda: not residue(), 10, "the erased bytes to leave the database files")
 
 
 async def test_a_project_key_cannot_read_the_tenants_chain_head(make_api: MakeApi) -> None:
