@@ -495,8 +495,8 @@ async def test_a_reader_with_an_older_snapshot_sees_the_old_models_whole(
         seen = await counts_model.stats(conn, "acme")
         by_account = await counts_model.by_account(conn, "acme")
         job = await jobs_model.get(conn, "acme", "done")
-    assert seen["total_jobs"] == before["total_jobs"]
-    assert seen["by_status"] == before["by_status"]
+    assert seen.total_jobs == before["total_jobs"]
+    assert seen.by_status == before["by_status"]
     assert sum(sum(s.values()) for s in by_account.values()) == before["total_jobs"]
     assert job is not None and job.status == "completed"
     after = await api.get("/v1/jobs/stats")

@@ -267,7 +267,7 @@ async def test_a_failed_commit_answers_503_and_records_nothing(api: Api, store: 
         assert job_now["status"] == "queued"
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("backend_name", ["sqlite"], indirect=True)
 async def test_erasure_beside_an_open_snapshot_leaves_no_residue(
     api: Api, store: EventStore, db_url: str
 ) -> None:
