@@ -7,10 +7,12 @@ import math
 import time
 from dataclasses import dataclass
 
+import msgspec
 from aiohttp import web
 
+from api.schemas import Label
 from ledger.commands import hash_secret
-from ledger.errors import Forbidden, LedgerError, Unauthorized
+from ledger.errors import Forbidden, Invalid, LedgerError, Unauthorized
 from ledger.sql import Backend
 from projections import keys
 from projections.keys import ApiKey
@@ -60,13 +62,24 @@ def bearer(request: web.Request) -> str:
     return secret.strip()
 
 
+def project_header(request: web.Request) -> str | None:
+    """``X-Project-Id``, held to the rule of the ``project`` field of a body (422 otherwise)."""
+    project = request.headers.get("X-Project-Id") or None
+    if project is not None:
+        try:
+            msgspec.convert(project, Label)
+        except msgspec.ValidationError as exc:
+            raise Invalid(f"X-Project-Id: {exc}", field="X-Project-Id") from None
+    return project
+
+
 async def authenticate(request: web.Request, ring: KeyRing) -> Caller:
     key = await ring.find(bearer(request))
     if key is None:
         raise Unauthorized("the API key is not valid")
     if key.revoked_at is not None:
         raise Unauthorized("the API key has been revoked")
-    project = request.headers.get("X-Project-Id") or None
+    project = project_header(request)
     if key.project is not None:
         if project is not None and project != key.project:
             raise Forbidden(f"this key is limited to project {key.project}")
