@@ -22,7 +22,7 @@ from api.http import (
     read_query,
 )
 from api.idempotency import run_write
-from ledger import commands
+from ledger import commands, reads
 from ledger.clock import format_opt, now_us, parse_us
 from ledger.credits import from_units
 from ledger.errors import (
@@ -264,7 +264,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     )
     if who.project and q.project and q.project != who.project:
         return json_response(s.JobList(jobs=[], has_more=False, next_cursor=None))
-    async with store(request).backend.read(bulk=bool(query.q)) as conn:
+    async with store(request).backend.read(bulk=jobs.may_scan(query)) as conn:
         page, cursor = await jobs.page(conn, who.tenant, query)
     return json_response(
         s.JobList(
@@ -318,7 +318,7 @@ async def get_job(request: web.Request) -> web.Response:
     job_id = job_id_of(request)
     q = read_query(request, s.GetJobQuery)
     if q.as_of is not None:
-        past = await store(request).load_job(who.tenant, job_id, as_of=q.as_of)
+        past = await reads.job_as_of(store(request).backend, who.tenant, job_id, q.as_of)
         if past is None or past.deleted or (who.project and past.project != who.project):
             raise JobNotFound(f"no job {job_id} at position {q.as_of}")
         return json_response(s.job_view(past))

@@ -51,6 +51,9 @@ class JobsProjector(SqlProjector):
         "CREATE INDEX IF NOT EXISTS jobs_status ON {jobs} (tenant, status, created_us, seq)",
         "CREATE INDEX IF NOT EXISTS jobs_account ON {jobs} (tenant, account, created_us, seq)",
         "CREATE INDEX IF NOT EXISTS jobs_result ON {jobs} (tenant, result_id)",
+        # the agent= and project= lists, and a project's streams for its feed
+        "CREATE INDEX IF NOT EXISTS jobs_agent ON {jobs} (tenant, agent, created_us, seq)",
+        "CREATE INDEX IF NOT EXISTS jobs_project ON {jobs} (tenant, project, created_us, seq)",
     )
 
     def __init__(self, suffix: str = "") -> None:
@@ -133,6 +136,29 @@ class ListQuery:
     limit: int = 50
     offset: int = 0
     cursor: str | None = None
+
+
+def may_scan(query: ListQuery) -> bool:
+    """Whether a page of ``query`` may read many rows it does not return.
+
+    One equality filter (status, agent, account or project) with the time range and the cursor
+    is one index's range in ``(created_at, seq)`` order: the page reads about ``limit`` rows.
+    A substring, several statuses (merged and sorted), several equality filters together, the
+    archived or finished filters, or an offset may scan; such a page is read off the event loop.
+    """
+    equalities = (
+        len(query.statuses),
+        query.agent is not None,
+        query.account is not None,
+        query.project is not None,
+    )
+    return (
+        bool(query.q)
+        or sum(equalities) > 1
+        or query.archived is not None
+        or query.finished_before is not None
+        or query.offset > 0
+    )
 
 
 def encode_cursor(created_us: int, seq: int) -> str:

@@ -15,7 +15,8 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta
 
-from api.compat.common import dialect_endpoint, list_jobs, seconds_naive
+from api.compat.common import dialect_endpoint, seconds_naive
+from api.compat.listing import stream_jobs
 from api.context import caller, store
 from api.http import json_response, read_query
 from api.idempotency import run_write
@@ -115,7 +116,7 @@ def _statuses(state: str | None) -> tuple[str, ...]:
 
 
 @dialect_endpoint(NAME, routes, "GET", f"{PREFIX}/jobs", role="reader", summary="MCRIT: jobs")
-async def list_all(request: web.Request) -> web.Response:
+async def list_all(request: web.Request) -> web.StreamResponse:
     q = read_query(request, JobsQuery)
     query = jobs.ListQuery(
         statuses=_statuses(q.state),
@@ -124,8 +125,14 @@ async def list_all(request: web.Request) -> web.Response:
         ascending=q.ascending.strip().lower() in ("true", "1"),
         offset=q.start,
     )
-    found = await list_jobs(request, query, limit=q.limit or None)
-    return successful([job_row(j) for j in found])
+    return await stream_jobs(
+        request,
+        query,
+        job_row,
+        prefix=b'{"status":"successful","data":[',
+        suffix=b"]}",
+        limit=q.limit or None,
+    )
 
 
 @dialect_endpoint(

@@ -13,7 +13,8 @@ import msgspec
 from aiohttp import web
 
 from api import schemas as s
-from api.compat.common import dialect_endpoint, list_jobs, seconds_z
+from api.compat.common import dialect_endpoint, seconds_z
+from api.compat.listing import stream_jobs
 from api.context import caller, store
 from api.http import json_response, read_query
 from api.idempotency import run_write
@@ -91,9 +92,8 @@ def job_detail(job: JobState) -> JobDetail:
 
 
 @dialect_endpoint(NAME, routes, "GET", f"{PREFIX}/jobs", role="reader", summary="Mindcase: jobs")
-async def list_all(request: web.Request) -> web.Response:
-    found = await list_jobs(request, jobs.ListQuery())
-    return json_response(JobList(jobs=[job_row(j) for j in found]))
+async def list_all(request: web.Request) -> web.StreamResponse:
+    return await stream_jobs(request, jobs.ListQuery(), job_row, prefix=b'{"jobs":[', suffix=b"]}")
 
 
 @dialect_endpoint(
