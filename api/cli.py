@@ -146,6 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from aiohttp import web
 
+    from api import server
     from api.app import create_app
     from api.context import STORE
 
@@ -181,17 +182,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     app.on_startup.append(announce)
     app.cleanup_ctx.append(flush_logs)
+    address = f"jobledger: serving on http://{args.host}:{args.port}"
     try:
-        web.run_app(
+        server.run(
             app,
             host=args.host,
             port=args.port,
-            access_log=None,
             shutdown_timeout=30.0,
-            # called once the socket is bound, so the line is never a lie
-            print=lambda _: print(
-                f"jobledger: serving on http://{args.host}:{args.port}", flush=True
-            ),
+            bound=lambda: print(address, flush=True),
         )
     except OSError as exc:
         raise CliError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
