@@ -215,8 +215,10 @@ async def page(conn: Conn, tenant: str, query: ListQuery) -> tuple[list[JobState
     if query.cursor:
         created, seq = decode_cursor(query.cursor)
         op = ">" if query.ascending else "<"
-        where += f" AND (created_us {op} ? OR (created_us = ? AND seq {op} ?))"
-        params.extend([created, created, seq])
+        # a row value, not ``a < ? OR (a = ? AND b < ?)``: PostgreSQL then starts the index
+        # scan at the cursor instead of filtering every row before it (a page cost O(offset))
+        where += f" AND (created_us, seq) {op} (?, ?)"
+        params.extend([created, seq])
     sql = (
         f"SELECT state, created_us, seq FROM jobs WHERE {where} "
         f"ORDER BY created_us {order}, seq {order} LIMIT ? OFFSET ?"

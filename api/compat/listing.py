@@ -24,7 +24,7 @@ from ledger.jobs import JobState
 from projections import jobs
 
 log = structlog.get_logger(__name__)
-PAGE = 500
+PAGE = 200
 
 
 async def stream_jobs(
