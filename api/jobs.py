@@ -12,6 +12,7 @@ from aiohttp import web
 from api import schemas as s
 from api.context import STOPPING, caller, settings, store
 from api.http import (
+    ENCODE,
     convert,
     decode_json,
     endpoint,
@@ -22,6 +23,7 @@ from api.http import (
     read_query,
 )
 from api.idempotency import run_write
+from api.streaming import json_array
 from ledger import commands, reads
 from ledger.clock import format_opt, now_us, parse_us
 from ledger.credits import from_units
@@ -164,7 +166,7 @@ async def get_running(request: web.Request) -> web.Response:
 
 async def running_answer(request: web.Request) -> s.Running:
     who = caller(request)
-    async with store(request).backend.read(snapshot=True) as conn:
+    async with store(request).backend.read(snapshot=True, bulk=True) as conn:  # may be many
         live = await jobs.running(conn, who.tenant, project=who.project)
         accounts = await counts.by_account(conn, who.tenant, project=who.project)
     now = now_us()
@@ -358,11 +360,12 @@ async def _change_or_stop(request: web.Request, seconds: float) -> None:
     summary="The job's events",
     response=s.JobEvents,
 )
-async def job_events(request: web.Request) -> web.Response:
+async def job_events(request: web.Request) -> web.StreamResponse:
     job_id = job_id_of(request)
     await read_job(request, job_id)
-    events = await store(request).stream(caller(request).tenant, job_id)
-    return json_response(s.JobEvents(events=[s.event_view(e) for e in events]))
+    chunks = reads.stream_chunks(store(request).backend, caller(request).tenant, job_id)
+    encoded = (ENCODE([s.event_view(e) for e in chunk])[1:-1] async for chunk in chunks)
+    return await json_array(request, b'{"events":[', encoded, b"]}")  # a long job streams
 
 
 def _new_event(item: s.AppendEvent, field: str) -> commands.NewEvent:

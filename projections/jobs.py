@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from ledger.records import Batch
 from ledger.sql import Conn
 from projections.base import SqlProjector
 
+DECODE_CHUNK = 1000
 _ENCODE = msgspec.json.Encoder().encode
 _DECODE = msgspec.json.Decoder(JobState).decode
 
@@ -248,7 +250,11 @@ async def running(conn: Conn, tenant: str, *, project: str | None = None) -> lis
     rows = await conn.fetchall(
         f"SELECT state FROM jobs WHERE {where} ORDER BY created_us, seq", params
     )
-    return [_DECODE(r[0]) for r in rows]
+    found: list[JobState] = []
+    for start in range(0, len(rows), DECODE_CHUNK):  # the loop is free between chunks
+        found.extend(_DECODE(r[0]) for r in rows[start : start + DECODE_CHUNK])
+        await asyncio.sleep(0)
+    return found
 
 
 async def billable_between(

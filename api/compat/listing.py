@@ -2,9 +2,10 @@
 
 Some dialects answer "every job" in one JSON document (Mindcase's list, MCRIT's ``limit=0``).
 Built whole, 200 000 jobs took seconds of the event loop and hundreds of MB per request. Here
-the document is written as it is read: a page of ``PAGE`` jobs is read off the event loop
-(``read(bulk=True)``), encoded, written, and the loop is free again before the next page, so
-memory and loop time per step are bounded by the page, whatever the number of jobs.
+the document is written as it is read (``api.streaming``): a page of ``PAGE`` jobs is read off
+the event loop (``read(bulk=True)``), encoded, written, and the loop is free again before the
+next page, so memory and loop time per step are bounded by the page, whatever the number of
+jobs.
 
 Pages follow the keyset cursor of ``GET /v1/jobs``, each in its own short read: a job that
 exists for the whole listing appears exactly once, also while jobs are being created.
@@ -12,19 +13,18 @@ exists for the whole listing appears exactly once, also while jobs are being cre
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import structlog
 from aiohttp import web
 
 from api.context import caller, store
 from api.http import ENCODE
+from api.streaming import json_array
 from ledger.jobs import JobState
 from projections import jobs
 
-log = structlog.get_logger(__name__)
-PAGE = 200
+PAGE = 200  # MCRIT rows cost ~25 us each to format: about 5 ms of loop time a page
 
 
 async def stream_jobs(
@@ -41,31 +41,18 @@ async def stream_jobs(
     who = caller(request)
     query.project = who.project if who.project is not None else query.project
     backend = store(request).backend
-    response = web.StreamResponse(headers={"Content-Type": "application/json"})
-    await response.prepare(request)
-    if request.method == "HEAD":
-        return response
-    sent = 0
-    try:
-        await response.write(prefix)
+
+    async def pages() -> AsyncIterator[bytes]:
+        sent = 0
         while limit is None or sent < limit:
             query.limit = PAGE if limit is None else min(PAGE, limit - sent)
             async with backend.read(bulk=True) as conn:
                 page, cursor = await jobs.page(conn, who.tenant, query)
             if page:
-                items = ENCODE([row(j) for j in page])[1:-1]
-                await response.write(b"," + items if sent else items)
+                yield ENCODE([row(j) for j in page])[1:-1]
                 sent += len(page)
             if cursor is None:
-                break
+                return
             query.cursor, query.offset = cursor, 0
-        await response.write(suffix)
-        await response.write_eof()
-    except (ConnectionResetError, OSError):
-        log.info("list.client_gone", sent=sent)  # the client left: nobody to answer
-    except Exception:
-        # the status line is out: the only honest signal left is a cut, invalid document
-        log.exception("list.failed", sent=sent)
-        if request.transport is not None:
-            request.transport.close()
-    return response
+
+    return await json_array(request, prefix, pages(), suffix)
