@@ -17,7 +17,7 @@ from api.context import KEYRING, STOPPING, caller, store
 from api.http import MAX_INT, endpoint, json_response, read_optional_body, read_query
 from api.idempotency import run_write
 from api.jobs import job_id_of, read_job, time_param
-from ledger import audit, commands, reads
+from ledger import audit, commands, scans
 from ledger.errors import Invalid, NotFound
 from ledger.records import Recorded
 from ledger.store import UnitOfWork
@@ -67,7 +67,7 @@ async def _events(
     """The caller's events after ``after``: the tenant's, or (``X-Project-Id`` or a key
     limited to a project) only the events of that project's jobs."""
     scope = None if who.project is None else jobs.project_streams(who.tenant, who.project)
-    return await reads.events_page(
+    return await scans.events_page(
         store(request).backend,
         who.tenant,
         after=after,

@@ -24,7 +24,7 @@ from api.http import (
 )
 from api.idempotency import run_write
 from api.streaming import json_array
-from ledger import commands, reads
+from ledger import commands, scans
 from ledger.clock import format_opt, now_us, parse_us
 from ledger.credits import from_units
 from ledger.errors import (
@@ -320,7 +320,7 @@ async def get_job(request: web.Request) -> web.Response:
     job_id = job_id_of(request)
     q = read_query(request, s.GetJobQuery)
     if q.as_of is not None:
-        past = await reads.job_as_of(store(request).backend, who.tenant, job_id, q.as_of)
+        past = await scans.job_as_of(store(request).backend, who.tenant, job_id, q.as_of)
         if past is None or past.deleted or (who.project and past.project != who.project):
             raise JobNotFound(f"no job {job_id} at position {q.as_of}")
         return json_response(s.job_view(past))
@@ -363,7 +363,7 @@ async def _change_or_stop(request: web.Request, seconds: float) -> None:
 async def job_events(request: web.Request) -> web.StreamResponse:
     job_id = job_id_of(request)
     await read_job(request, job_id)
-    chunks = reads.stream_chunks(store(request).backend, caller(request).tenant, job_id)
+    chunks = scans.stream_chunks(store(request).backend, caller(request).tenant, job_id)
     encoded = (ENCODE([s.event_view(e) for e in chunk])[1:-1] async for chunk in chunks)
     return await json_array(request, b'{"events":[', encoded, b"]}")  # a long job streams
 

@@ -1,4 +1,4 @@
-"""Reads whose work per call is bounded, or kept off the event loop when it cannot be.
+"""Reads that may touch many rows: bounded per call, or kept off the event loop.
 
 The store's own reads are short indexed lookups, which SQLite serves right on the event loop's
 thread (``Backend.read()``). Reads here may touch many rows: a feed filtered by type, job or
