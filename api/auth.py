@@ -8,10 +8,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
 from aiohttp import web
 
+from api.schemas import Label
 from ledger.commands import hash_secret
-from ledger.errors import Forbidden, LedgerError, Unauthorized
+from ledger.errors import Forbidden, Invalid, LedgerError, Unauthorized
 from ledger.sql import Backend
 from projections import keys
 from projections.keys import ApiKey
@@ -72,6 +74,17 @@ def bearer_or_apitoken(request: web.Request) -> str:
         raise Unauthorized("send apitoken: <api key> or Authorization: Bearer <api key>") from None
 
 
+def project_header(request: web.Request) -> str | None:
+    """``X-Project-Id``, held to the rule of the ``project`` field of a body (422 otherwise)."""
+    project = request.headers.get("X-Project-Id") or None
+    if project is not None:
+        try:
+            msgspec.convert(project, Label)
+        except msgspec.ValidationError as exc:
+            raise Invalid(f"X-Project-Id: {exc}", field="X-Project-Id") from None
+    return project
+
+
 async def authenticate(
     request: web.Request, ring: KeyRing, credential: Callable[[web.Request], str] = bearer
 ) -> Caller:
@@ -80,7 +93,7 @@ async def authenticate(
         raise Unauthorized("the API key is not valid")
     if key.revoked_at is not None:
         raise Unauthorized("the API key has been revoked")
-    project = request.headers.get("X-Project-Id") or None
+    project = project_header(request)
     if key.project is not None:
         if project is not None and project != key.project:
             raise Forbidden(f"this key is limited to project {key.project}")

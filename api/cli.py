@@ -231,6 +231,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from aiohttp import web
 
+    from api import server
     from api.app import create_app
     from api.context import STORE
 
@@ -270,19 +271,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app.on_startup.append(announce)
     app.cleanup_ctx.append(flush_logs)
     port = sock.getsockname()[1]
+    address = (
+        f"jobledger: serving on http://{args.host}:{port}\n"
+        f"jobledger: dashboard at http://{args.host}:{port}/ui/ "
+        f"(sign in with an API key), API reference at /docs"
+    )
     try:
-        web.run_app(
+        server.run(
             app,
             sock=sock,
-            access_log=None,
             shutdown_timeout=30.0,
-            # called once the socket is bound, so the line is never a lie
-            print=lambda _: print(
-                f"jobledger: serving on http://{args.host}:{port}\n"
-                f"jobledger: dashboard at http://{args.host}:{port}/ui/ "
-                f"(sign in with an API key), API reference at /docs",
-                flush=True,
-            ),
+            bound=lambda: print(address, flush=True),  # once bound: the line is never a lie
         )
     finally:
         sock.close()

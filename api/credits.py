@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
-
 from aiohttp import web
 
 from api import schemas as s
@@ -12,7 +9,7 @@ from api.context import caller, store
 from api.http import endpoint, json_response, read_body, read_query
 from api.idempotency import Written, run_command
 from api.lookups import time_param
-from ledger import commands
+from ledger import commands, csvcells
 from ledger.clock import format_opt
 from ledger.credits import from_units, to_units, validate_price
 from ledger.errors import NotFound
@@ -177,15 +174,14 @@ async def statement(request: web.Request) -> web.Response:
     ]
     total = from_units(sum(j.credits_used for j in charged))
     if q.format == "csv":
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["job_id", "agent", "finished_at", "row_count", "credits"])
-        for line in lines:
-            writer.writerow(
-                [line.job_id, line.agent, line.finished_at, line.row_count, line.credits]
-            )
-        writer.writerow(["total", "", "", "", total])
-        return web.Response(text=out.getvalue(), content_type="text/csv")
+        text = csvcells.rows_text(
+            [
+                ("job_id", "agent", "finished_at", "row_count", "credits"),
+                *((x.job_id, x.agent, x.finished_at, x.row_count, x.credits) for x in lines),
+                ("total", "", "", "", total),
+            ]
+        )
+        return web.Response(text=text, content_type="text/csv")
     return json_response(
         s.Statement(account=q.account, since=q.since, until=q.until, lines=lines, total=total)
     )

@@ -7,24 +7,30 @@ import time
 from collections.abc import Sequence
 
 import msgspec
+import structlog
 from aiohttp import web
 
 from api import schemas as s
-from api.auth import Caller
-from api.context import STOPPING, caller, store
+from api.auth import Caller, bearer
+from api.context import KEYRING, STOPPING, caller, store
 from api.http import MAX_INT, endpoint, json_response, read_optional_body, read_query
 from api.idempotency import Written, run_command
 from api.lookups import job_id_of, read_job, time_param
-from ledger import audit, commands
+from ledger import audit, commands, scans
 from ledger.errors import Forbidden, Invalid
 from ledger.jobs import JobState
 from ledger.records import Recorded
 from ledger.store import UnitOfWork
 from projections import jobs
 
+log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 HEARTBEAT_SECONDS = 15.0
 STREAM_BATCH = 500
+KEY_CHECK_SECONDS = 0.5  # an open stream ends within about a second of its key's revocation
+# Key events carry key names, roles, projects and secret hashes: for admins, not for every
+# reader of the feed (the audit export, admin-only, keeps them).
+ADMIN_ONLY_TYPES = ("key.created", "key.revoked")
 
 
 @endpoint(
@@ -61,9 +67,22 @@ async def _events(
     """The caller's events after ``after``: the tenant's, or (``X-Project-Id`` or a key
     limited to a project) only the events of that project's jobs."""
     scope = None if who.project is None else jobs.project_streams(who.tenant, who.project)
-    return await store(request).events(
-        who.tenant, after=after, limit=limit, types=types, stream=stream, streams_from=scope
+    return await scans.events_page(
+        store(request).backend,
+        who.tenant,
+        after=after,
+        limit=limit,
+        types=types,
+        hidden_types=() if who.role == "admin" else ADMIN_ONLY_TYPES,
+        stream=stream,
+        streams_from=scope,
     )
+
+
+async def _key_still_valid(request: web.Request) -> bool:
+    """Whether the stream's key is still active (the key ring re-reads it every half second)."""
+    key = await request.app[KEYRING].find(bearer(request))
+    return key is not None and key.revoked_at is None
 
 
 def _resume_from(request: web.Request, after: int | None) -> int:
@@ -107,25 +126,37 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         return response
     await response.write(b"retry: 1000\n\n")
     last_sent = time.monotonic()
+    key_checked = time.monotonic()
+    read_at = -1  # the store's head when a read last came back with nothing
     encode = msgspec.json.encode
     while not stopping.is_set():
-        events = await _events(request, who, after=cursor, limit=STREAM_BATCH)
-        if events:
-            chunk = b"".join(
-                b"id: %d\nevent: %s\ndata: %s\n\n"
-                % (e.position, e.type.encode(), encode(s.event_view(e)))
-                for e in events
-            )
-            await response.write(chunk)
-            cursor = events[-1].position
-            last_sent = time.monotonic()
-            continue
+        if time.monotonic() - key_checked >= KEY_CHECK_SECONDS:
+            if not await _key_still_valid(request):
+                log.info("sse.key_revoked", cursor=cursor)
+                await response.write(b": the API key was revoked\n\n")
+                break
+            key_checked = time.monotonic()
+        head = ledger.head_position  # read first: a commit after it moves it again
+        if head != read_at:  # waking for the key check alone costs no read
+            events = await _events(request, who, after=cursor, limit=STREAM_BATCH)
+            if events:
+                chunk = b"".join(
+                    b"id: %d\nevent: %s\ndata: %s\n\n"
+                    % (e.position, e.type.encode(), encode(s.event_view(e)))
+                    for e in events
+                )
+                await response.write(chunk)
+                cursor = events[-1].position
+                last_sent = time.monotonic()
+                continue
+            read_at = head
         idle = time.monotonic() - last_sent
         if idle >= HEARTBEAT_SECONDS:
             await response.write(b": heartbeat\n\n")
             last_sent = time.monotonic()
             continue
-        waiter = asyncio.ensure_future(ledger.wait_for_change(HEARTBEAT_SECONDS - idle))
+        wait = min(HEARTBEAT_SECONDS - idle, KEY_CHECK_SECONDS)
+        waiter = asyncio.ensure_future(ledger.wait_for_change(wait))
         stop = asyncio.ensure_future(stopping.wait())
         await asyncio.wait({waiter, stop}, return_when=asyncio.FIRST_COMPLETED)
         for task in (waiter, stop):

@@ -12,6 +12,7 @@ from api import schemas as s
 from api.auth import Caller
 from api.context import STOPPING, caller, settings, store
 from api.http import (
+    ENCODE,
     convert,
     decode_json,
     endpoint,
@@ -22,7 +23,8 @@ from api.http import (
 )
 from api.idempotency import Written, run_command
 from api.lookups import job_id_of, read_job, statuses, time_param
-from ledger import commands
+from api.streaming import json_array
+from ledger import commands, scans
 from ledger.errors import BadRequest, Invalid, InvalidTransition, JobNotFound
 from ledger.events import POSTABLE_TYPES, JobQueued, from_data
 from ledger.ids import RESERVED_JOB_IDS, new_job_id
@@ -112,7 +114,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     )
     if who.project and q.project and q.project != who.project:
         return json_response(s.JobList(jobs=[], has_more=False, next_cursor=None))
-    async with store(request).backend.read(bulk=bool(query.q)) as conn:
+    async with store(request).backend.read(bulk=jobs.may_scan(query)) as conn:
         page, cursor = await jobs.page(conn, who.tenant, query)
     return json_response(
         s.JobList(
@@ -165,7 +167,7 @@ async def get_job(request: web.Request) -> web.Response:
     job_id = job_id_of(request)
     q = read_query(request, s.GetJobQuery)
     if q.as_of is not None:
-        past = await store(request).load_job(who.tenant, job_id, as_of=q.as_of)
+        past = await scans.job_as_of(store(request).backend, who.tenant, job_id, q.as_of)
         if past is None or past.deleted or (who.project and past.project != who.project):
             raise JobNotFound(f"no job {job_id} at position {q.as_of}")
         return json_response(s.job_view(past))
@@ -205,11 +207,12 @@ async def _change_or_stop(request: web.Request, seconds: float) -> None:
     summary="The job's events",
     response=s.JobEvents,
 )
-async def job_events(request: web.Request) -> web.Response:
+async def job_events(request: web.Request) -> web.StreamResponse:
     job_id = job_id_of(request)
     await read_job(request, job_id)
-    events = await store(request).stream(caller(request).tenant, job_id)
-    return json_response(s.JobEvents(events=[s.event_view(e) for e in events]))
+    chunks = scans.stream_chunks(store(request).backend, caller(request).tenant, job_id)
+    encoded = (ENCODE([s.event_view(e) for e in chunk])[1:-1] async for chunk in chunks)
+    return await json_array(request, b'{"events":[', encoded, b"]}")  # a long job streams
 
 
 def _new_event(item: s.AppendEvent, field: str) -> commands.NewEvent:

@@ -100,9 +100,36 @@ def configure(stream: Any = None, level: int = logging.INFO) -> None:
     )
 
 
+class _LibraryLogs(logging.Handler):
+    """Lines that libraries log through ``logging`` (aiohttp's), as structlog JSON lines.
+
+    Only the message template is kept, never its arguments or the exception's text: aiohttp
+    logs "Unhandled exception" with the exception that quotes the offending request bytes,
+    which may hold an API key. The exception's type says what happened.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields: dict[str, Any] = {"logger": record.name}
+        if record.exc_info and record.exc_info[1] is not None:
+            fields["error"] = type(record.exc_info[1]).__name__
+        template = record.msg if isinstance(record.msg, str) else type(record.msg).__name__
+        structlog.get_logger(record.name).log(record.levelno, template, **fields)
+
+
+def route_library_logs(names: tuple[str, ...] = ("aiohttp", "asyncio")) -> None:
+    """Send these ``logging`` loggers' warnings and errors through structlog, and only there."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _LibraryLogs) for h in logger.handlers):
+            logger.addHandler(_LibraryLogs())
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+
+
 def configure_buffered() -> BufferedLines:
     """Buffered JSON lines on stderr for the server; written out at exit too."""
     buffered = BufferedLines(sys.stderr)
     atexit.register(buffered.sync)
     configure(buffered)
+    route_library_logs()
     return buffered

@@ -149,6 +149,9 @@ async def guard(
         if exc.status < 400:
             raise
         response = render(exc.status, _from_http(exc))
+    except web.RequestPayloadError:  # e.g. Content-Encoding: gzip on a body that is not gzip
+        error = errors.BadRequest("the request body cannot be read as its headers describe it")
+        response = render(400, error)
     except Exception as exc:
         if isinstance(exc, ConnectionResetError) and _client_gone(request):
             log.info("http.client_gone", ms=round((time.perf_counter() - started) * 1000, 2))

@@ -57,7 +57,7 @@ async def get_running(request: web.Request) -> web.Response:
 
 async def running_answer(request: web.Request) -> s.Running:
     who = caller(request)
-    async with store(request).backend.read(snapshot=True) as conn:
+    async with store(request).backend.read(snapshot=True, bulk=True) as conn:  # may be many
         live = await jobs.running(conn, who.tenant, project=who.project)
         accounts = await counts.by_account(conn, who.tenant, project=who.project)
     now = now_us()

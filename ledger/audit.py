@@ -8,15 +8,13 @@ against the stored head, so an edited, deleted or reordered row is found (sectio
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from ledger import chain
+from ledger import chain, csvcells
 from ledger.clock import parse_us
 from ledger.errors import Invalid
 from ledger.records import EVENT_COLUMNS, Recorded
@@ -153,13 +151,10 @@ def _export_sql(flt: ExportFilter) -> tuple[str, list[Any]]:
 
 
 def _csv(rows: Sequence[Sequence[Any]]) -> bytes:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerows(
+    return csvcells.rows_text(
         (p, e, s, v, t, o, r, a, "null" if d is None else d, dh, ph, h)
         for p, e, s, v, t, o, r, a, d, dh, ph, h, *_ in rows
-    )
-    return out.getvalue().encode()
+    ).encode()
 
 
 def _line_sql(backend: Backend, tenants: bool) -> str:

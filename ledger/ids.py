@@ -11,7 +11,9 @@ import time
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 JOB_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-RESERVED_JOB_IDS = frozenset({"stats", "running"})
+# Words that are routes under /v1/jobs, and "." and "..", which URL normalisation removes from
+# a path: a job with one of these ids could never be addressed over HTTP.
+RESERVED_JOB_IDS = frozenset({"stats", "running", ".", ".."})
 
 _lock = threading.Lock()
 _last_ms = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from ledger.records import Batch, TableSpec
 from ledger.sql import Conn
 from projections.base import SqlProjector
 
+DECODE_CHUNK = 1000
 _ENCODE = msgspec.json.Encoder().encode
 _DECODE = msgspec.json.Decoder(JobState).decode
 
@@ -52,6 +54,9 @@ class JobsProjector(SqlProjector):
         "CREATE INDEX IF NOT EXISTS jobs_status ON {jobs} (tenant, status, created_us, seq)",
         "CREATE INDEX IF NOT EXISTS jobs_account ON {jobs} (tenant, account, created_us, seq)",
         "CREATE INDEX IF NOT EXISTS jobs_result ON {jobs} (tenant, result_id)",
+        # the agent= and project= lists, and a project's streams for its feed
+        "CREATE INDEX IF NOT EXISTS jobs_agent ON {jobs} (tenant, agent, created_us, seq)",
+        "CREATE INDEX IF NOT EXISTS jobs_project ON {jobs} (tenant, project, created_us, seq)",
     )
 
     def __init__(self, suffix: str = "") -> None:
@@ -137,6 +142,29 @@ class ListQuery:
     cursor: str | None = None
 
 
+def may_scan(query: ListQuery) -> bool:
+    """Whether a page of ``query`` may read many rows it does not return.
+
+    One equality filter (status, agent, account or project) with the time range and the cursor
+    is one index's range in ``(created_at, seq)`` order: the page reads about ``limit`` rows.
+    A substring, several statuses (merged and sorted), several equality filters together, the
+    archived or finished filters, or an offset may scan; such a page is read off the event loop.
+    """
+    equalities = (
+        len(query.statuses),
+        query.agent is not None,
+        query.account is not None,
+        query.project is not None,
+    )
+    return (
+        bool(query.q)
+        or sum(equalities) > 1
+        or query.archived is not None
+        or query.finished_before is not None
+        or query.offset > 0
+    )
+
+
 def encode_cursor(created_us: int, seq: int) -> str:
     return base64.urlsafe_b64encode(f"{created_us}:{seq}".encode()).decode().rstrip("=")
 
@@ -194,8 +222,10 @@ async def page(conn: Conn, tenant: str, query: ListQuery) -> tuple[list[JobState
     if query.cursor:
         created, seq = decode_cursor(query.cursor)
         op = ">" if query.ascending else "<"
-        where += f" AND (created_us {op} ? OR (created_us = ? AND seq {op} ?))"
-        params.extend([created, created, seq])
+        # a row value, not ``a < ? OR (a = ? AND b < ?)``: PostgreSQL then starts the index
+        # scan at the cursor instead of filtering every row before it (a page cost O(offset))
+        where += f" AND (created_us, seq) {op} (?, ?)"
+        params.extend([created, seq])
     sql = (
         f"SELECT state, created_us, seq FROM jobs WHERE {where} "
         f"ORDER BY created_us {order}, seq {order} LIMIT ? OFFSET ?"
@@ -246,7 +276,11 @@ async def running(conn: Conn, tenant: str, *, project: str | None = None) -> lis
     rows = await conn.fetchall(
         f"SELECT state FROM jobs WHERE {where} ORDER BY created_us, seq", params
     )
-    return [_DECODE(r[0]) for r in rows]
+    found: list[JobState] = []
+    for start in range(0, len(rows), DECODE_CHUNK):  # the loop is free between chunks
+        found.extend(_DECODE(r[0]) for r in rows[start : start + DECODE_CHUNK])
+        await asyncio.sleep(0)
+    return found
 
 
 async def billable_between(

@@ -13,11 +13,8 @@ from typing import Any
 from aiohttp import web
 
 from api.auth import bearer
-from api.context import caller, store
 from api.http import Handler, endpoint
 from api.middleware import Credential, ErrorRenderer, dialect_middleware, native_error
-from ledger.jobs import JobState
-from projections import jobs
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 PAGE = 1000
@@ -88,25 +85,3 @@ def millis_z(us: int | None) -> str | None:
         return None
     dt = _utc(us)
     return f"{dt.strftime('%Y-%m-%dT%H:%M:%S')}.{dt.microsecond // 1000:03d}Z"
-
-
-async def list_jobs(
-    request: web.Request, query: jobs.ListQuery, limit: int | None = None
-) -> list[JobState]:
-    """Every job matching ``query`` from its ``offset`` on (at most ``limit``), in one snapshot.
-
-    The caller's project scope always applies. Pages through ``jobs.page`` with its cursor, so
-    an unbounded list ("all jobs", MCRIT's ``limit=0``) never asks the database for all at once.
-    """
-    who = caller(request)
-    query.project = who.project if who.project is not None else query.project
-    found: list[JobState] = []
-    async with store(request).backend.read(snapshot=True) as conn:
-        while limit is None or len(found) < limit:
-            query.limit = PAGE if limit is None else min(PAGE, limit - len(found))
-            page, cursor = await jobs.page(conn, who.tenant, query)
-            found.extend(page)
-            if cursor is None:
-                break
-            query.cursor, query.offset = cursor, 0
-    return found

@@ -26,7 +26,8 @@ from aiohttp import web
 from msgspec import Meta
 
 from api.auth import bearer_or_apitoken
-from api.compat.common import Dialect, list_jobs, seconds_naive
+from api.compat.common import Dialect, seconds_naive
+from api.compat.listing import stream_jobs
 from api.context import caller, store
 from api.http import json_response, read_query
 from api.idempotency import Written, run_command
@@ -252,13 +253,19 @@ def _selection(q: Selection) -> jobs.ListQuery:
 
 
 @DIALECT.endpoint("GET", "/jobs", role="reader", summary="MCRIT: jobs", query=JobsQuery)
-async def list_all(request: web.Request) -> web.Response:
+async def list_all(request: web.Request) -> web.StreamResponse:
     q = read_query(request, JobsQuery)
     query = _selection(q)
     query.ascending = q.ascending.strip().lower() in ("true", "1")
     query.offset = q.start
-    found = await list_jobs(request, query, limit=q.limit or None)
-    return successful([job_row(j) for j in found])
+    return await stream_jobs(
+        request,
+        query,
+        job_row,
+        prefix=b'{"status":"successful","data":[',
+        suffix=b"]}",
+        limit=q.limit or None,
+    )
 
 
 @DIALECT.endpoint(

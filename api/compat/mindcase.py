@@ -19,7 +19,8 @@ from aiohttp import web
 
 from api import schemas as s
 from api.agents import AgentView, catalog_of
-from api.compat.common import Dialect, list_jobs, seconds_z
+from api.compat.common import Dialect, seconds_z
+from api.compat.listing import stream_jobs
 from api.context import caller, settings, store
 from api.http import error_body, json_response, read_body, read_query
 from api.idempotency import Written, run_command
@@ -70,10 +71,6 @@ class JobDetail(Job):
 
 class Started(JobDetail):
     job_id: str
-
-
-class JobList(msgspec.Struct):
-    jobs: list[Job]
 
 
 class JobsQuery(s.Query):
@@ -158,12 +155,14 @@ def _statuses(word: str | None) -> tuple[str, ...]:
 
 
 @DIALECT.endpoint("GET", "/jobs", role="reader", summary="Mindcase: jobs", query=JobsQuery)
-async def list_all(request: web.Request) -> web.Response:
+async def list_all(request: web.Request) -> web.StreamResponse:
     q = read_query(request, JobsQuery)
     if q.limit is not None and not 1 <= q.limit <= 1000:
         raise Invalid("limit is 1 to 1000", field="limit")
-    found = await list_jobs(request, jobs.ListQuery(statuses=_statuses(q.status)), q.limit)
-    return json_response(JobList(jobs=[job_row(j) for j in found]))
+    query = jobs.ListQuery(statuses=_statuses(q.status))
+    return await stream_jobs(
+        request, query, job_row, prefix=b'{"jobs":[', suffix=b"]}", limit=q.limit
+    )
 
 
 @DIALECT.endpoint("GET", "/jobs/{id}", role="reader", summary="Mindcase: a job")
