@@ -1,4 +1,4 @@
-"""Read models folded from the ledger's events: jobs, counts, credits, keys."""
+"""Read models folded from the ledger's events: jobs, counts, credits, keys, webhooks."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from projections.counts import CountsProjector
 from projections.credits import CreditsProjector
 from projections.jobs import JobsProjector
 from projections.keys import KeysProjector
+from projections.webhooks import WebhooksProjector
 
 PROJECTORS: dict[str, type[SqlProjector]] = {
     "jobs": JobsProjector,
     "counts": CountsProjector,
     "credits": CreditsProjector,
     "keys": KeysProjector,
+    "webhooks": WebhooksProjector,
 }
 
 
