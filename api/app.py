@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
-from api import compat, credits, feed, jobs, openapi
+from api import compat, credits, delivery, feed, jobs, openapi, webhooks
 from api.auth import KeyRing, RateLimiter
 from api.context import KEYRING, LIMITER, SETTINGS, STOPPING, STORE
 from api.http import endpoint, json_response
@@ -81,11 +81,13 @@ def create_app(settings: Settings) -> web.Application:
     if settings.rate_limit:
         app[LIMITER] = RateLimiter(settings.rate_limit)
     app.cleanup_ctx.append(store_ctx)
+    app.cleanup_ctx.append(delivery.webhooks_ctx)  # after the store: it stops first
     app.on_shutdown.append(_on_shutdown)
     app.add_routes(routes)
     app.add_routes(jobs.routes)
     app.add_routes(credits.routes)
     app.add_routes(feed.routes)
+    app.add_routes(webhooks.routes)
     for module in compat.DIALECTS:
         app.add_routes(module.routes)
     return app

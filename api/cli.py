@@ -72,6 +72,25 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError("use bytes or e.g. 10MiB, 512k") from None
 
 
+def _schedule(text: str) -> tuple[float, ...]:
+    from ledger.webhooks import parse_schedule
+
+    try:
+        return parse_schedule(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    from ledger.webhooks import parse_schedule
+
+    try:
+        (value,) = parse_schedule(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("use a duration, e.g. 10s, 5d or 0.5") from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jobledger", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +116,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--enforce-credits",
         action="store_true",
         help="refuse new jobs (402) for accounts without a positive balance",
+    )
+    serve.add_argument(
+        "--webhook-allow-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a host webhooks may reach over plain http (repeatable; loopback always may)",
+    )
+    serve.add_argument(
+        "--webhook-retry-schedule",
+        type=_schedule,
+        default=None,
+        metavar="DELAYS",
+        help="delays before each delivery attempt (default 0,5s,5m,30m,2h,5h,10h,10h)",
+    )
+    serve.add_argument(
+        "--webhook-disable-after",
+        type=_seconds,
+        default=None,
+        metavar="DURATION",
+        help="disable an endpoint failing for this long (default 5d)",
+    )
+    serve.add_argument(
+        "--webhook-timeout",
+        type=_seconds,
+        default=None,
+        metavar="DURATION",
+        help="time limit of one delivery attempt (default 10s)",
     )
 
     keys = sub.add_parser("keys", help="manage API keys")
@@ -157,6 +204,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         rate_limit=args.rate_limit,
         max_body=args.max_body,
         enforce_credits=args.enforce_credits,
+        **_webhook_settings(args),
     )
     backend_for(args.db)  # a bad URL fails here, before the server starts
     app = create_app(settings)
@@ -196,6 +244,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CliError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
     return 0
+
+
+def _webhook_settings(args: argparse.Namespace) -> dict[str, Any]:
+    given = {
+        "webhook_allow_hosts": tuple(args.webhook_allow_host) or None,
+        "webhook_retry_schedule": args.webhook_retry_schedule,
+        "webhook_disable_after_s": args.webhook_disable_after,
+        "webhook_timeout_s": args.webhook_timeout,
+    }
+    return {name: value for name, value in given.items() if value is not None}
 
 
 @contextmanager
