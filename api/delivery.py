@@ -46,6 +46,7 @@ log = structlog.get_logger(__name__)
 MAX_RESPONSE_READ = 4096  # bytes of a receiver's answer read (and 1 KiB of them logged)
 MAX_RESPONSE_LOGGED = 1024
 POLL_SECONDS = 1.0
+MIN_SCAN_SECONDS = 0.02  # at most ~50 scans a second, however fast events are committed
 PRUNE_EVERY_SECONDS = 3600.0
 ATTEMPTS_KEPT_US = 30 * 86400 * 1_000_000
 USER_AGENT = "jobledger-webhooks/0.1"
@@ -104,6 +105,9 @@ class Dispatcher:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
         self.stats = WebhookStats()
         self._slots = asyncio.Semaphore(max(1, settings.webhook_concurrency))
+        # one tenant's slow endpoints can hold at most a quarter of the slots
+        self._per_tenant = max(1, settings.webhook_concurrency // 4)
+        self._tenant_slots: dict[str, asyncio.Semaphore] = {}
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -151,8 +155,13 @@ class Dispatcher:
     # -- the scan --------------------------------------------------------------------------
 
     async def _loop(self) -> None:
+        last_scan = 0.0
         while self._running:
             wait = POLL_SECONDS
+            pause = last_scan + MIN_SCAN_SECONDS - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            last_scan = time.monotonic()
             try:
                 wait = await self._scan()
                 if time.monotonic() - self._last_prune > PRUNE_EVERY_SECONDS:
@@ -199,7 +208,10 @@ class Dispatcher:
     # -- one endpoint ----------------------------------------------------------------------
 
     async def _serve(self, tenant: str, webhook_id: str) -> None:
-        async with self._slots:
+        tenant_slots = self._tenant_slots.get(tenant)
+        if tenant_slots is None:
+            tenant_slots = self._tenant_slots[tenant] = asyncio.Semaphore(self._per_tenant)
+        async with tenant_slots, self._slots:
             if not self._running:
                 return
             owner, lease = self.owner, self.lease_us
@@ -367,6 +379,7 @@ class Dispatcher:
     ) -> hooks.Attempt:
         return hooks.Attempt(
             position=event.position,
+            stream=event.stream,
             event_id=event.event_id,
             event_type=event.type,
             attempt=number,

@@ -83,6 +83,7 @@ LEDGER_SCHEMA = [
         tenant TEXT NOT NULL,
         webhook_id TEXT NOT NULL,
         position INTEGER NOT NULL,
+        stream TEXT NOT NULL,
         event_id TEXT NOT NULL,
         event_type TEXT NOT NULL,
         attempt INTEGER NOT NULL,
@@ -98,4 +99,5 @@ LEDGER_SCHEMA = [
     "CREATE INDEX IF NOT EXISTS webhook_attempts_log "
     "ON webhook_attempts (tenant, webhook_id, attempt_id)",
     "CREATE INDEX IF NOT EXISTS webhook_attempts_age ON webhook_attempts (at_us)",
+    "CREATE INDEX IF NOT EXISTS webhook_attempts_stream ON webhook_attempts (tenant, stream)",
 ]

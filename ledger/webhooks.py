@@ -349,7 +349,8 @@ async def update(
 ) -> WebhookState:
     state = await _live(uow, tenant, webhook_id, scope)
     recorded = await uow.append(tenant, stream_of(webhook_id), changes, actor=actor)
-    if changes.enabled is True and not state.enabled:
+    moved = changes.url is not UNSET and changes.url != state.url
+    if (changes.enabled is True and not state.enabled) or moved:
         # a fresh start: the next attempt now, the failure streak forgotten
         await uow.conn.execute(
             "UPDATE webhook_cursors SET attempt = 0, next_us = 0, failing_since_us = NULL, "
@@ -542,6 +543,7 @@ class Attempt:
     """One delivery attempt, as the delivery log keeps it (never the payload)."""
 
     position: int
+    stream: str
     event_id: str
     event_type: str
     attempt: int
@@ -572,14 +574,16 @@ async def record(
     (a recovery bumps the generation); whether the cursor moved."""
     if attempt is not None:
         await conn.execute(
-            "INSERT INTO webhook_attempts (attempt_id, tenant, webhook_id, position, event_id, "
-            "event_type, attempt, at_us, outcome, response_status, latency_us, error, "
-            "response_body, next_us, worker) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO webhook_attempts (attempt_id, tenant, webhook_id, position, stream, "
+            "event_id, event_type, attempt, at_us, outcome, response_status, latency_us, error, "
+            "response_body, next_us, worker) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 "wha_" + ulid(),
                 tenant,
                 webhook_id,
                 attempt.position,
+                attempt.stream,
                 attempt.event_id,
                 attempt.event_type,
                 attempt.attempt,
@@ -656,7 +660,7 @@ async def attempts_log(
 ) -> list[tuple[str, Attempt]]:
     """The endpoint's delivery log, newest first: ``(attempt_id, attempt)``."""
     sql = (
-        "SELECT attempt_id, position, event_id, event_type, attempt, at_us, outcome, "
+        "SELECT attempt_id, position, stream, event_id, event_type, attempt, at_us, outcome, "
         "response_status, latency_us, error, response_body, next_us FROM webhook_attempts "
         "WHERE tenant = ? AND webhook_id = ?"
     )
@@ -666,6 +670,14 @@ async def attempts_log(
         params.append(before)
     rows = await conn.fetchall(sql + " ORDER BY attempt_id DESC LIMIT ?", [*params, limit])
     return [(r[0], Attempt(*r[1:])) for r in rows]
+
+
+async def forget_responses(conn: Conn, tenant: str, stream: str) -> None:
+    """Erase what receivers answered about a redacted job's events (an echo may hold its data)."""
+    await conn.execute(
+        "UPDATE webhook_attempts SET response_body = NULL WHERE tenant = ? AND stream = ?",
+        (tenant, stream),
+    )
 
 
 async def prune_attempts(conn: Conn, older_than_us: int) -> None:

@@ -12,6 +12,7 @@ import msgspec
 
 from ledger.events import (
     UNSET,
+    JobRedacted,
     WebhookDeleted,
     WebhookDisabled,
     WebhookRegistered,
@@ -20,6 +21,7 @@ from ledger.events import (
 )
 from ledger.records import Batch
 from ledger.sql import Conn
+from ledger.webhooks import forget_responses
 from projections.base import SqlProjector
 
 _TYPES = msgspec.json.Decoder(list[str] | None)
@@ -108,6 +110,10 @@ class WebhooksProjector(SqlProjector):
                     f"DELETE FROM {t} WHERE tenant = ? AND id = ?",
                     (recorded.tenant, event.webhook_id),
                 )
+            elif isinstance(event, JobRedacted) and not self.suffix:
+                # erasure reaches the delivery log in the redaction's own transaction (events
+                # are never copied there; a receiver's answer may have echoed them)
+                await forget_responses(conn, recorded.tenant, recorded.stream)
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,6 +53,7 @@ class Receiver:
         self.fail_first: dict[str, int] = {}
         self.status: dict[str, int] = {}  # answer this status (after verifying)
         self.extra_headers: dict[str, dict[str, str]] = {}
+        self.answer: dict[str, bytes] = {}  # answer this body (``echo``: the request's)
         self.hang: dict[str, asyncio.Event] = {}
         self.hanging: Counter[str] = Counter()
         self.bad: list[str] = []  # verification failures
@@ -80,11 +81,18 @@ class Receiver:
                 return web.Response(status=400, text=str(exc))
         if self.hits[name] <= self.fail_first.get(name, 0):
             return web.Response(status=500, text="not yet")
+        if name in self.answer and self.answer[name] == b"echo" and self.status.get(name) == 500:
+            return web.Response(status=500, body=body)
         status = self.status.get(name, 204)
         if 200 <= status < 300:
             self.got[name].append(json.loads(body))
             self.headers[name].append(dict(request.headers))
-        return web.Response(status=status, headers=self.extra_headers.get(name))
+        answer = self.answer.get(name)
+        return web.Response(
+            status=status,
+            headers=self.extra_headers.get(name),
+            body=body if answer == b"echo" else answer,
+        )
 
     async def start(self, port: int = 0) -> Receiver:
         app = web.Application()
@@ -471,6 +479,137 @@ async def test_erasure_applies_to_events_waiting_for_delivery(api: Api, receiver
     assert any(d["response_status"] == 503 for d in log)
 
 
+async def test_redirects_are_not_followed_and_answers_are_read_bounded(
+    api: Api, receiver: Receiver
+) -> None:
+    """A 3xx is a failed attempt (its target never called); a huge answer is logged cut short."""
+    receiver.status["moved"] = 302
+    receiver.extra_headers["moved"] = {"Location": receiver.url("target")}
+    receiver.status["big"] = 500
+    receiver.answer["big"] = b"x" * 5_000_000
+    moved = await register(api, receiver, "moved")
+    big = await register(api, receiver, "big")
+    await api.post("/v1/jobs", {"id": "m1", "agent": "a"})
+    logs: dict[str, list[dict[str, Any]]] = {}
+
+    async def attempted() -> bool:
+        for hook in (moved, big):
+            logs[hook["id"]] = (await api.get(f"/v1/webhooks/{hook['id']}/deliveries"))[
+                "deliveries"
+            ]
+        return all(logs.values())
+
+    await until(attempted, "an attempt at each")
+    assert logs[moved["id"]][-1]["response_status"] == 302
+    assert logs[moved["id"]][-1]["outcome"] == "failed"
+    assert receiver.hits["target"] == 0
+    assert logs[big["id"]][-1]["response_status"] == 500
+    assert logs[big["id"]][-1]["response_body"] == "x" * 1024
+
+
+async def test_redaction_erases_what_receivers_echoed(api: Api, receiver: Receiver) -> None:
+    """A receiver's answer that echoed a job's data leaves the delivery log on redaction."""
+    receiver.status["echo"] = 500
+    receiver.answer["echo"] = b"echo"
+    hook = await register(api, receiver, "echo")
+    await api.post("/v1/jobs", {"id": "e1", "agent": "a", "params": {"email": "bo@example.com"}})
+
+    async def echoed() -> bool:
+        log = (await api.get(f"/v1/webhooks/{hook['id']}/deliveries"))["deliveries"]
+        return any("bo@example.com" in (d["response_body"] or "") for d in log)
+
+    await until(echoed, "an echoed answer")
+    await api.post("/v1/jobs/e1/redact", {"reason": "gdpr"}, status=200)
+    log = (await api.get(f"/v1/webhooks/{hook['id']}/deliveries"))["deliveries"]
+    old = [d for d in log if d["event_type"] == "job.queued"]
+    assert old and all("bo@example.com" not in (d["response_body"] or "") for d in old)
+    await api.delete(f"/v1/webhooks/{hook['id']}")  # stop the retries
+
+
+async def test_allowed_hosts_may_use_plain_http(
+    db_url: str,
+    aiohttp_client: Callable[[web.Application], Coroutine[Any, Any, TestClient[Any, Any]]],
+) -> None:
+    """``--webhook-allow-host`` lets named hosts use http; others still need https."""
+    app = create_app(Settings(db_url=db_url, webhook_allow_hosts=("receiver.internal",)))
+    client = await aiohttp_client(app)
+    from api.context import STORE
+
+    api = Api(client, await new_key(app[STORE], "acme"))
+    await api.post("/v1/webhooks", {"url": "http://receiver.internal:8000/hook"})
+    await api.post("/v1/webhooks", {"url": "http://localhost:9/hook"})
+    await api.post("/v1/webhooks", {"url": "http://[::1]:9/hook"})
+    await api.post("/v1/webhooks", {"url": "http://other.internal/hook"}, status=422)
+    hook = await api.post("/v1/webhooks", {"url": "https://example.com/"})
+    await api.call(
+        "PATCH", f"/v1/webhooks/{hook['id']}", json={"url": "http://x.example/"}, status=422
+    )
+
+
+def test_serve_takes_the_webhook_options() -> None:
+    """``serve`` parses the webhook flags into the settings; a bad schedule is a usage error."""
+    from api.cli import _webhook_settings, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(
+        [
+            "serve",
+            "--webhook-allow-host",
+            "a.internal",
+            "--webhook-allow-host",
+            "b.internal",
+            "--webhook-retry-schedule",
+            "0,500ms,5s*2,1m",
+            "--webhook-disable-after",
+            "2d",
+            "--webhook-timeout",
+            "5",
+        ]
+    )
+    assert _webhook_settings(args) == {
+        "webhook_allow_hosts": ("a.internal", "b.internal"),
+        "webhook_retry_schedule": (0.0, 0.5, 5.0, 5.0, 60.0),
+        "webhook_disable_after_s": 172800.0,
+        "webhook_timeout_s": 5.0,
+    }
+    assert _webhook_settings(parser.parse_args(["serve"])) == {}
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["serve", "--webhook-retry-schedule", "soon"])
+    assert exc.value.code == 2
+
+
+async def test_rebuild_reproduces_the_webhooks_read_model(
+    api: Api, receiver: Receiver, db_url: str, store: Any
+) -> None:
+    """``rebuild --verify`` folds the webhook events into the same read model, and notices
+    a tampered one."""
+    from tests.serverproc import acli
+
+    receiver.status["g"] = 410
+    gone = await register(api, receiver, "g", event_types=["job.*"], project="p")
+    kept = await register(api, receiver, "k", description="kept")
+    await api.call("PATCH", f"/v1/webhooks/{kept['id']}", json={"description": "x"}, status=200)
+    await api.post(f"/v1/webhooks/{kept['id']}/rotate", status=200)
+    dropped = await register(api, receiver, "d")
+    await api.delete(f"/v1/webhooks/{dropped['id']}")
+    await api.post("/v1/jobs", {"id": "q1", "agent": "a", "project": "p"})
+
+    async def disabled() -> bool:
+        return (await api.get(f"/v1/webhooks/{gone['id']}"))["enabled"] is False
+
+    await until(disabled, "the 410 to disable")
+    done = await acli("rebuild", "--db", db_url, "--projection", "webhooks", "--verify")
+    assert done.code == 0, done.err
+    assert json.loads(done.last_line)["identical"] is True
+
+    async def tamper(uow: Any) -> None:
+        await uow.conn.execute("UPDATE webhooks SET url = 'https://evil.example/'")
+
+    await store.execute(tamper, tenants=())
+    bad = await acli("rebuild", "--db", db_url, "--projection", "webhooks", "--verify")
+    assert bad.code == 1 and "webhooks" in bad.err
+
+
 async def test_a_hanging_receiver_does_not_delay_the_api_or_other_endpoints(
     api: Api, receiver: Receiver
 ) -> None:
@@ -568,6 +707,8 @@ async def test_a_receiver_down_across_a_restart_loses_nothing(db_url: str, tmp_p
                 return bool(state["position"] == expected[-1]["position"])
 
             await until(at_head, "the cursor at the head")
+        assert hook["secret"] not in server.log_text()
+        assert hook["secret"][6:] not in server.log_text()
     finally:
         server.stop()
         await receiver.stop()
