@@ -46,6 +46,10 @@ log = structlog.get_logger(__name__)
 MAX_RESPONSE_READ = 4096  # bytes of a receiver's answer read (and 1 KiB of them logged)
 MAX_RESPONSE_LOGGED = 1024
 POLL_SECONDS = 1.0
+SEND_BATCH = 64  # events read at once for one endpoint
+FLUSH_SECONDS = 0.25  # successes are written at least this often while a turn goes on
+LINGER_SECONDS = 0.05  # a caught-up turn waits this long for more before writing
+TURN_SECONDS = 2.0  # then the endpoint lets the others have its slot
 MIN_SCAN_SECONDS = 0.02  # at most ~50 scans a second, however fast events are committed
 PRUNE_EVERY_SECONDS = 3600.0
 ATTEMPTS_KEPT_US = 30 * 86400 * 1_000_000
@@ -68,6 +72,35 @@ class WebhookStats:
     disabled: int = 0
     in_flight: int = 0
     lag: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Run:
+    """One turn at an endpoint: its cursor as it stands in memory and what is not yet written."""
+
+    cur: hooks.Cursor
+    lease_until: int
+    logged: list[hooks.Attempt] = field(default_factory=list)
+    dirty: bool = False  # the cursor moved since the last write
+    closed: bool = False  # the lease is released (or lost): nothing more to write
+    flushed: float = field(default_factory=time.monotonic)
+
+    @property
+    def generation(self) -> int:
+        return self.cur.generation
+
+    def advance(self, position: int) -> None:
+        self.cur.position = position
+        self.cur.attempt = 0
+        self.cur.next_us = 0
+        self.cur.failing_since_us = None
+        self.dirty = True
+
+    def failed(self, attempt: int, next_us: int, failing_since: int) -> None:
+        self.cur.attempt = attempt
+        self.cur.next_us = next_us
+        self.cur.failing_since_us = failing_since
+        self.dirty = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,9 +166,13 @@ class Dispatcher:
         self._loop_task = asyncio.create_task(self._loop(), name="webhook-dispatcher")
 
     async def stop(self) -> None:
+        """Let each turn finish its attempt and write it (within the timeout), then stop."""
         self._running = False
         self._kick.set()
-        tasks = [t for t in (self._loop_task, *self._tasks.values()) if t is not None]
+        turns = list(self._tasks.values())
+        if turns:
+            await asyncio.wait(turns, timeout=self.settings.webhook_timeout_s + 1.0)
+        tasks = [t for t in (self._loop_task, *turns) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -208,6 +245,7 @@ class Dispatcher:
     # -- one endpoint ----------------------------------------------------------------------
 
     async def _serve(self, tenant: str, webhook_id: str) -> None:
+        """One turn at an endpoint: claim its lease, send what is due, write, release."""
         tenant_slots = self._tenant_slots.get(tenant)
         if tenant_slots is None:
             tenant_slots = self._tenant_slots[tenant] = asyncio.Semaphore(self._per_tenant)
@@ -223,155 +261,196 @@ class Dispatcher:
             )
             if cur is None:
                 return  # another process holds it
+            run = _Run(cur, now_us() + lease)
             try:
-                await self._drain(tenant, webhook_id, cur)
+                await self._turn(tenant, webhook_id, run)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.warning("webhooks.endpoint_failed", webhook_id=webhook_id, exc_info=True)
                 await asyncio.sleep(POLL_SECONDS)  # no busy loop on a failing database
             finally:
-                if self._running:
-                    with contextlib.suppress(Exception):
-                        await self.store.execute(
-                            lambda uow: hooks.release(uow.conn, owner, tenant, webhook_id),
-                            tenants=(),
-                        )
+                if not run.closed:
+                    with contextlib.suppress(Exception):  # else the lease expires
+                        await self._flush(tenant, webhook_id, run, release=True)
 
-    async def _drain(self, tenant: str, webhook_id: str, cur: hooks.Cursor) -> None:
-        while self._running:
+    async def _turn(self, tenant: str, webhook_id: str, run: _Run) -> None:
+        """Send matching events in order until caught up, a failure, or the turn is over.
+
+        Successes (and positions skipped over) are written together, at the end of the turn
+        or every ``FLUSH_SECONDS``: a crash in between sends them again, which at least once
+        allows. A turn lasts at most ``TURN_SECONDS``, so endpoints take turns at the slots.
+        """
+        started = time.monotonic()
+        key = (tenant, webhook_id)
+        lingered = False
+        while self._running and time.monotonic() - started < TURN_SECONDS:
             now = now_us()
-            if cur.next_us > now:
+            if run.cur.next_us > now:
                 return
             async with self.store.backend.read() as conn:
                 ep = await endpoints.get(conn, tenant, webhook_id)
                 if ep is None or not ep.enabled:
                     return
                 head = await hooks.head_position(conn, tenant)
-                self.stats.lag[(tenant, webhook_id)] = max(0, head - cur.position)
-                if cur.position >= head:
-                    return
-                scope = (
-                    None if ep.project is None else job_models.project_streams(tenant, ep.project)
-                )
-                event = await hooks.next_event(
-                    conn,
-                    tenant,
-                    after=cur.position,
-                    until=head,
-                    event_types=ep.event_types,
-                    streams_from=scope,
-                )
-                signing = (
-                    []
-                    if event is None
-                    else await hooks.signing_secrets(conn, tenant, webhook_id, now)
-                )
-            if event is None:  # nothing matching up to the head: skip over it all at once
-                moved = await self._record(tenant, webhook_id, cur, None, position=head)
-            else:
-                moved = await self._attempt(tenant, webhook_id, ep.url, cur, event, signing)
-            if not moved:
-                return  # the lease was lost or the cursor recovered: start afresh later
-            if moved.next_us > now_us():
-                return  # a retry is scheduled; the scan starts us again when it is due
-            cur = moved
+                self.stats.lag[key] = max(0, head - run.cur.position)
+                events: list[Recorded] = []
+                if run.cur.position < head:
+                    scope = (
+                        None
+                        if ep.project is None
+                        else job_models.project_streams(tenant, ep.project)
+                    )
+                    events = await hooks.next_events(
+                        conn,
+                        tenant,
+                        after=run.cur.position,
+                        until=head,
+                        event_types=ep.event_types,
+                        streams_from=scope,
+                        limit=SEND_BATCH,
+                    )
+                    signing = await hooks.signing_secrets(conn, tenant, webhook_id, now)
+            if run.cur.position >= head:
+                if run.dirty and not lingered:
+                    lingered = True  # more may follow at once: write them all together
+                    await self.store.wait_for_change(LINGER_SECONDS)
+                    continue
+                return
+            lingered = False
+            if not events:  # nothing matching up to the head: skip over it all at once
+                run.advance(head)
+                continue
+            if not await self._send_run(tenant, webhook_id, ep.url, run, events, signing):
+                return
+            if time.monotonic() - run.flushed >= FLUSH_SECONDS and not await self._flush(
+                tenant, webhook_id, run
+            ):
+                return
 
-    async def _attempt(
+    async def _send_run(
         self,
         tenant: str,
         webhook_id: str,
         url: str,
-        cur: hooks.Cursor,
-        event: Recorded,
+        run: _Run,
+        events: list[Recorded],
         signing: list[str],
-    ) -> hooks.Cursor | None:
+    ) -> bool:
+        """Send ``events`` in order until one fails; whether the turn may go on."""
         settings = self.settings
-        number = cur.attempt + 1
-        outcome = await self._send(url, event, signing)
-        now = now_us()
-        self.stats.attempts += 1
-        if outcome.ok:
-            self.stats.delivered += 1
-            self.stats.lag[(tenant, webhook_id)] = max(
-                0, self.stats.lag.get((tenant, webhook_id), 0) - 1
+        key = (tenant, webhook_id)
+        margin = int(2 * settings.webhook_timeout_s * 1e6)
+        for event in events:
+            if run.lease_until - now_us() < margin and not await self._flush(
+                tenant, webhook_id, run
+            ):
+                return False
+            number = run.cur.attempt + 1
+            outcome = await self._send(url, event, signing)
+            now = now_us()
+            self.stats.attempts += 1
+            if outcome.ok:
+                self.stats.delivered += 1
+                self.stats.lag[key] = max(0, self.stats.lag.get(key, 0) - 1)
+                log.info(
+                    "webhook.delivered",
+                    webhook_id=webhook_id,
+                    position=event.position,
+                    status=outcome.status,
+                    attempt=number,
+                )
+                run.logged.append(self._log(event, number, now, "delivered", outcome, None))
+                run.advance(event.position)
+                continue
+            self.stats.failed += 1
+            failing_since = run.cur.failing_since_us or now
+            failing_for = (now - failing_since) / 1e6
+            if outcome.status == 410:
+                run.logged.append(self._log(event, number, now, "gone", outcome, None))
+                run.failed(number, 0, failing_since)
+                await self._flush(tenant, webhook_id, run, release=True)
+                await self._disable(tenant, webhook_id, "the endpoint answered 410 Gone", "gone")
+                return False
+            delay = hooks.next_delay(
+                settings.webhook_retry_schedule, number, outcome.retry_after, self._rng
             )
-            log.info(
-                "webhook.delivered",
-                webhook_id=webhook_id,
-                position=event.position,
-                status=outcome.status,
-                attempt=number,
-            )
-            return await self._record(
+            if delay is None:
+                self.stats.gave_up += 1
+                log.warning(
+                    "webhook.gave_up",
+                    webhook_id=webhook_id,
+                    position=event.position,
+                    attempts=number,
+                )
+                run.logged.append(self._log(event, number, now, "gave_up", outcome, None))
+                run.advance(event.position)
+                run.cur.failing_since_us = failing_since
+                go_on = True
+            else:
+                next_us = now + int(delay * 1e6)
+                log.info(
+                    "webhook.failed",
+                    webhook_id=webhook_id,
+                    position=event.position,
+                    status=outcome.status,
+                    error=outcome.error,
+                    attempt=number,
+                    retry_in=round(delay, 3),
+                )
+                run.logged.append(self._log(event, number, now, "failed", outcome, next_us))
+                run.failed(number, next_us, failing_since)
+                go_on = False
+            if failing_for >= settings.webhook_disable_after_s:
+                await self._flush(tenant, webhook_id, run, release=True)
+                await self._disable(
+                    tenant,
+                    webhook_id,
+                    f"every delivery failed for {failing_for / 86400:.2f} days "
+                    f"(since {format_us(failing_since)})",
+                    "failing",
+                )
+                return False
+            return go_on and await self._flush(tenant, webhook_id, run)
+        return True
+
+    async def _flush(
+        self, tenant: str, webhook_id: str, run: _Run, *, release: bool = False
+    ) -> bool:
+        """Write the run's log and cursor (and extend, or with ``release`` give up, the lease);
+        whether the lease and the cursor were still ours."""
+        owner, lease = self.owner, self.lease_us
+        cur, logged, generation = run.cur, run.logged, run.generation
+        run.logged = []
+        run.dirty = False
+        run.flushed = time.monotonic()
+        if release:
+            run.closed = True
+
+        async def write(uow: UnitOfWork) -> bool:
+            ours = await hooks.record(
+                uow.conn,
                 tenant,
                 webhook_id,
-                cur,
-                self._log(event, number, now, "delivered", outcome, None),
-                position=event.position,
-            )
-        self.stats.failed += 1
-        failing_since = cur.failing_since_us or now
-        if outcome.status == 410:
-            await self._record(
-                tenant,
-                webhook_id,
-                cur,
-                self._log(event, number, now, "gone", outcome, None),
+                owner=owner,
+                generation=generation,
+                attempts_log=logged,
                 position=cur.position,
-                attempts=number,
-                failing_since=failing_since,
+                attempts=cur.attempt,
+                next_us=cur.next_us,
+                failing_since_us=cur.failing_since_us,
+                lease_until_us=0 if release else uow.now + lease,
+                release=release,
             )
-            await self._disable(tenant, webhook_id, "the endpoint answered 410 Gone", "gone")
-            return None
-        delay = hooks.next_delay(
-            settings.webhook_retry_schedule, number, outcome.retry_after, self._rng
-        )
-        failing_for = (now - failing_since) / 1e6
-        if delay is None:
-            self.stats.gave_up += 1
-            log.warning(
-                "webhook.gave_up", webhook_id=webhook_id, position=event.position, attempts=number
-            )
-            moved = await self._record(
-                tenant,
-                webhook_id,
-                cur,
-                self._log(event, number, now, "gave_up", outcome, None),
-                position=event.position,
-                failing_since=failing_since,
-            )
-        else:
-            next_us = now + int(delay * 1e6)
-            log.info(
-                "webhook.failed",
-                webhook_id=webhook_id,
-                position=event.position,
-                status=outcome.status,
-                error=outcome.error,
-                attempt=number,
-                retry_in=round(delay, 3),
-            )
-            moved = await self._record(
-                tenant,
-                webhook_id,
-                cur,
-                self._log(event, number, now, "failed", outcome, next_us),
-                position=cur.position,
-                attempts=number,
-                next_us=next_us,
-                failing_since=failing_since,
-            )
-        if failing_for >= settings.webhook_disable_after_s:
-            days = failing_for / 86400
-            await self._disable(
-                tenant,
-                webhook_id,
-                f"every delivery failed for {days:.2f} days (since {format_us(failing_since)})",
-                "failing",
-            )
-            return None
-        return moved
+            if not ours:  # recovered meanwhile: let a fresh turn start from the new cursor
+                await hooks.release(uow.conn, owner, tenant, webhook_id)
+            return ours
+
+        ours = bool(await self.store.execute(write, tenants=()))
+        run.lease_until = now_us() + lease
+        if not ours:
+            run.closed = True  # somebody else's now: nothing more to write or release
+        return ours
 
     @staticmethod
     def _log(
@@ -390,46 +469,6 @@ class Dispatcher:
             error=sent.error,
             response_body=sent.body,
             next_us=next_us,
-        )
-
-    async def _record(
-        self,
-        tenant: str,
-        webhook_id: str,
-        cur: hooks.Cursor,
-        attempt: hooks.Attempt | None,
-        *,
-        position: int,
-        attempts: int = 0,
-        next_us: int = 0,
-        failing_since: int | None = None,
-    ) -> hooks.Cursor | None:
-        owner, lease = self.owner, self.lease_us
-
-        async def write(uow: UnitOfWork) -> bool:
-            return await hooks.record(
-                uow.conn,
-                tenant,
-                webhook_id,
-                owner=owner,
-                generation=cur.generation,
-                attempt=attempt,
-                position=position,
-                attempts=attempts,
-                next_us=next_us,
-                failing_since_us=failing_since,
-                lease_until_us=uow.now + lease,
-            )
-
-        if not await self.store.execute(write, tenants=()):
-            return None
-        return hooks.Cursor(
-            position=position,
-            generation=cur.generation,
-            attempt=attempts,
-            next_us=next_us,
-            failing_since_us=failing_since,
-            lease_owner=owner,
         )
 
     async def _disable(self, tenant: str, webhook_id: str, reason: str, code: str) -> None:

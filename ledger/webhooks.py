@@ -563,43 +563,58 @@ async def record(
     *,
     owner: str,
     generation: int,
-    attempt: Attempt | None,
+    attempts_log: Sequence[Attempt],
     position: int,
     attempts: int,
     next_us: int,
     failing_since_us: int | None,
     lease_until_us: int,
+    release: bool = False,
 ) -> bool:
-    """Log ``attempt`` and move the cursor, if the lease and the generation are still ours
+    """Log the attempts and move the cursor, if the lease and the generation are still ours
     (a recovery bumps the generation); whether the cursor moved."""
-    if attempt is not None:
-        await conn.execute(
+    if attempts_log:
+        # an answer may echo the event: none is kept for an event erased meanwhile (a redaction
+        # committed after this one nulls the answers itself)
+        positions = sorted({a.position for a in attempts_log if a.response_body})
+        erased: set[int] = set()
+        if positions:
+            rows = await conn.fetchall(
+                "SELECT position FROM events WHERE tenant = ? AND redacted = 1 "
+                f"AND position IN ({', '.join('?' * len(positions))})",
+                [tenant, *positions],
+            )
+            erased = {int(r[0]) for r in rows}
+        await conn.executemany(
             "INSERT INTO webhook_attempts (attempt_id, tenant, webhook_id, position, stream, "
             "event_id, event_type, attempt, at_us, outcome, response_status, latency_us, error, "
             "response_body, next_us, worker) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                "wha_" + ulid(),
-                tenant,
-                webhook_id,
-                attempt.position,
-                attempt.stream,
-                attempt.event_id,
-                attempt.event_type,
-                attempt.attempt,
-                attempt.at_us,
-                attempt.outcome,
-                attempt.response_status,
-                attempt.latency_us,
-                attempt.error,
-                attempt.response_body,
-                attempt.next_us,
-                owner,
-            ),
+            [
+                (
+                    "wha_" + ulid(),
+                    tenant,
+                    webhook_id,
+                    a.position,
+                    a.stream,
+                    a.event_id,
+                    a.event_type,
+                    a.attempt,
+                    a.at_us,
+                    a.outcome,
+                    a.response_status,
+                    a.latency_us,
+                    a.error,
+                    None if a.position in erased else a.response_body,
+                    a.next_us,
+                    owner,
+                )
+                for a in attempts_log
+            ],
         )
     row = await conn.fetchone(
         "UPDATE webhook_cursors SET position = ?, attempt = ?, next_us = ?, "
-        "failing_since_us = ?, lease_until_us = ? "
+        "failing_since_us = ?, lease_until_us = ?, lease_owner = ? "
         "WHERE tenant = ? AND webhook_id = ? AND lease_owner = ? AND generation = ? "
         "RETURNING position",
         (
@@ -608,6 +623,7 @@ async def record(
             next_us,
             failing_since_us,
             lease_until_us,
+            None if release else owner,
             tenant,
             webhook_id,
             owner,
@@ -627,7 +643,7 @@ async def signing_secrets(conn: Conn, tenant: str, webhook_id: str, now: int) ->
     return [r[0] for r in rows]
 
 
-async def next_event(
+async def next_events(
     conn: Conn,
     tenant: str,
     *,
@@ -635,8 +651,9 @@ async def next_event(
     until: int,
     event_types: Sequence[str] | None,
     streams_from: tuple[str, Sequence[Any]] | None = None,
-) -> Recorded | None:
-    """The first event after ``after`` (up to ``until``) the endpoint asked for."""
+    limit: int = 1,
+) -> list[Recorded]:
+    """The next events after ``after`` (up to ``until``) the endpoint asked for, in order."""
     condition, params = type_filter(event_types)
     sql = (
         f"SELECT {EVENT_COLUMNS} FROM events WHERE tenant = ? AND position > ? "
@@ -646,8 +663,8 @@ async def next_event(
     if streams_from is not None:
         sql += f" AND stream IN ({streams_from[0]})"
         args.extend(streams_from[1])
-    row = await conn.fetchone(sql + " ORDER BY position LIMIT 1", args)
-    return None if row is None else Recorded.from_row(row)
+    rows = await conn.fetchall(sql + " ORDER BY position LIMIT ?", [*args, limit])
+    return [Recorded.from_row(r) for r in rows]
 
 
 async def head_position(conn: Conn, tenant: str) -> int:

@@ -447,6 +447,7 @@ async def test_recover_sends_again_from_a_position_or_a_time(api: Api, receiver:
     await make_jobs(api, 2)
     expected = await job_events(api)
     await until(lambda: len(receiver.got["rec"]) == len(expected), "the first round")
+    await caught_up(api, hook["id"], expected[-1]["position"])
     since = expected[2]["position"]
     answer = await api.post(f"/v1/webhooks/{hook['id']}/recover", {"since": since}, status=202)
     assert answer["from_position"] == since - 1
