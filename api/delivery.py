@@ -84,6 +84,7 @@ class _Run:
     dirty: bool = False  # the cursor moved since the last write
     closed: bool = False  # the lease is released (or lost): nothing more to write
     flushed: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)
 
     @property
     def generation(self) -> int:
@@ -281,10 +282,9 @@ class Dispatcher:
         or every ``FLUSH_SECONDS``: a crash in between sends them again, which at least once
         allows. A turn lasts at most ``TURN_SECONDS``, so endpoints take turns at the slots.
         """
-        started = time.monotonic()
         key = (tenant, webhook_id)
         lingered = False
-        while self._running and time.monotonic() - started < TURN_SECONDS:
+        while self._running and time.monotonic() - run.started < TURN_SECONDS:
             now = now_us()
             if run.cur.next_us > now:
                 return
@@ -323,10 +323,9 @@ class Dispatcher:
                 continue
             if not await self._send_run(tenant, webhook_id, ep.url, run, events, signing):
                 return
-            if time.monotonic() - run.flushed >= FLUSH_SECONDS and not await self._flush(
-                tenant, webhook_id, run
-            ):
-                return
+            if run.dirty and time.monotonic() - run.flushed >= FLUSH_SECONDS:
+                if not await self._flush(tenant, webhook_id, run):
+                    return
 
     async def _send_run(
         self,
@@ -342,7 +341,10 @@ class Dispatcher:
         key = (tenant, webhook_id)
         margin = int(2 * settings.webhook_timeout_s * 1e6)
         for event in events:
-            if run.lease_until - now_us() < margin and not await self._flush(
+            if time.monotonic() - run.started >= TURN_SECONDS:
+                return True  # the turn ends; the rest waits for the next one
+            due = run.dirty and time.monotonic() - run.flushed >= FLUSH_SECONDS
+            if (due or run.lease_until - now_us() < margin) and not await self._flush(
                 tenant, webhook_id, run
             ):
                 return False
