@@ -265,7 +265,7 @@ async def get_webhook(request: web.Request) -> web.Response:
 )
 async def update_webhook(request: web.Request) -> web.Response:
     who = caller(request)
-    webhook_id = request.match_info["id"]
+    webhook_id = (await _endpoint(request)).id  # another tenant's id: 404 before the body
     body = await read_body(request, UpdateWebhook)
     if body.url is not UNSET:
         hooks.check_url(body.url, settings(request).webhook_allow_hosts)
@@ -395,7 +395,7 @@ async def deliveries(request: web.Request) -> web.Response:
 )
 async def recover(request: web.Request) -> web.Response:
     who = caller(request)
-    webhook_id = request.match_info["id"]
+    webhook_id = (await _endpoint(request)).id  # another tenant's id: 404 before the body
     body = await read_body(request, RecoverBody)
     since_us = None if isinstance(body.since, int) else parse_us(body.since, field="since")
 

@@ -245,6 +245,9 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/v1/jobs/{id}/redact"): {"reason": "b"},
     ("POST", "/v1/prices"): {"agent": "agent-of-b", "per_row": 2},
     ("POST", "/v1/credits/grants"): {"account": "acct-of-b", "amount": 5},
+    ("POST", "/v1/webhooks"): {"url": "https://b.example/hook"},
+    ("PATCH", "/v1/webhooks/{id}"): {"description": "b"},
+    ("POST", "/v1/webhooks/{id}/recover"): {"since": 1},
 }
 QUERIES: dict[tuple[str, str], dict[str, str]] = {
     ("DELETE", "/v1/jobs"): {"agent": A_AGENT},

@@ -235,6 +235,12 @@ async def test_roles_unknown_ids_and_empty_changes(api: Api, make_api: MakeApi) 
     assert bad["error"]["field"] == "since"
     other = await make_api(tenant="other")
     await other.get(f"/v1/webhooks/{hook['id']}", status=404)
+    await other.get(f"/v1/webhooks/{hook['id']}/deliveries", status=404)
+    await other.call("PATCH", f"/v1/webhooks/{hook['id']}", json={}, status=404)
+    await other.post(f"/v1/webhooks/{hook['id']}/rotate", status=404)
+    await other.post(f"/v1/webhooks/{hook['id']}/recover", status=404)
+    await other.delete(f"/v1/webhooks/{hook['id']}", status=404)
+    assert (await other.get("/v1/webhooks"))["webhooks"] == []
     await api.delete(f"/v1/webhooks/{hook['id']}")
     await api.get(f"/v1/webhooks/{hook['id']}", status=404)
     await api.delete(f"/v1/webhooks/{hook['id']}", status=404)
