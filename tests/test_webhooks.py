@@ -447,6 +447,36 @@ async def test_rotation_signs_with_both_secrets_during_the_overlap(
     assert len(events) == 1 and new not in json.dumps(events)
 
 
+async def test_the_old_secret_stops_signing_after_the_overlap(api: Api, store: Any) -> None:
+    """24 h after a rotation only the new secret signs."""
+    from ledger import webhooks as hooks
+    from ledger.clock import now_us
+
+    hook = await api.post("/v1/webhooks", {"url": "https://example.com/"})
+    rotated = await api.post(f"/v1/webhooks/{hook['id']}/rotate", status=200)
+    tenant = "acme"
+    async with store.backend.read() as conn:
+        now = await hooks.signing_secrets(conn, tenant, hook["id"], now_us())
+        later = await hooks.signing_secrets(
+            conn, tenant, hook["id"], now_us() + hooks.ROTATION_OVERLAP_US + 1_000_000
+        )
+    assert now == [rotated["secret"], hook["secret"]]
+    assert later == [rotated["secret"]]
+
+
+async def test_idempotent_registration_and_deletion_forgets_the_answer(api: Api) -> None:
+    """A repeated Idempotency-Key answers the same endpoint; deleting it forgets that answer."""
+    headers = {"Idempotency-Key": "reg-1"}
+    body = {"url": "https://example.com/"}
+    first = await api.post("/v1/webhooks", body, headers=headers)
+    again = await api.post("/v1/webhooks", body, headers=headers)
+    assert again == first
+    assert len((await api.get("/v1/webhooks"))["webhooks"]) == 1
+    await api.delete(f"/v1/webhooks/{first['id']}")
+    fresh = await api.post("/v1/webhooks", body, headers=headers)
+    assert fresh["id"] != first["id"] and fresh["secret"] != first["secret"]
+
+
 async def test_recover_sends_again_from_a_position_or_a_time(api: Api, receiver: Receiver) -> None:
     """Recovery re-sends every matching event from the position (or time) given, re-signed."""
     hook = await register(api, receiver, "rec")
