@@ -266,18 +266,22 @@ def evolve(state: WebhookState | None, event: Event, recorded_at: str) -> Webhoo
 
 
 async def load(uow: UnitOfWork, tenant: str, webhook_id: str) -> WebhookState | None:
-    """The endpoint as its stream stands now (the batch's earlier commands included)."""
-    conn = await uow.flushed()
-    rows = await conn.fetchall(
+    """The endpoint as its committed stream stands, and gone or disabled if a command earlier
+    in this batch (staged, not yet written) deleted or disabled it."""
+    stream = stream_of(webhook_id)
+    rows = await uow.conn.fetchall(
         "SELECT type, data, recorded_at FROM events WHERE tenant = ? AND stream = ? "
         "ORDER BY version",
-        (tenant, stream_of(webhook_id)),
+        (tenant, stream),
     )
     state: WebhookState | None = None
     for type_, data, recorded_at in rows:
         event = decode_stored(type_, data)
         if event is not None:
             state = evolve(state, event, recorded_at)
+    latest = await uow.latest(tenant, stream)
+    if state is not None and isinstance(latest, WebhookDeleted | WebhookDisabled):
+        state = evolve(state, latest, state.updated_at)
     return state
 
 
