@@ -97,6 +97,13 @@ class _Run:
         self.cur.failing_since_us = None
         self.dirty = True
 
+    def skip(self, position: int) -> None:
+        """Past events the endpoint did not ask for (a failure streak goes on)."""
+        self.cur.position = position
+        self.cur.attempt = 0
+        self.cur.next_us = 0
+        self.dirty = True
+
     def failed(self, attempt: int, next_us: int, failing_since: int) -> None:
         self.cur.attempt = attempt
         self.cur.next_us = next_us
@@ -319,7 +326,7 @@ class Dispatcher:
                 return
             lingered = False
             if not events:  # nothing matching up to the head: skip over it all at once
-                run.advance(head)
+                run.skip(head)
                 continue
             if not await self._send_run(tenant, webhook_id, ep.url, run, events, signing):
                 return
