@@ -14,6 +14,7 @@ from api import (
     compat,
     credits,
     dashboard,
+    delivery,
     feed,
     insights,
     jobs,
@@ -21,6 +22,7 @@ from api import (
     openapi,
     results,
     stats,
+    webhooks,
 )
 from api.auth import KeyRing, RateLimiter
 from api.context import KEYRING, LIMITER, SETTINGS, STOPPING, STORE
@@ -93,6 +95,7 @@ def create_app(settings: Settings) -> web.Application:
     if settings.rate_limit:
         app[LIMITER] = RateLimiter(settings.rate_limit)
     app.cleanup_ctx.append(store_ctx)
+    app.cleanup_ctx.append(delivery.webhooks_ctx)  # after the store: it stops first
     app.on_shutdown.append(_on_shutdown)
     app.add_routes(routes)
     app.add_routes(stats.routes)
@@ -102,6 +105,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(feed.routes)
     app.add_routes(insights.routes)
     app.add_routes(agents.routes)
+    app.add_routes(webhooks.routes)
     dashboard.install(app)
     metrics.install(app)
     compat.mount(app)

@@ -121,6 +121,25 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError("use bytes or e.g. 10MiB, 512k") from None
 
 
+def _schedule(text: str) -> tuple[float, ...]:
+    from ledger.webhooks import parse_schedule
+
+    try:
+        return parse_schedule(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    from ledger.webhooks import parse_schedule
+
+    try:
+        (value,) = parse_schedule(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("use a duration, e.g. 10s, 5d or 0.5") from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="jobledger", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"jobledger {_version()}")
@@ -155,6 +174,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("JOBLEDGER_METRICS_TOKEN"),
         help="GET /metrics wants it as a Bearer token (env JOBLEDGER_METRICS_TOKEN); "
         "without one, only loopback clients may scrape",
+    )
+    serve.add_argument(
+        "--webhook-allow-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a host webhooks may reach over plain http (repeatable; loopback always may)",
+    )
+    serve.add_argument(
+        "--webhook-retry-schedule",
+        type=_schedule,
+        default=None,
+        metavar="DELAYS",
+        help="delays before each delivery attempt (default 0,5s,5m,30m,2h,5h,10h,10h)",
+    )
+    serve.add_argument(
+        "--webhook-disable-after",
+        type=_seconds,
+        default=None,
+        metavar="DURATION",
+        help="disable an endpoint failing for this long (default 5d)",
+    )
+    serve.add_argument(
+        "--webhook-timeout",
+        type=_seconds,
+        default=None,
+        metavar="DURATION",
+        help="time limit of one delivery attempt (default 10s)",
     )
 
     keys = sub.add_parser("keys", help="manage API keys")
@@ -244,6 +291,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body=args.max_body,
         enforce_credits=args.enforce_credits,
         metrics_token=args.metrics_token or None,
+        **_webhook_settings(args),
     )
     backend_for(args.db)  # a bad URL fails here, before the server starts
     # bind before anything else: a busy port is one line, and no database is created
@@ -317,6 +365,16 @@ def _me() -> str:
         return "jobledger"
     relative = os.path.relpath(here)
     return relative if not relative.startswith("..") else here
+
+
+def _webhook_settings(args: argparse.Namespace) -> dict[str, Any]:
+    given = {
+        "webhook_allow_hosts": tuple(args.webhook_allow_host) or None,
+        "webhook_retry_schedule": args.webhook_retry_schedule,
+        "webhook_disable_after_s": args.webhook_disable_after,
+        "webhook_timeout_s": args.webhook_timeout,
+    }
+    return {name: value for name, value in given.items() if value is not None}
 
 
 @contextmanager

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ledger.webhooks import DEFAULT_DISABLE_AFTER_S, DEFAULT_SCHEDULE
+
 DEFAULT_DB = "./jobledger.db"
 DEFAULT_RETENTION_S = 7 * 86400
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
@@ -19,3 +21,11 @@ class Settings:
     max_body: int = DEFAULT_MAX_BODY
     enforce_credits: bool = False
     metrics_token: str | None = None  # GET /metrics wants it as a Bearer; None: loopback only
+    # webhooks (docs/webhooks.md)
+    webhook_allow_hosts: tuple[str, ...] = ()  # hosts plain http:// may reach besides loopback
+    webhook_retry_schedule: tuple[float, ...] = DEFAULT_SCHEDULE  # seconds before each attempt
+    webhook_disable_after_s: float = DEFAULT_DISABLE_AFTER_S  # failing this long disables
+    webhook_timeout_s: float = 10.0  # one attempt, connect to last byte read
+    webhook_concurrency: int = 32  # attempts in flight per process
+    webhook_lease_s: float = 60.0  # how long a process owns an endpoint without news from it
+    webhooks: bool = True  # run the delivery worker in this process

@@ -164,6 +164,45 @@ class AgentDefined(Event, frozen=True, kw_only=True, tag="agent.defined"):
     params_schema: dict[str, Any] = {}  # a JSON Schema subset (``ledger.agents``)
 
 
+# --- webhook events (stream ``$webhooks/<id>``; the signing secret is never in an event) ------
+
+
+class WebhookRegistered(Event, frozen=True, kw_only=True, tag="webhook.registered"):
+    webhook_id: str
+    url: str
+    event_types: list[str] | None = None  # None: every job event
+    project: str | None = None
+    description: str | None = None
+    secret_sha256: str  # server: identifies the secret without revealing it
+
+
+class WebhookUpdated(Event, frozen=True, kw_only=True, tag="webhook.updated"):
+    """Only the fields that changed are present."""
+
+    webhook_id: str
+    url: str | UnsetType = UNSET
+    event_types: list[str] | UnsetType | None = UNSET
+    project: str | UnsetType | None = UNSET
+    description: str | UnsetType | None = UNSET
+    enabled: bool | UnsetType = UNSET
+
+
+class WebhookDeleted(Event, frozen=True, kw_only=True, tag="webhook.deleted"):
+    webhook_id: str
+
+
+class WebhookSecretRotated(Event, frozen=True, kw_only=True, tag="webhook.secret_rotated"):
+    webhook_id: str
+    secret_sha256: str  # server: the new secret's hash
+    previous_expires_at: str  # server: until when the old secret keeps signing too
+
+
+class WebhookDisabled(Event, frozen=True, kw_only=True, tag="webhook.disabled"):
+    webhook_id: str
+    reason: str
+    code: str = "disabled"  # ``gone`` (the endpoint answered 410), ``failing`` (for days)
+
+
 JobEvent = (
     JobQueued
     | JobStarted
@@ -180,7 +219,10 @@ JobEvent = (
     | ExecutionSucceeded
     | ExecutionFailed
 )
-TenantEvent = KeyCreated | KeyRevoked | PriceSet | CreditsGranted | AgentDefined
+WebhookEvent = (
+    WebhookRegistered | WebhookUpdated | WebhookDeleted | WebhookSecretRotated | WebhookDisabled
+)
+TenantEvent = KeyCreated | KeyRevoked | PriceSet | CreditsGranted | AgentDefined | WebhookEvent
 AnyEvent = JobEvent | TenantEvent
 
 JOB_EVENT_TYPES: dict[str, type[Event]] = {

@@ -1,4 +1,4 @@
-"""Read models folded from the ledger's events: jobs, counts, credits, keys, agents."""
+"""Read models folded from the ledger's events: jobs, counts, credits, keys, agents, webhooks."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from projections.counts import CountsProjector
 from projections.credits import CreditsProjector
 from projections.jobs import JobsProjector
 from projections.keys import KeysProjector
+from projections.webhooks import WebhooksProjector
 
 PROJECTORS: dict[str, type[SqlProjector]] = {
     "jobs": JobsProjector,
@@ -18,6 +19,7 @@ PROJECTORS: dict[str, type[SqlProjector]] = {
     "credits": CreditsProjector,
     "keys": KeysProjector,
     "agents": AgentsProjector,
+    "webhooks": WebhooksProjector,
 }
 
 

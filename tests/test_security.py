@@ -257,6 +257,9 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/v1/credits/grants"): {"account": "acct-of-b", "amount": 5},
     ("POST", "/v1/agents"): {"agent": "group-of-b/agent-of-b"},
     ("POST", "/compat/mindcase/api/v1/agents/{group}/{slug}/run"): {"params": {}},
+    ("POST", "/v1/webhooks"): {"url": "https://b.example/hook"},
+    ("PATCH", "/v1/webhooks/{id}"): {"description": "b"},
+    ("POST", "/v1/webhooks/{id}/recover"): {"since": 1},
 }
 QUERIES: dict[tuple[str, str], dict[str, str]] = {
     ("DELETE", "/v1/jobs"): {"agent": A_AGENT},
