@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 
 from ledger.events import AgentDefined
-from ledger.records import Batch
+from ledger.records import Batch, TableSpec
 from ledger.sql import Conn
 from projections.base import SqlProjector
 
@@ -31,6 +31,23 @@ class AgentsProjector(SqlProjector):
             updated_at TEXT NOT NULL,
             PRIMARY KEY (tenant, agent)
         )""",
+    )
+    specs = (
+        TableSpec(
+            "agents",
+            (
+                "tenant",
+                "agent",
+                "agent_group",
+                "slug",
+                "title",
+                "description",
+                "params_schema",
+                "position",
+                "updated_at",
+            ),
+            ("tenant", "agent"),
+        ),
     )
     index_ddl = ("CREATE INDEX IF NOT EXISTS agents_group ON {agents} (tenant, agent_group, slug)",)
 

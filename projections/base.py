@@ -18,6 +18,8 @@ class SqlProjector:
     index_ddl: tuple[str, ...] = ()
 
     def __init__(self, suffix: str = "") -> None:
+        # every table described, or a rebuild would silently leave it out of its comparison
+        assert tuple(spec.name for spec in self.specs) == self.tables, f"{self.name}: specs"
         self.suffix = suffix
         self.t = {table: table + suffix for table in self.tables}
 

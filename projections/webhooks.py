@@ -19,7 +19,7 @@ from ledger.events import (
     WebhookSecretRotated,
     WebhookUpdated,
 )
-from ledger.records import Batch
+from ledger.records import Batch, TableSpec
 from ledger.sql import Conn
 from ledger.webhooks import forget_responses
 from projections.base import SqlProjector
@@ -49,6 +49,25 @@ class WebhooksProjector(SqlProjector):
             updated_at TEXT NOT NULL,
             PRIMARY KEY (tenant, id)
         )""",
+    )
+    specs = (
+        TableSpec(
+            "webhooks",
+            (
+                "tenant",
+                "id",
+                "url",
+                "event_types",
+                "project",
+                "description",
+                "enabled",
+                "disabled_reason",
+                "secret_sha256",
+                "created_at",
+                "updated_at",
+            ),
+            ("tenant", "id"),
+        ),
     )
 
     async def apply(self, conn: Conn, batch: Batch) -> None:
