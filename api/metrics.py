@@ -34,6 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from api.context import SETTINGS, STORE
+from api.delivery import WEBHOOKS
 from api.http import OPERATIONS, Handler
 from ledger.errors import Forbidden, Unauthorized
 
@@ -126,6 +127,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(StoreCollector(app))
+        self.registry.register(WebhookCollector(app))
         self._stream_routes: frozenset[str] | None = None
 
     def drain(self, stats: Any) -> None:
@@ -197,6 +199,38 @@ class StoreCollector(Collector):
                 "Write commands waiting for the writer now.",
                 value=depth,
             )
+
+
+class WebhookCollector(Collector):
+    """This process's webhook deliveries (``api.delivery``), read at scrape time."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+
+    def collect(self) -> Iterator[Any]:
+        dispatcher = self._app.get(WEBHOOKS)
+        stats = getattr(dispatcher, "stats", None)
+        if stats is None:
+            return
+        for name, text in (
+            ("attempts", "Webhook delivery attempts made by this process."),
+            ("delivered", "Webhook events delivered (a 2xx answer)."),
+            ("failed", "Webhook attempts that got no 2xx answer."),
+            ("gave_up", "Webhook events abandoned once their retry schedule was spent."),
+            ("disabled", "Webhook endpoints this process disabled (410, or failing for days)."),
+        ):
+            yield CounterMetricFamily(f"jobledger_webhook_{name}", text, value=getattr(stats, name))
+        yield GaugeMetricFamily(
+            "jobledger_webhook_in_flight", "Webhook attempts in flight.", value=stats.in_flight
+        )
+        lag = GaugeMetricFamily(
+            "jobledger_webhook_lag_events",
+            "Events an endpoint's cursor was behind its tenant's head when last looked at.",
+            labels=["tenant", "webhook_id"],
+        )
+        for (tenant, webhook_id), behind in sorted(stats.lag.items()):
+            lag.add_metric([tenant, webhook_id], behind)
+        yield lag
 
 
 class RebuildCollector(Collector):

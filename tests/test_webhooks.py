@@ -779,3 +779,31 @@ async def test_two_processes_deliver_each_event_once(db_url: str, receiver: Rece
             assert receiver.got[name] == expected  # once each, in position order
             assert receiver.hits[name] == len(expected)
         assert not receiver.bad
+
+
+async def test_metrics_count_deliveries(api: Api, receiver: Receiver, client: Any) -> None:
+    """``/metrics`` shows this process's deliveries, failures and each endpoint's lag."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    receiver.fail_first["m"] = 1
+    hook = await register(api, receiver, "m")
+    await make_jobs(api, 1)
+    expected = await job_events(api, after=0)
+    await until(lambda: len(first_seen(receiver.got["m"])) >= len(expected), "the deliveries")
+    await caught_up(api, hook["id"], expected[-1]["position"])
+
+    async def scrape() -> dict[str, float]:
+        async with client.get("/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+        return {
+            sample.name + str(sorted(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    samples = await scrape()
+    assert samples["jobledger_webhook_delivered_total[]"] >= len(expected)
+    assert samples["jobledger_webhook_failed_total[]"] >= 1
+    labels = sorted({"tenant": "acme", "webhook_id": hook["id"]}.items())
+    assert f"jobledger_webhook_lag_events{labels}" in samples
