@@ -10,7 +10,7 @@ reader ever sees a gap behind it. The rooms:
 - ``cache.py``: the writer's cache of committed state (``ChainHead``, job states, versions);
 - ``staging.py``: the named rows a unit of work stages;
 - ``tables.py``: the ledger's own tables (events, heads, results, idempotency);
-- ``reads.py``: the ledger's reads (a job's replay, streams, the event log, heads).
+- ``reads.py``: the ledger's point reads (a job's replay, a stream, a chain head).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from ledger import scans
 from ledger.clock import now_us
 from ledger.jobs import JobState
 from ledger.records import CreditBalances, Projector, Recorded
@@ -188,9 +189,8 @@ class EventStore:
             return await reads.stream(conn, tenant, stream)
 
     async def events(self, tenant: str, **query: Any) -> list[Recorded]:
-        """The tenant's events in position order (see ``reads.events`` for the filters)."""
-        async with self.backend.read() as conn:
-            return await reads.events(conn, tenant, **query)
+        """The tenant's events in position order (``scans.events_page`` has the filters)."""
+        return await scans.events_page(self.backend, tenant, **query)
 
     async def head(self, tenant: str) -> ChainHead | None:
         async with self.backend.read() as conn:

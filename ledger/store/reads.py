@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from ledger.events import decode_stored
@@ -50,37 +49,6 @@ async def stream(conn: Conn, tenant: str, name: str) -> list[Recorded]:
         f"{SELECT_EVENTS} WHERE tenant = ? AND stream = ? ORDER BY version", (tenant, name)
     )
     return [Recorded.from_row(r) for r in rows]
-
-
-async def events(
-    conn: Conn,
-    tenant: str,
-    *,
-    after: int = 0,
-    limit: int = 100,
-    types: Sequence[str] = (),
-    stream: str | None = None,
-    streams_from: tuple[str, Sequence[Any]] | None = None,
-) -> list[Recorded]:
-    """The tenant's events after ``after``, in position order.
-
-    ``streams_from`` is a query (and its parameters) naming the streams to keep, e.g. a read
-    model's job ids of one project.
-    """
-    sql = f"{SELECT_EVENTS} WHERE tenant = ? AND position > ?"
-    params: list[Any] = [tenant, after]
-    if streams_from is not None:
-        sql += f" AND stream IN ({streams_from[0]})"
-        params.extend(streams_from[1])
-    if stream is not None:
-        sql += " AND stream = ?"
-        params.append(stream)
-    if types:
-        sql += f" AND type IN ({', '.join('?' * len(types))})"
-        params.extend(types)
-    sql += " ORDER BY position LIMIT ?"
-    params.append(limit)
-    return [Recorded.from_row(r) for r in await conn.fetchall(sql, params)]
 
 
 async def head(conn: Conn, tenant: str) -> ChainHead | None:
