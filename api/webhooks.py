@@ -17,7 +17,7 @@ from api.context import caller, settings, store
 from api.delivery import WEBHOOKS
 from api.http import endpoint, json_response, read_body, read_query
 from api.idempotency import Written, run_command
-from api.schemas import Body, Label, Position, Query
+from api.schemas import Body, Deleted, Label, Position, Query
 from ledger import webhooks as hooks
 from ledger.clock import format_opt, format_us, parse_us
 from ledger.errors import Invalid, NotFound
@@ -89,10 +89,6 @@ class RotatedSecret(msgspec.Struct, kw_only=True):
     id: str
     secret: str
     previous_secret_expires_at: str  # until then both secrets sign every delivery
-
-
-class Deleted(msgspec.Struct, kw_only=True):
-    deleted: int
 
 
 class Delivery(msgspec.Struct, kw_only=True):
