@@ -19,12 +19,13 @@ from rich.table import Table
 
 from api import schemas as s
 from api.settings import DEFAULT_DB
+from api.views import account_views, credits_view, stats_view
 from ledger.backends import backend_for
 from ledger.clock import now_us, parse_us
 from ledger.credits import from_units
 from ledger.errors import Invalid, LedgerError
 from ledger.jobs import STATUSES
-from ledger.store import EventStore
+from ledger.store import EventStore, reads
 from projections import counts, credits, jobs, new_store, usage
 
 ENCODE = msgspec.json.Encoder(decimal_format="number").encode
@@ -278,20 +279,8 @@ async def cmd_stats(args: argparse.Namespace) -> int:
     async def read(store: EventStore, tenant: str) -> int:
         async with store.backend.read(snapshot=True) as conn:
             totals = await counts.stats(conn, tenant, project=args.project)
-            head = await conn.fetchone(
-                "SELECT position FROM chain_heads WHERE tenant = ?", (tenant,)
-            )
-        answer = s.Stats(
-            total_jobs=totals.total_jobs,
-            by_status=totals.by_status,
-            by_agent={
-                a: s.ByAgent(total=e.total, by_status=e.by_status)
-                for a, e in totals.by_agent.items()
-            },
-            archived=totals.archived,
-            credits_used=from_units(totals.credits_units),
-            position=head[0] if head else 0,
-        )
+            head = await reads.head(conn, tenant)
+        answer = stats_view(totals, head.position if head else 0)
         if args.json:
             _out(answer)
             return 0
@@ -347,34 +336,11 @@ async def cmd_credits(args: argparse.Namespace) -> int:
                     account=args.account,
                     project=args.project,
                 )
-        names = sorted(set(job_counts) | set(money))
-        if args.account is not None:
-            names = [n for n in names if n == args.account]
-            if not names:
-                raise ReadError(f"no account {args.account} in tenant {tenant}")
-        accounts = []
-        for name in names:
-            by_status = job_counts.get(name, counts.empty_by_status())
-            granted, used = money.get(name, (0, 0))
-            accounts.append(
-                s.AccountView(
-                    account=name,
-                    jobs=s.JobCounts(total=sum(by_status.values()), by_status=by_status),
-                    executing=by_status["running"],
-                    credits=s.Balance(
-                        granted=from_units(granted),
-                        used=from_units(used),
-                        balance=from_units(granted - used),
-                    ),
-                )
-            )
+        accounts = account_views(job_counts, money, account=args.account, scoped=False)
+        if args.account is not None and not accounts:
+            raise ReadError(f"no account {args.account} in tenant {tenant}")
         report = CreditsReport(
-            totals=s.Credits(
-                granted=from_units(totals.granted),
-                used=from_units(totals.used),
-                balance=from_units(totals.granted - totals.used),
-                by_agent={a: from_units(u) for a, u in totals.by_agent.items()},
-            ),
+            totals=credits_view(totals, scoped=False),
             accounts=accounts,
             usage=None
             if daily is None

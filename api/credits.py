@@ -9,6 +9,7 @@ from api.context import caller, store
 from api.http import endpoint, json_response, read_body, read_query
 from api.idempotency import Written, run_command
 from api.lookups import time_param
+from api.views import account_views, credits_view
 from ledger import commands, csvcells
 from ledger.clock import format_opt
 from ledger.credits import from_units, to_units, validate_price
@@ -132,15 +133,7 @@ async def get_credits(request: web.Request) -> web.Response:
     q = read_query(request, s.CreditsQuery)
     async with store(request).backend.read(snapshot=True) as conn:
         totals = await credits.balance(conn, who.tenant, account=q.account, project=who.project)
-    scoped = who.project is not None  # grants span projects: a project sees its usage only
-    return json_response(
-        s.Credits(
-            granted=None if scoped else from_units(totals.granted),
-            used=from_units(totals.used),
-            balance=None if scoped else from_units(totals.granted - totals.used),
-            by_agent={a: from_units(u) for a, u in totals.by_agent.items()},
-        )
-    )
+    return json_response(credits_view(totals, scoped=who.project is not None))
 
 
 @endpoint(
@@ -192,26 +185,7 @@ async def _accounts(request: web.Request, account: str | None) -> list[s.Account
     async with store(request).backend.read(snapshot=True) as conn:
         job_counts = await counts.by_account(conn, who.tenant, project=who.project, account=account)
         money = await credits.accounts_usage(conn, who.tenant, project=who.project)
-    names = sorted(set(job_counts) | (set(money) if who.project is None else set()))
-    if account is not None:
-        names = [n for n in names if n == account]
-    views = []
-    for name in names:
-        by_status = job_counts.get(name, counts.empty_by_status())
-        granted, used = money.get(name, (0, 0))
-        views.append(
-            s.AccountView(
-                account=name,
-                jobs=s.JobCounts(total=sum(by_status.values()), by_status=by_status),
-                executing=by_status["running"],
-                credits=s.Balance(
-                    granted=None if who.project else from_units(granted),
-                    used=from_units(used),
-                    balance=None if who.project else from_units(granted - used),
-                ),
-            )
-        )
-    return views
+    return account_views(job_counts, money, account=account, scoped=who.project is not None)
 
 
 @endpoint(

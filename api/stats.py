@@ -7,8 +7,8 @@ from aiohttp import web
 from api import schemas as s
 from api.context import caller, store
 from api.http import endpoint, json_response
+from api.views import stats_view
 from ledger.clock import format_opt, now_us
-from ledger.credits import from_units
 from ledger.store import reads
 from projections import counts, jobs
 
@@ -28,19 +28,7 @@ async def get_stats(request: web.Request) -> web.Response:
     async with store(request).backend.read(snapshot=True) as conn:
         totals = await counts.stats(conn, who.tenant, project=who.project)
         head = await reads.head(conn, who.tenant)
-    return json_response(
-        s.Stats(
-            total_jobs=totals.total_jobs,
-            by_status=totals.by_status,
-            by_agent={
-                a: s.ByAgent(total=e.total, by_status=e.by_status)
-                for a, e in totals.by_agent.items()
-            },
-            archived=totals.archived,
-            credits_used=from_units(totals.credits_units),
-            position=head.position if head else 0,
-        )
-    )
+    return json_response(stats_view(totals, head.position if head else 0))
 
 
 @endpoint(

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import sqlite3
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ledger.errors import LedgerError
+from ledger import commands
+from ledger.errors import CommitFailed, StoreUnavailable
+from ledger.events import CreditsGranted
 from ledger.store import EventStore
 from ledger.store.tables import IDEMPOTENCY_WINDOW_US
 from tests.conftest import Api
@@ -243,28 +247,51 @@ async def test_idempotency_answers_are_compact_and_purged(api: Api, store: Event
         assert await conn.fetchone("SELECT count(*) FROM idempotency") == (0,)
 
 
-async def test_a_failed_commit_answers_503_and_records_nothing(api: Api, store: EventStore) -> None:
-    """When COMMIT fails every waiter of the batch gets 503, and nothing is recorded."""
-    job = await api.post("/v1/jobs", {"agent": "a"})
+class _CommitFails:
+    """Fault injection: while ``fail`` is set, every write transaction's COMMIT fails."""
 
-    async def abort(uow: Any) -> None:
-        # a statement that poisons the transaction outside any command's savepoint
-        await uow.conn.execute("SELECT 1/0" if store.backend.dialect == "postgres" else "BAD")
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.fail = False
 
-    results = await asyncio.gather(
-        store.execute(abort, tenants=["acme"]),
-        api.call("POST", f"/v1/jobs/{job['id']}/events", json={"type": "job.started"}),
-        return_exceptions=True,
-    )
-    assert isinstance(results[0], LedgerError)
-    second = results[1]
-    # the started event either committed alone (201) or was answered 503: never lost after 201
-    job_now = await api.get(f"/v1/jobs/{job['id']}")
-    if "job" in second:
-        assert job_now["status"] == "running"
-    else:
-        assert second["error"]["code"] == "unavailable"
-        assert job_now["status"] == "queued"
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[Any]:
+        async with self._inner.write() as conn:
+            yield conn
+            if self.fail:  # raised inside: the real transaction rolls back
+                raise CommitFailed("injected: the COMMIT failed")
+
+
+async def test_a_failed_commit_answers_503_and_records_nothing(db_url: str) -> None:
+    """When the COMMIT fails, every command of the batch is refused and nothing is kept."""
+    from ledger.backends import backend_for
+    from projections import new_store
+
+    backend = _CommitFails(backend_for(db_url))
+    store = new_store(backend)  # type: ignore[arg-type]
+
+    def grant(tenant: str) -> Any:
+        event = CreditsGranted(account="a", amount=Decimal(1))
+        return lambda uow: commands.grant(uow, tenant, event, actor="t")
+
+    async with store.running():
+        await store.execute(grant("t1"), tenants=["t1"])
+        backend.fail = True
+        outcomes = await asyncio.gather(  # queued together: one batch, one failed COMMIT
+            store.execute(grant("t1"), tenants=["t1"]),
+            store.execute(grant("t2"), tenants=["t2"]),
+            return_exceptions=True,
+        )
+        backend.fail = False
+        for outcome in outcomes:
+            assert isinstance(outcome, StoreUnavailable), outcome
+            assert outcome.code == "unavailable"
+        assert len(await store.events("t1")) == 1 and await store.events("t2") == []
+        after = await store.execute(grant("t1"), tenants=["t1"])  # the cache forgot the batch
+        assert after.recorded.position == 2 and after.totals.granted == 2 * 10_000
 
 
 @pytest.mark.parametrize("backend_name", ["sqlite"], indirect=True)

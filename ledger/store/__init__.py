@@ -211,12 +211,3 @@ class EventStore:
 
         result: tuple[int, int] = await self.execute(drop, tenants=())
         return result
-
-    async def drop_expired_results(self, now: int) -> int:
-        """Drop result payloads past their expiry (the events keep their hashes)."""
-
-        async def drop(uow: UnitOfWork) -> int:
-            return await tables.drop_expired_results(uow.conn, now=now)
-
-        dropped: int = await self.execute(drop, tenants=())
-        return dropped
