@@ -207,6 +207,7 @@ class Dispatcher:
             if pause > 0:
                 await asyncio.sleep(pause)
             last_scan = time.monotonic()
+            seen = self.store.changes  # before the scan: events committed during it wake us
             try:
                 wait = await self._scan()
                 if time.monotonic() - self._last_prune > PRUNE_EVERY_SECONDS:
@@ -217,7 +218,7 @@ class Dispatcher:
             except Exception:
                 log.warning("webhooks.scan_failed", exc_info=True)
             kicked = asyncio.create_task(self._kick.wait())
-            changed = asyncio.create_task(self.store.wait_for_change(max(0.01, wait)))
+            changed = asyncio.create_task(self.store.wait_for_change(max(0.01, wait), seen=seen))
             try:
                 await asyncio.wait({kicked, changed}, return_when=asyncio.FIRST_COMPLETED)
             finally:

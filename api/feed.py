@@ -137,6 +137,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
                 break
             key_checked = time.monotonic()
         head = ledger.head_position  # read first: a commit after it moves it again
+        seen = ledger.changes
         if head != read_at:  # waking for the key check alone costs no read
             events = await _events(request, who, after=cursor, limit=STREAM_BATCH)
             if events:
@@ -156,7 +157,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
             last_sent = time.monotonic()
             continue
         wait = min(HEARTBEAT_SECONDS - idle, KEY_CHECK_SECONDS)
-        waiter = asyncio.ensure_future(ledger.wait_for_change(wait))
+        waiter = asyncio.ensure_future(ledger.wait_for_change(wait, seen=seen))
         stop = asyncio.ensure_future(stopping.wait())
         await asyncio.wait({waiter, stop}, return_when=asyncio.FIRST_COMPLETED)
         for task in (waiter, stop):

@@ -171,6 +171,7 @@ async def get_job(request: web.Request) -> web.Response:
         if past is None or past.deleted or (who.project and past.project != who.project):
             raise JobNotFound(f"no job {job_id} at position {q.as_of}")
         return json_response(s.job_view(past))
+    seen = store(request).changes  # before the read: a commit during it must wake us
     job = await read_job(request, job_id)
     if q.wait and q.after_version is not None:
         stopping = request.app[STOPPING]
@@ -179,18 +180,19 @@ async def get_job(request: web.Request) -> web.Response:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            await _change_or_stop(request, remaining)
+            await _change_or_stop(request, remaining, seen)
+            seen = store(request).changes
             job = await read_job(request, job_id)
     return json_response(s.job_view(job))
 
 
-async def _change_or_stop(request: web.Request, seconds: float) -> None:
+async def _change_or_stop(request: web.Request, seconds: float, seen: int) -> None:
     """Sleep until new events are committed, the server begins to stop, or ``seconds`` pass.
 
     On SIGTERM a long poll answers the job as it stands at once, instead of holding the
     shutdown until its wait runs out (or aiohttp's shutdown timeout cuts the connection).
     """
-    change = asyncio.ensure_future(store(request).wait_for_change(seconds))
+    change = asyncio.ensure_future(store(request).wait_for_change(seconds, seen=seen))
     stop = asyncio.ensure_future(request.app[STOPPING].wait())
     try:
         await asyncio.wait({change, stop}, return_when=asyncio.FIRST_COMPLETED)

@@ -365,3 +365,18 @@ async def test_stop_returns_even_when_the_watcher_ignores_cancellation(db_url: s
         stuck.released.set()
         if stuck.waiter is not None:
             await asyncio.wait({stuck.waiter}, timeout=5)
+
+
+async def test_a_commit_during_a_read_still_wakes_the_waiter(api: Api, store: EventStore) -> None:
+    """A waiter gives the change count it saw before reading: a commit since wakes it at once.
+
+    Without the token, a commit that lands between a long poll's read and its wait would wake
+    nobody, and the poll would sleep through it to its timeout.
+    """
+    seen = store.changes
+    await api.post("/v1/jobs", {"agent": "a"})  # commits while "the caller reads"
+    assert store.changes != seen
+    await asyncio.wait_for(store.wait_for_change(60.0, seen=seen), 5.0)
+    # with the current count, nothing new: it waits its time out
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(store.wait_for_change(60.0, seen=store.changes), 0.2)

@@ -74,6 +74,7 @@ class EventStore:
         self._watcher: asyncio.Task[None] | None = None
         self._watching = False
         self.head_position = 0
+        self.changes = 0  # how many times new events woke the waiters; a waiter's token
         self._tick = asyncio.Event()
 
     @property
@@ -145,12 +146,20 @@ class EventStore:
     # -- change notification ---------------------------------------------------------------
 
     def _wake(self) -> None:
+        self.changes += 1
         tick, self._tick = self._tick, asyncio.Event()
         tick.set()
 
-    async def wait_for_change(self, seconds: float) -> None:
-        """Sleep until new events are committed (by any process) or ``seconds`` pass."""
+    async def wait_for_change(self, seconds: float, *, seen: int | None = None) -> None:
+        """Sleep until new events are committed (by any process) or ``seconds`` pass.
+
+        ``seen`` is ``changes`` as the caller read it *before* it last read the ledger: if a
+        commit came in since, this returns at once. Without it, a commit that lands while the
+        caller reads would wake nobody, and the caller would sleep through it.
+        """
         tick = self._tick
+        if seen is not None and seen != self.changes:
+            return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await tick.wait()
