@@ -127,7 +127,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     await response.write(b"retry: 1000\n\n")
     last_sent = time.monotonic()
     key_checked = time.monotonic()
-    read_at = -1  # the store's head when a read last came back with nothing
+    read_at = -1  # the store's change count when a read last came back with nothing
     encode = msgspec.json.encode
     while not stopping.is_set():
         if time.monotonic() - key_checked >= KEY_CHECK_SECONDS:
@@ -136,9 +136,8 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
                 await response.write(b": the API key was revoked\n\n")
                 break
             key_checked = time.monotonic()
-        head = ledger.head_position  # read first: a commit after it moves it again
-        seen = ledger.changes
-        if head != read_at:  # waking for the key check alone costs no read
+        seen = ledger.changes  # read first: a commit after it counts again
+        if seen != read_at:  # waking for the key check alone costs no read
             events = await _events(request, who, after=cursor, limit=STREAM_BATCH)
             if events:
                 chunk = b"".join(
@@ -150,7 +149,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
                 cursor = events[-1].position
                 last_sent = time.monotonic()
                 continue
-            read_at = head
+            read_at = seen
         idle = time.monotonic() - last_sent
         if idle >= HEARTBEAT_SECONDS:
             await response.write(b": heartbeat\n\n")
