@@ -21,7 +21,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 
@@ -29,6 +29,8 @@ import aiohttp
 import msgspec
 import structlog
 from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 
 from api.context import SETTINGS, STORE
 from api.settings import Settings
@@ -166,7 +168,10 @@ class Dispatcher:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max(1, self.settings.webhook_concurrency)),
+            connector=aiohttp.TCPConnector(
+                limit=max(1, self.settings.webhook_concurrency),
+                resolver=GuardedResolver(self.settings.webhook_allow_hosts),
+            ),
             headers={"User-Agent": USER_AGENT},
             trust_env=False,
         )
@@ -547,6 +552,33 @@ class Dispatcher:
             return Outcome(None, took(), error=f"{type(exc).__name__}: {exc}"[:500])
         finally:
             self.stats.in_flight -= 1
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves as aiohttp does, then keeps only the addresses a delivery may connect to.
+
+    The check runs on the very addresses the connection uses, so a name that resolves to a
+    public address at registration and to an internal one later (DNS rebinding) is refused.
+    """
+
+    def __init__(self, allow_hosts: Collection[str]) -> None:
+        self._inner = DefaultResolver()
+        self._allow = tuple(allow_hosts)
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        kept = [r for r in found if hooks.address_allowed(host, r["host"], self._allow)]
+        if not kept:
+            raise OSError(
+                f"{host} resolves only to private, link-local or reserved addresses "
+                "(allow it with --webhook-allow-host)"
+            )
+        return kept
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 WEBHOOKS = web.AppKey("webhooks", Dispatcher)

@@ -84,6 +84,14 @@ def secret_hash(secret: str) -> str:
 # -- rules ------------------------------------------------------------------------------------
 
 
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
 def is_loopback(host: str) -> bool:
     if host.lower() == "localhost" or host.lower().endswith(".localhost"):
         return True
@@ -93,8 +101,34 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def address_allowed(host: str, address: str, allow_hosts: Collection[str] = ()) -> bool:
+    """May a delivery for ``host`` connect to ``address`` (one of the addresses it resolved to)?
+
+    Public addresses, yes. Loopback only when the URL names loopback itself (``localhost``,
+    ``127.0.0.1``), so a public name that resolves to ``127.0.0.1`` (DNS rebinding) is refused.
+    Private, link-local (the cloud metadata service at 169.254.169.254), shared, multicast and
+    reserved addresses only for hosts the operator named with ``--webhook-allow-host``: a
+    tenant must not reach the operator's internal network through the deliveries.
+    """
+    if host.lower() in {h.lower() for h in allow_hosts}:
+        return True
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return is_loopback(host)
+    return ip.is_global and not ip.is_multicast
+
+
 def check_url(url: str, allow_hosts: Collection[str] = ()) -> str:
-    """The URL if deliveries may go there: ``https``, or ``http`` to loopback or allowed hosts."""
+    """The URL if deliveries may go there: ``https``, or ``http`` to loopback or allowed hosts.
+
+    A host written as an IP address must be one ``address_allowed`` accepts; a name is checked
+    against the addresses it resolves to, at every attempt (api/delivery.py).
+    """
     if len(url) > MAX_URL:
         raise Invalid(f"url is longer than {MAX_URL} characters", field="url")
     if any(c.isspace() or ord(c) < 32 for c in url):
@@ -108,6 +142,13 @@ def check_url(url: str, allow_hosts: Collection[str] = ()) -> str:
     if parts.scheme not in ("https", "http") or not host:
         raise Invalid("url must be an absolute https:// URL", field="url")
     allowed = {h.lower() for h in allow_hosts}
+    if _is_address(host) and not address_allowed(host, host, allow_hosts):
+        raise Invalid(
+            "url points at a private, link-local or reserved address; deliveries go to public "
+            "addresses (and loopback) unless the operator allows the host with "
+            "--webhook-allow-host",
+            field="url",
+        )
     if parts.scheme == "http" and not (is_loopback(host) or host.lower() in allowed):
         raise Invalid(
             "url must use https (http only for loopback or hosts named by --webhook-allow-host)",

@@ -583,6 +583,73 @@ async def test_allowed_hosts_may_use_plain_http(
     )
 
 
+async def test_private_addresses_are_refused_unless_allowed(
+    db_url: str,
+    aiohttp_client: Callable[[web.Application], Coroutine[Any, Any, TestClient[Any, Any]]],
+) -> None:
+    """No delivery to the operator's internal network: private, link-local (the cloud metadata
+    service), unspecified and IPv4-mapped private addresses are 422 unless allowed by name."""
+    app = create_app(Settings(db_url=db_url, webhook_allow_hosts=("10.9.9.9",)))
+    client = await aiohttp_client(app)
+    from api.context import STORE
+
+    api = Api(client, await new_key(app[STORE], "acme"))
+    for url in (
+        "https://10.1.2.3/hook",
+        "https://192.168.0.7/hook",
+        "https://169.254.169.254/latest/meta-data",
+        "https://[::ffff:192.168.1.1]/hook",
+        "https://[fe80::1]/hook",
+        "https://0.0.0.0/hook",
+        "https://100.64.0.1/hook",
+    ):
+        got = await api.post("/v1/webhooks", {"url": url}, status=422)
+        assert got["error"]["field"] == "url" and "private" in got["error"]["message"], url
+    await api.post("/v1/webhooks", {"url": "https://10.9.9.9/hook"})  # named by the operator
+    await api.post("/v1/webhooks", {"url": "https://127.0.0.1:9/hook"})  # loopback by name
+
+
+@pytest.mark.parametrize(
+    ("host", "address", "allowed"),
+    [
+        ("example.com", "93.184.215.14", True),
+        ("example.com", "2606:2800:21f:cb07:6820:80da:af6b:8b2c", True),
+        ("example.com", "127.0.0.1", False),  # a public name rebound to loopback
+        ("localhost", "127.0.0.1", True),
+        ("localhost", "::1", True),
+        ("example.com", "10.0.0.1", False),
+        ("example.com", "172.16.5.4", False),
+        ("example.com", "169.254.169.254", False),
+        ("example.com", "::ffff:10.0.0.1", False),
+        ("example.com", "fd00::1", False),
+        ("example.com", "224.0.0.1", False),
+        ("example.com", "not an address", False),
+        ("hooks.internal", "10.0.0.1", True),  # allowed by name
+    ],
+)
+def test_the_address_rule(host: str, address: str, allowed: bool) -> None:
+    from ledger.webhooks import address_allowed
+
+    assert address_allowed(host, address, ("hooks.internal",)) is allowed
+
+
+async def test_names_that_resolve_to_internal_addresses_are_not_connected() -> None:
+    """The rule runs on the resolved addresses the connection would use: ``127.1`` is no IP
+    literal to a URL parser but resolves to 127.0.0.1, and is refused; ``localhost`` is not."""
+    from api.delivery import GuardedResolver
+
+    resolver = GuardedResolver(())
+    try:
+        assert {r["host"] for r in await resolver.resolve("localhost", 443)} <= {
+            "127.0.0.1",
+            "::1",
+        }
+        with pytest.raises(OSError, match="private, link-local or reserved"):
+            await resolver.resolve("127.1", 443)
+    finally:
+        await resolver.close()
+
+
 def test_serve_takes_the_webhook_options() -> None:
     """``serve`` parses the webhook flags into the settings; a bad schedule is a usage error."""
     from api.cli import _webhook_settings, build_parser
