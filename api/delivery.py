@@ -153,6 +153,7 @@ class Dispatcher:
         self._tenant_slots: dict[str, asyncio.Semaphore] = {}
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._resolver: GuardedResolver | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._running = False
         self._kick = asyncio.Event()
@@ -167,10 +168,10 @@ class Dispatcher:
     # -- life ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._resolver = GuardedResolver(self.settings.webhook_allow_hosts)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
-                limit=max(1, self.settings.webhook_concurrency),
-                resolver=GuardedResolver(self.settings.webhook_allow_hosts),
+                limit=max(1, self.settings.webhook_concurrency), resolver=self._resolver
             ),
             headers={"User-Agent": USER_AGENT},
             trust_env=False,
@@ -197,6 +198,9 @@ class Dispatcher:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._resolver is not None:  # the connector does not own it
+            await self._resolver.close()
+            self._resolver = None
 
     def kick(self) -> None:
         """Look for work now (an endpoint was registered, recovered or re-enabled)."""
