@@ -9,6 +9,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from api import logs
 from api.auth import RateLimited, authenticate, bearer
 from api.context import CALLER, KEYRING, LIMITER
 from api.http import ROLE_RANK, Handler, error_body, json_response
@@ -117,10 +118,7 @@ async def guard(
     logs one line per request.
     """
     request_id = request.headers.get("X-Request-Id", "")[:64] or ulid()
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(
-        request_id=request_id, method=request.method, path=request.path
-    )
+    fields = logs.bind_request(request_id=request_id, method=request.method, path=request.path)
     started = time.perf_counter()
     extra: dict[str, str] = {}
     try:
@@ -132,7 +130,8 @@ async def guard(
         if role != "public":
             caller = await authenticate(request, request.config_dict[KEYRING], credential)
             request[CALLER] = caller
-            structlog.contextvars.bind_contextvars(key_id=caller.key_id, tenant=caller.tenant)
+            fields["key_id"] = caller.key_id
+            fields["tenant"] = caller.tenant
             limiter = request.config_dict.get(LIMITER)
             if limiter is not None:
                 extra = limiter.hit(caller.key_id)
@@ -164,9 +163,5 @@ async def guard(
         if extra:
             response.headers.update(extra)
         response.headers["X-Request-Id"] = request_id
-    log.info(
-        "http.request",
-        status=response.status,
-        ms=round((time.perf_counter() - started) * 1000, 2),
-    )
+    logs.access(response.status, round((time.perf_counter() - started) * 1000, 2))
     return response
