@@ -128,11 +128,13 @@ async def guard(
         _check_text(request)
         role = getattr(match.handler, "__role__", "public")
         if role != "public":
-            caller = await authenticate(request, request.config_dict[KEYRING], credential)
+            app = request.app
+            ring = app.get(KEYRING) or request.config_dict[KEYRING]
+            caller = await authenticate(request, ring, credential)
             request[CALLER] = caller
             fields["key_id"] = caller.key_id
             fields["tenant"] = caller.tenant
-            limiter = request.config_dict.get(LIMITER)
+            limiter = app.get(LIMITER) if KEYRING in app else request.config_dict.get(LIMITER)
             if limiter is not None:
                 extra = limiter.hit(caller.key_id)
             if ROLE_RANK[caller.role] < ROLE_RANK[role]:
