@@ -138,6 +138,25 @@ async def get(
     return _DECODE(row_[0])
 
 
+async def get_text(
+    conn: Conn, tenant: str, job_id: str, *, project: str | None = None
+) -> str | None:
+    """A live job's stored state as its JSON text (``get`` without the decoding)."""
+    row_ = await conn.fetchone(
+        "SELECT state, project FROM jobs WHERE tenant = ? AND id = ? AND deleted = 0",
+        (tenant, job_id),
+    )
+    if row_ is None or (project is not None and row_[1] != project):
+        return None
+    text: str = row_[0]
+    return text
+
+
+def decode(text: str) -> JobState:
+    """A state as ``get_text`` reads it."""
+    return _DECODE(text)
+
+
 async def by_result(
     conn: Conn, tenant: str, result_id: str, *, project: str | None = None
 ) -> JobState | None:
