@@ -166,6 +166,8 @@ async def delete_jobs(request: web.Request) -> web.Response:
 async def get_job(request: web.Request) -> web.Response:
     who = caller(request)
     job_id = job_id_of(request)
+    if not request.query_string:  # the common case: the job as it is now
+        return raw_json(await _view_body(request, who, job_id))
     q = read_query(request, s.GetJobQuery)
     if q.as_of is not None:
         past = await scans.job_as_of(store(request).backend, who.tenant, job_id, q.as_of)
