@@ -116,12 +116,8 @@ def access(status: int, ms: float) -> None:
         if _access_enabled:
             structlog.get_logger("api.access").info(ACCESS_EVENT, status=status, ms=ms)
         return
-    line: dict[str, Any] = {"status": status, "ms": ms, "event": ACCESS_EVENT}
-    fields = _REQUEST.get()
-    if fields:
-        for name, value in fields.items():
-            line.setdefault(name, value)
-    line["level"] = "info"
+    fields = _REQUEST.get() or {}  # request fields never name status, ms or event
+    line = {"status": status, "ms": ms, "event": ACCESS_EVENT, **fields, "level": "info"}
     line["timestamp"] = _now_text()
     stream.write(_ENCODER.encode(line).decode() + "\n")
 
