@@ -25,8 +25,12 @@ def caller(request: web.Request) -> Caller:
 
 
 def store(request: web.Request) -> EventStore:
-    return request.config_dict[STORE]  # also from a dialect's sub-application
+    # the request's own application first: ``config_dict`` builds a chain of the nested
+    # applications on every call, which only a dialect's sub-application needs
+    found = request.app.get(STORE)
+    return request.config_dict[STORE] if found is None else found
 
 
 def settings(request: web.Request) -> Settings:
-    return request.config_dict[SETTINGS]
+    found = request.app.get(SETTINGS)
+    return request.config_dict[SETTINGS] if found is None else found

@@ -17,6 +17,7 @@ from api.http import (
     decode_json,
     endpoint,
     json_response,
+    raw_json,
     read_body,
     read_optional_body,
     read_query,
@@ -165,25 +166,52 @@ async def delete_jobs(request: web.Request) -> web.Response:
 async def get_job(request: web.Request) -> web.Response:
     who = caller(request)
     job_id = job_id_of(request)
+    if not request.query_string:  # the common case: the job as it is now
+        return raw_json(await _view_body(request, who, job_id))
     q = read_query(request, s.GetJobQuery)
     if q.as_of is not None:
         past = await scans.job_as_of(store(request).backend, who.tenant, job_id, q.as_of)
         if past is None or past.deleted or (who.project and past.project != who.project):
             raise JobNotFound(f"no job {job_id} at position {q.as_of}")
         return json_response(s.job_view(past))
+    if not (q.wait and q.after_version is not None):
+        return raw_json(await _view_body(request, who, job_id))
     seen = store(request).changes  # before the read: a commit during it must wake us
-    job = await read_job(request, job_id)
-    if q.wait and q.after_version is not None:
-        stopping = request.app[STOPPING]
-        deadline = time.monotonic() + q.wait
-        while job.version <= q.after_version and not stopping.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            await _change_or_stop(request, remaining, seen)
-            seen = store(request).changes
-            job = await read_job(request, job_id)
+    job = await read_job(request, job_id)  # a long poll: wait for a version after this one
+    stopping = request.app[STOPPING]
+    deadline = time.monotonic() + q.wait
+    while job.version <= q.after_version and not stopping.is_set():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        await _change_or_stop(request, remaining, seen)
+        seen = store(request).changes
+        job = await read_job(request, job_id)
     return json_response(s.job_view(job))
+
+
+# The answers of recent GETs, by job: (the stored state's text, the answer's body). The body is
+# a pure function of that text, so a job read again unchanged (a client polling it) is answered
+# without decoding and re-encoding it; any change to the job changes its text.
+_VIEWS: dict[tuple[str, str], tuple[str, bytes]] = {}
+VIEWS_KEPT = 4096
+
+
+async def _view_body(request: web.Request, who: Caller, job_id: str) -> bytes:
+    """The body of ``GET /v1/jobs/{id}`` for a live job of the caller's scope, or 404."""
+    async with store(request).backend.read() as conn:
+        text = await jobs.get_text(conn, who.tenant, job_id, project=who.project)
+    if text is None:
+        raise JobNotFound(f"no job {job_id}")
+    key = (who.tenant, job_id)
+    cached = _VIEWS.get(key)
+    if cached is not None and cached[0] == text:
+        return cached[1]
+    body = ENCODE(s.job_view(jobs.decode(text)))
+    if cached is None and len(_VIEWS) >= VIEWS_KEPT:
+        del _VIEWS[next(iter(_VIEWS))]  # the oldest entry
+    _VIEWS[key] = (text, body)
+    return body
 
 
 async def _change_or_stop(request: web.Request, seconds: float, seen: int) -> None:

@@ -3,6 +3,13 @@
 structlog's loggers flush after every line, which is a write syscall per request; the server
 instead hands them a stream whose ``flush`` is a no-op and writes the buffer out every 200 ms,
 when it grows large, and at exit.
+
+The request's fields (``request_id``, method, path, then key and tenant) live in one context
+variable the middleware sets once per request (``bind_request``) and every line of that request
+carries. The access line, one per request, is written by ``access`` straight to the stream in
+the same JSON form structlog's chain would give it, without running that chain (a third of the
+middleware's cost); on a terminal, or with the info level filtered out, it goes through
+structlog like any other line.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import logging
 import sys
 import time
 from collections.abc import MutableMapping
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -58,13 +66,17 @@ class BufferedLines:
 
 _ENCODER = msgspec.json.Encoder(enc_hook=str)
 _seconds: dict[int, str] = {}
+_REQUEST: ContextVar[dict[str, Any] | None] = ContextVar("jobledger_request", default=None)
+_access_stream: Any = None  # where ``access`` writes its lines itself (JSON lines at info)
+_access_enabled = True
+ACCESS_EVENT = "http.request"
 
 
 def _serialize(event: Any, **_: Any) -> str:
     return _ENCODER.encode(event).decode()
 
 
-def _timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def _now_text() -> str:
     """RFC 3339 UTC with microseconds; the date part is formatted once a second."""
     now = time.time()
     second = int(now)
@@ -74,20 +86,57 @@ def _timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMappi
         prefix = _seconds[second] = datetime.fromtimestamp(second, UTC).strftime(
             "%Y-%m-%dT%H:%M:%S"
         )
-    event["timestamp"] = f"{prefix}.{int((now - second) * 1e6):06d}Z"
+    return f"{prefix}.{int((now - second) * 1e6):06d}Z"
+
+
+def _timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    event["timestamp"] = _now_text()
     return event
+
+
+def bind_request(**fields: Any) -> dict[str, Any]:
+    """Make ``fields`` part of every line logged until the next request; the dict stays live
+    (the middleware adds the caller's key and tenant to it once they are known)."""
+    _REQUEST.set(fields)
+    return fields
+
+
+def _merge_request(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    fields = _REQUEST.get()
+    if fields:
+        for name, value in fields.items():
+            event.setdefault(name, value)
+    return event
+
+
+def access(status: int, ms: float) -> None:
+    """The request's one access line: what ``log.info("http.request", status=, ms=)`` writes."""
+    stream = _access_stream
+    if stream is None:
+        if _access_enabled:
+            structlog.get_logger("api.access").info(ACCESS_EVENT, status=status, ms=ms)
+        return
+    fields = _REQUEST.get() or {}  # request fields never name status, ms or event
+    line = {"status": status, "ms": ms, "event": ACCESS_EVENT, **fields, "level": "info"}
+    line["timestamp"] = _now_text()
+    stream.write(_ENCODER.encode(line).decode() + "\n")
 
 
 def configure(stream: Any = None, level: int = logging.INFO) -> None:
     """JSON lines on ``stream`` (stderr by default); pretty output only on a terminal."""
+    global _access_stream, _access_enabled
     stream = sys.stderr if stream is None else stream
+    tty = stream.isatty()
     renderer: Any = (
         structlog.dev.ConsoleRenderer()
-        if stream.isatty()
+        if tty
         else structlog.processors.JSONRenderer(serializer=_serialize)
     )
+    _access_enabled = level <= logging.INFO
+    _access_stream = stream if _access_enabled and not tty else None
     structlog.configure(
         processors=[
+            _merge_request,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             _timestamp,

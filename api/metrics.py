@@ -39,6 +39,7 @@ from api.http import OPERATIONS, Handler
 from ledger.errors import Forbidden, Unauthorized
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+PENDING_MAX = 1000  # requests of one label set kept before they are moved into the metrics
 LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 UNMATCHED = "unmatched"  # one label for every path no route knows (no label explosion)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -129,6 +130,34 @@ class Metrics:
         self.registry.register(StoreCollector(app))
         self.registry.register(WebhookCollector(app))
         self._stream_routes: frozenset[str] | None = None
+        # requests answered since the last scrape, by (method, route, status): their latencies,
+        # moved into the Prometheus metrics when scraped (or every thousand). ``labels()`` takes
+        # a lock and builds its key, ``observe`` another lock and a walk of the buckets: about
+        # a tenth of a plain request's time, where appending to a list is a hundredth of that
+        self._pending: dict[tuple[str, str, str], list[float]] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one answered request and its latency."""
+        key = (method, route, str(status))
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = []
+        pending.append(seconds)
+        if len(pending) >= PENDING_MAX:
+            self._flush(key, pending)
+
+    def flush_requests(self) -> None:
+        """Move every pending request into the counters and histograms (before a scrape)."""
+        for key, pending in self._pending.items():
+            if pending:
+                self._flush(key, pending)
+
+    def _flush(self, key: tuple[str, str, str], pending: list[float]) -> None:
+        self.requests.labels(*key).inc(len(pending))
+        histogram = self.latency.labels(key[0], key[1])
+        for seconds in pending:
+            histogram.observe(seconds)
+        pending.clear()
 
     def drain(self, stats: Any) -> None:
         """Move the writer's batch sizes and commit times since the last read into histograms.
@@ -313,8 +342,7 @@ async def measure(request: web.Request, handler: Handler) -> web.StreamResponse:
         if stream:
             metrics.streams.dec()
         method = request.method if request.method in METHODS else "other"
-        metrics.requests.labels(method, route, str(status)).inc()
-        metrics.latency.labels(method, route).observe(time.perf_counter() - started)
+        metrics.observe(method, route, status, time.perf_counter() - started)
 
 
 def _allowed(request: web.Request) -> None:
@@ -339,6 +367,7 @@ async def metrics_page(request: web.Request) -> web.Response:
     if store is not None:
         metrics.feed_lag.set(max(0, await store.max_position() - store.head_position))
         metrics.drain(getattr(store, "stats", None))
+    metrics.flush_requests()
     body = generate_latest(metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

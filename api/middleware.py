@@ -9,6 +9,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from api import logs
 from api.auth import RateLimited, authenticate, bearer
 from api.context import CALLER, KEYRING, LIMITER
 from api.http import ROLE_RANK, Handler, error_body, json_response
@@ -73,9 +74,12 @@ def _check_text(request: web.Request) -> None:
     for name, value in request.match_info.items():
         if bad_text(value) and not in_dialect:
             raise errors.Invalid(f"{name} holds a control character", field=name)
-    for name, value in request.query.items():
-        if bad_text(name) or bad_text(value):
-            raise errors.Invalid(f"query parameter {name!r} holds a control character", field=name)
+    if request.query_string:  # most requests have none: no MultiDict to build
+        for name, value in request.query.items():
+            if bad_text(name) or bad_text(value):
+                raise errors.Invalid(
+                    f"query parameter {name!r} holds a control character", field=name
+                )
     project = request.headers.get("X-Project-Id")
     if project is not None and bad_text(project):
         raise errors.Invalid("X-Project-Id holds a control character", field="X-Project-Id")
@@ -117,10 +121,7 @@ async def guard(
     logs one line per request.
     """
     request_id = request.headers.get("X-Request-Id", "")[:64] or ulid()
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(
-        request_id=request_id, method=request.method, path=request.path
-    )
+    fields = logs.bind_request(request_id=request_id, method=request.method, path=request.path)
     started = time.perf_counter()
     extra: dict[str, str] = {}
     try:
@@ -130,10 +131,13 @@ async def guard(
         _check_text(request)
         role = getattr(match.handler, "__role__", "public")
         if role != "public":
-            caller = await authenticate(request, request.config_dict[KEYRING], credential)
+            app = request.app
+            ring = app.get(KEYRING) or request.config_dict[KEYRING]
+            caller = await authenticate(request, ring, credential)
             request[CALLER] = caller
-            structlog.contextvars.bind_contextvars(key_id=caller.key_id, tenant=caller.tenant)
-            limiter = request.config_dict.get(LIMITER)
+            fields["key_id"] = caller.key_id
+            fields["tenant"] = caller.tenant
+            limiter = app.get(LIMITER) if KEYRING in app else request.config_dict.get(LIMITER)
             if limiter is not None:
                 extra = limiter.hit(caller.key_id)
             if ROLE_RANK[caller.role] < ROLE_RANK[role]:
@@ -164,9 +168,5 @@ async def guard(
         if extra:
             response.headers.update(extra)
         response.headers["X-Request-Id"] = request_id
-    log.info(
-        "http.request",
-        status=response.status,
-        ms=round((time.perf_counter() - started) * 1000, 2),
-    )
+    logs.access(response.status, round((time.perf_counter() - started) * 1000, 2))
     return response

@@ -4,6 +4,13 @@
 ``hash = sha256_hex(prev_hash + "\\n" + canonical(header))`` where the header is the event
 object without ``hash``, ``prev_hash``, ``data`` and ``redacted``. ``canonical`` is Python's own
 JSON with sorted keys and no spaces, so the README's fifteen-line verifier is the reference.
+
+msgspec writes the same bytes ten times faster for every value but one kind: it writes some
+floats in another (equally valid) form (``1e16`` where Python writes ``1e+16``, ``0.00001``
+for ``1e-05``) and NaN as ``null`` where Python refuses it. So a value holding only strings,
+integers, booleans, ``None``, lists and dicts with string keys goes through msgspec, and
+anything else (a float, a tuple, a subclass) through ``json.dumps`` itself;
+``tests/test_chain.py`` compares the two byte for byte over random values.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 from typing import Any
+
+import msgspec
 
 GENESIS = "0" * 64
 HEADER_FIELDS = (
@@ -25,8 +34,45 @@ HEADER_FIELDS = (
     "data_hash",
 )
 
+_ENCODE_SORTED = msgspec.json.Encoder(order="sorted").encode
+
+
+class _Header(msgspec.Struct):
+    """The header's fields in sorted order: its encoding is ``canonical`` of the header dict."""
+
+    actor: str
+    data_hash: str
+    event_id: str
+    occurred_at: str
+    position: int
+    recorded_at: str
+    stream: str
+    type: str
+    version: int
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` holds only types msgspec writes exactly as ``json.dumps`` does."""
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return True
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str or not _plain(item):
+                return False
+        return True
+    if kind is list:
+        for item in value:
+            if not _plain(item):
+                return False
+        return True
+    return False
+
 
 def canonical(value: Any) -> bytes:
+    """JSON with sorted keys, no spaces, UTF-8; ``ValueError`` for NaN and infinities."""
+    if _plain(value):
+        return _ENCODE_SORTED(value)  # a lone surrogate raises UnicodeEncodeError, as below
     return json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode()
@@ -53,15 +99,30 @@ def event_hash(
     actor: str,
     data_hash: str,
 ) -> str:
-    header = {
-        "position": position,
-        "event_id": event_id,
-        "stream": stream,
-        "version": version,
-        "type": type,
-        "occurred_at": occurred_at,
-        "recorded_at": recorded_at,
-        "actor": actor,
-        "data_hash": data_hash,
-    }
-    return header_hash(prev_hash, header)
+    if position.__class__ is not int or version.__class__ is not int:  # `type` is a field
+        return header_hash(
+            prev_hash,
+            {
+                "position": position,
+                "event_id": event_id,
+                "stream": stream,
+                "version": version,
+                "type": type,
+                "occurred_at": occurred_at,
+                "recorded_at": recorded_at,
+                "actor": actor,
+                "data_hash": data_hash,
+            },
+        )
+    header = _Header(
+        actor=actor,
+        data_hash=data_hash,
+        event_id=event_id,
+        occurred_at=occurred_at,
+        position=position,
+        recorded_at=recorded_at,
+        stream=stream,
+        type=type,
+        version=version,
+    )
+    return sha256_hex(b"%s\n%s" % (prev_hash.encode(), _ENCODE_SORTED(header)))

@@ -7,6 +7,7 @@ the ledger writes can be refused by the database or overflow a 64-bit total late
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from msgspec import Meta
@@ -29,6 +30,9 @@ LongText = Annotated[str, Meta(max_length=20_000, pattern=TEXT_PATTERN)]
 Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
 
 
+_BAD_CHARACTER = re.compile("[\x00-\x1f\x7f]").search
+
+
 def bad_text(value: str) -> bool:
-    """Whether ``value`` holds a character no name, id or query value may hold."""
-    return any(c < " " or c == "\x7f" for c in value)
+    """Whether ``value`` holds a character no name, id or query value may hold (a control)."""
+    return _BAD_CHARACTER(value) is not None

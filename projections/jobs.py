@@ -62,17 +62,45 @@ class JobsProjector(SqlProjector):
     def __init__(self, suffix: str = "") -> None:
         super().__init__(suffix)
         t = self.t["jobs"]
+        insert = f"INSERT INTO {t} ({COLUMNS}) VALUES ({', '.join('?' * 14)}) "
         updates = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS.split(", ")[2:])
-        self._upsert = (
-            f"INSERT INTO {t} ({COLUMNS}) VALUES ({', '.join('?' * 14)}) "
-            f"ON CONFLICT (tenant, id) DO UPDATE SET {updates}"
-        )
+        self._upsert = f"{insert}ON CONFLICT (tenant, id) DO UPDATE SET {updates}"
+        # a change that leaves every indexed column as it was (most of them: progress, a
+        # result, an execution) sets only the other columns, so no index of the table is
+        # touched; should the row be missing, the insert writes it whole
+        narrow = ", ".join(f"{c} = excluded.{c}" for c in UNINDEXED)
+        self._upsert_unindexed = f"{insert}ON CONFLICT (tenant, id) DO UPDATE SET {narrow}"
 
     async def apply(self, conn: Conn, batch: Batch) -> None:
-        if batch.changes:
-            await conn.executemany(
-                self._upsert, [row(c.tenant, c.after) for c in batch.changes.values()]
-            )
+        if not batch.changes:
+            return
+        full: list[tuple[Any, ...]] = []
+        narrow: list[tuple[Any, ...]] = []
+        for change in batch.changes.values():
+            before = change.before
+            same = before is not None and _indexed(before) == _indexed(change.after)
+            (narrow if same else full).append(row(change.tenant, change.after))
+        if full:
+            await conn.executemany(self._upsert, full)
+        if narrow:
+            await conn.executemany(self._upsert_unindexed, narrow)
+
+
+# the columns no index of the table holds (every other column is in one: see index_ddl)
+UNINDEXED = ("finished_us", "archived", "deleted", "version", "state")
+
+
+def _indexed(job: JobState) -> tuple[Any, ...]:
+    """The job's values of the indexed columns (tenant and id are the key)."""
+    return (
+        job.status,
+        job.agent,
+        job.account,
+        job.project,
+        job.created_at,
+        job.queued_position,
+        job.result_id,
+    )
 
 
 def row(tenant: str, job: JobState) -> tuple[Any, ...]:
@@ -108,6 +136,25 @@ async def get(
     if row_ is None or (project is not None and row_[1] != project):
         return None
     return _DECODE(row_[0])
+
+
+async def get_text(
+    conn: Conn, tenant: str, job_id: str, *, project: str | None = None
+) -> str | None:
+    """A live job's stored state as its JSON text (``get`` without the decoding)."""
+    row_ = await conn.fetchone(
+        "SELECT state, project FROM jobs WHERE tenant = ? AND id = ? AND deleted = 0",
+        (tenant, job_id),
+    )
+    if row_ is None or (project is not None and row_[1] != project):
+        return None
+    text: str = row_[0]
+    return text
+
+
+def decode(text: str) -> JobState:
+    """A state as ``get_text`` reads it."""
+    return _DECODE(text)
 
 
 async def by_result(

@@ -16,7 +16,7 @@ import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,21 @@ class SqliteConn:
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         rows = await self.fetchall(sql, params)  # one thread hop, not three
         return rows[0] if rows else None
+
+
+class _InlineRead:
+    """``async with backend.read()`` for a point read on the loop's thread."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: InlineConn) -> None:
+        self._conn = conn
+
+    async def __aenter__(self) -> Conn:
+        return self._conn
+
+    async def __aexit__(self, *_: object) -> None:
+        return None
 
 
 class InlineConn:
@@ -296,8 +311,17 @@ class SqliteBackend(SqliteBulk):
                 await self._in_writer(_rollback, self._writer)
                 raise
 
+    def read(
+        self, *, snapshot: bool = False, bulk: bool = False
+    ) -> AbstractAsyncContextManager[Conn]:
+        if not bulk and not snapshot and self._inline is not None:
+            # the common point read: a plain object, not a generator-based context manager
+            # (which costs a GET about 5 % of its time)
+            return _InlineRead(InlineConn(self._inline))
+        return self._read(snapshot=snapshot, bulk=bulk)
+
     @asynccontextmanager
-    async def read(self, *, snapshot: bool = False, bulk: bool = False) -> AsyncIterator[Conn]:
+    async def _read(self, *, snapshot: bool, bulk: bool) -> AsyncIterator[Conn]:
         if not bulk and self._inline is not None:
             inline = self._inline
             if snapshot:

@@ -114,8 +114,10 @@ class Writer:
 
     async def execute(self, command: Command[T], tenants: Sequence[str]) -> T:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(command, tenants, future))
-        return await asyncio.shield(future)
+        self._queue.put_nowait(_Request(command, tenants, future))  # unbounded: never waits
+        # no shield: a caller cancelled while waiting cancels only its future, which the
+        # writer then leaves unanswered; its command runs (or ran) all the same
+        return await future
 
     async def _loop(self) -> None:
         while True:

@@ -1,0 +1,95 @@
+"""The request path's shortcuts answer exactly what the long way would (both backends)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from typing import Any
+
+import structlog
+
+from api import logs
+from projections import jobs as jobs_model
+from tests.conftest import Api
+
+
+def test_every_column_of_the_jobs_table_is_indexed_or_listed_as_unindexed() -> None:
+    """The narrow upsert sets only ``UNINDEXED``: an indexed column there would leave an index
+    stale, and a new column left out of both would never be updated."""
+    indexed: set[str] = set()
+    for ddl in jobs_model.JobsProjector.index_ddl:
+        columns = re.search(r"\(([^)]*)\)\s*$", ddl)
+        assert columns is not None, ddl
+        indexed |= {c.strip() for c in columns.group(1).split(",")}
+    columns = set(jobs_model.COLUMNS.split(", "))
+    assert not indexed & set(jobs_model.UNINDEXED)
+    assert columns - {"tenant", "id"} - indexed == set(jobs_model.UNINDEXED)
+
+
+async def _listed(api: Api, job_id: str, **params: str) -> dict[str, Any] | None:
+    page = await api.get("/v1/jobs", params={"limit": "200", **params})
+    found = [j for j in page["jobs"] if j["id"] == job_id]
+    return found[0] if found else None
+
+
+async def test_read_model_and_get_follow_every_change(api: Api) -> None:
+    """Changes that keep the indexed columns (progress, archive) and ones that move them
+    (start, complete) both reach the row, its lists, and GET, even right after a GET."""
+    job = await api.post("/v1/jobs", {"id": "hp-1", "agent": "a/b", "account": "acct-1"})
+    assert (await api.get("/v1/jobs/hp-1"))["version"] == job["version"] == 1
+    await api.post("/v1/jobs/hp-1/events", {"type": "job.started"})
+    got = await api.get("/v1/jobs/hp-1")
+    assert (got["status"], got["version"]) == ("running", 2)
+    for n in (3, 7):
+        await api.post("/v1/jobs/hp-1/events", {"type": "job.progressed", "data": {"row_count": n}})
+        got = await api.get("/v1/jobs/hp-1")
+        assert (got["row_count"], got["version"]) == (n, 2 + (n > 3) + 1)
+        listed = await _listed(api, "hp-1", status="running")
+        assert listed is not None and listed["row_count"] == n
+    await api.post("/v1/jobs/hp-1/events", {"type": "job.completed", "data": {"row_count": 9}})
+    got = await api.get("/v1/jobs/hp-1")
+    assert (got["status"], got["row_count"]) == ("completed", 9)
+    assert await _listed(api, "hp-1", status="running") is None
+    completed = await _listed(api, "hp-1", status="completed")
+    assert completed is not None and completed == got
+    assert await _listed(api, "hp-1", account="acct-1") == got
+    await api.post("/v1/jobs/hp-1/events", {"type": "job.archived"})
+    got = await api.get("/v1/jobs/hp-1")
+    assert got["archived_at"] is not None
+    assert await _listed(api, "hp-1", archived="true") == got
+    assert await _listed(api, "hp-1", archived="false") is None
+
+
+async def test_a_kept_answer_never_crosses_a_project_or_a_deletion(make_api: Any) -> None:
+    admin = await make_api()
+    await admin.post("/v1/jobs", {"id": "hp-p", "agent": "a/b", "project": "red"})
+    assert (await admin.get("/v1/jobs/hp-p"))["project"] == "red"  # now kept
+    blue = await make_api(project="blue")
+    await blue.get("/v1/jobs/hp-p", status=404)
+    red = await make_api(project="red")
+    assert (await red.get("/v1/jobs/hp-p"))["id"] == "hp-p"
+    await admin.delete("/v1/jobs/hp-p")
+    await admin.get("/v1/jobs/hp-p", status=404)
+
+
+def test_access_line_is_the_structlog_line() -> None:
+    """``logs.access`` writes what ``log.info("http.request", ...)`` wrote through structlog."""
+    stream = io.StringIO()
+    try:
+        logs.configure(stream)
+        fields = logs.bind_request(request_id="r-1", method="GET", path="/v1/jobs/x")
+        fields["tenant"] = "acme"
+        logs.access(200, 1.25)
+        structlog.get_logger("t").info("http.request", status=200, ms=1.25)
+        fast, slow = (json.loads(line) for line in stream.getvalue().splitlines())
+        fast.pop("timestamp")
+        slow.pop("timestamp")
+        assert list(fast.items()) == list(slow.items())
+        assert fast["tenant"] == "acme" and fast["request_id"] == "r-1"
+        logs.bind_request(request_id="r-2", method="POST", path="/")
+        logs.access(201, 2.0)
+        last = json.loads(stream.getvalue().splitlines()[-1])
+        assert last["request_id"] == "r-2" and "tenant" not in last  # nothing carried over
+    finally:
+        logs.configure()
