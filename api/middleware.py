@@ -9,6 +9,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from api import replicas
 from api.auth import RateLimited, authenticate, bearer
 from api.context import CALLER, KEYRING, LIMITER
 from api.http import ROLE_RANK, Handler, error_body, json_response
@@ -140,7 +141,8 @@ async def guard(
                 raise errors.Forbidden(
                     f"this route needs the {role} role; the key has {caller.role}"
                 )
-        response = await handler(request)
+        with replicas.routed(request):  # reads a standby may answer (docs/postgres.md)
+            response = await handler(request)
     except errors.LedgerError as exc:
         if isinstance(exc, RateLimited):
             extra = exc.headers
