@@ -214,6 +214,7 @@ _BEGIN_SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 _REPLICA_FAILED: tuple[type[Exception], ...] = (
     *_GONE,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a connection the server cut while idle, used next
     asyncpg.TransactionRollbackError,
 )
 
@@ -222,6 +223,13 @@ async def _end_snapshot(conn: asyncpg.Connection) -> None:
     """End a read-only snapshot; on a connection that died there is nothing to end."""
     with contextlib.suppress(Exception):
         await conn.execute("ROLLBACK")
+
+
+def _terminate(conn: asyncpg.Connection) -> None:
+    """Close a replica connection that failed, whatever state it is in: its pool connects
+    afresh next time (asyncpg may have detached it from the pool already)."""
+    with contextlib.suppress(Exception):
+        conn.terminate()
 
 
 def _leave(replica: Replica) -> None:
@@ -265,6 +273,7 @@ class _ReplicaConn(PostgresConn):
                 if self._snapshot and self._answered:
                     raise self._failed(exc) from exc
                 if not isinstance(exc, asyncpg.TransactionRollbackError):
+                    _terminate(self._conn)
                     self._replicas.failed(self._replica, exc)
                 self._replicas.fell_back("failed")
                 self._replica = None
@@ -490,19 +499,23 @@ class PostgresBackend(PostgresBulk):
 
             replica.in_flight += 1
             stack.callback(_leave, replica)
+            held: asyncpg.Connection | None = None
             try:
-                conn = await stack.enter_async_context(replica.pool.acquire(timeout=CHECK_TIMEOUT))
+                raw = await stack.enter_async_context(replica.pool.acquire(timeout=CHECK_TIMEOUT))
+                held = raw
                 if snapshot:
-                    await conn.execute(_BEGIN_SNAPSHOT)
-                    stack.push_async_callback(_end_snapshot, conn)
+                    await raw.execute(_BEGIN_SNAPSHOT)
+                    stack.push_async_callback(_end_snapshot, raw)
             except (*_REPLICA_FAILED, TimeoutError, asyncpg.PostgresError) as exc:
+                if held is not None:
+                    _terminate(held)
+                    held = None
                 replicas.failed(replica, exc)
                 replicas.fell_back("failed")
-                conn = None
-            if conn is None:
+            if held is None:
                 yield PostgresConn(await on_primary())
             else:
-                yield _ReplicaConn(conn, replicas, replica, on_primary, snapshot=snapshot)
+                yield _ReplicaConn(held, replicas, replica, on_primary, snapshot=snapshot)
 
     # -- schema ----------------------------------------------------------------------------
 
