@@ -141,7 +141,7 @@ async def guard(
                 raise errors.Forbidden(
                     f"this route needs the {role} role; the key has {caller.role}"
                 )
-        with replicas.routed(request):  # reads a standby may answer (docs/postgres.md)
+        with replicas.Routed(request):  # reads a standby may answer (docs/postgres.md)
             response = await handler(request)
     except errors.LedgerError as exc:
         if isinstance(exc, RateLimited):

@@ -17,9 +17,7 @@ rule for operators and clients.
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
-from collections.abc import Iterator
 
 from aiohttp import web
 
@@ -27,7 +25,7 @@ from api.auth import Caller
 from api.context import CALLER, SETTINGS
 from api.http import MAX_INT, Handler
 from ledger.errors import Invalid
-from ledger.routing import ReadRoute, reading
+from ledger.routing import READ_ROUTE, ReadRoute
 
 POSITION_HEADER = "X-Ledger-Position"
 KEYS_REMEMBERED = 100_000  # keys whose last write this process remembers (oldest forgotten)
@@ -100,8 +98,19 @@ def route_for(request: web.Request) -> ReadRoute | None:
     return ReadRoute(tenant=who.tenant, position=position, wait_s=settings.replica_wait_s)
 
 
-@contextlib.contextmanager
-def routed(request: web.Request) -> Iterator[None]:
-    """Route the reads of the request's handler (``ledger/routing.py``)."""
-    with reading(route_for(request)):
-        yield
+class Routed:
+    """Route the reads of the request's handler (``ledger/routing.py``).
+
+    A class rather than a generator: it wraps every request.
+    """
+
+    __slots__ = ("_request", "_token")
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+
+    def __enter__(self) -> None:
+        self._token = READ_ROUTE.set(route_for(self._request))
+
+    def __exit__(self, *exc: object) -> None:
+        READ_ROUTE.reset(self._token)

@@ -232,8 +232,68 @@ def _terminate(conn: asyncpg.Connection) -> None:
         conn.terminate()
 
 
-def _leave(replica: Replica) -> None:
-    replica.in_flight -= 1
+class _ReplicaRead:
+    """One read on a replica: its connection, and the primary's if the replica fails first.
+
+    Plain acquire and release rather than nested context managers: this runs for every read
+    a replica answers.
+    """
+
+    __slots__ = ("_backend", "_conn", "_primary", "_replica", "_snapshot")
+
+    def __init__(self, backend: PostgresBackend, replica: Replica, *, snapshot: bool) -> None:
+        self._backend = backend
+        self._replica = replica
+        self._snapshot = snapshot
+        self._conn: asyncpg.Connection | None = None
+        self._primary: asyncpg.Connection | None = None
+
+    async def open(self) -> Conn:
+        """The read's connection; the caller calls ``close`` in any case, also on failure."""
+        replica = self._replica
+        replicas = self._backend.replicas
+        assert replicas is not None
+        replica.in_flight += 1
+        try:
+            self._conn = await replica.pool.acquire(timeout=CHECK_TIMEOUT)
+            if self._snapshot:
+                await self._conn.execute(_BEGIN_SNAPSHOT)
+        except (*_REPLICA_FAILED, TimeoutError, asyncpg.PostgresError) as exc:
+            await self._drop_replica()
+            replicas.failed(replica, exc)
+            replicas.fell_back("failed")
+            return PostgresConn(await self.on_primary())
+        return _ReplicaConn(self._conn, replicas, replica, self.on_primary, snapshot=self._snapshot)
+
+    async def on_primary(self) -> asyncpg.Connection:
+        """Move the read to a primary connection (a snapshot starts afresh there)."""
+        conn = self._primary = await self._backend._primary_conn()
+        if self._snapshot:
+            await conn.execute(_BEGIN_SNAPSHOT)
+        return conn
+
+    async def _drop_replica(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            _terminate(conn)
+            with contextlib.suppress(Exception):
+                await self._replica.pool.release(conn)
+
+    async def close(self) -> None:
+        try:
+            primary, self._primary = self._primary, None
+            if primary is not None:
+                if self._snapshot:
+                    await _end_snapshot(primary)
+                await self._backend._release_primary(primary)
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                if self._snapshot:
+                    await _end_snapshot(conn)
+                with contextlib.suppress(Exception):  # a connection the server cut: gone already
+                    await self._replica.pool.release(conn)
+        finally:
+            self._replica.in_flight = max(0, self._replica.in_flight - 1)
 
 
 class _ReplicaConn(PostgresConn):
@@ -469,10 +529,15 @@ class PostgresBackend(PostgresBulk):
     async def read(self, *, snapshot: bool = False, bulk: bool = False) -> AsyncIterator[Conn]:
         route = READ_ROUTE.get()
         if route is not None and self.replicas is not None:
-            replica = await self.replicas.choose(route)
+            replica = self.replicas.ready(route)  # no wait: known far enough, or a first pick
+            if replica is None and not route.decided:
+                replica = await self.replicas.choose(route)
             if replica is not None:
-                async with self._replica_read(replica, snapshot=snapshot) as conn:
-                    yield conn
+                reading = _ReplicaRead(self, replica, snapshot=snapshot)
+                try:
+                    yield await reading.open()
+                finally:
+                    await reading.close()
                 return
         async with self._acquire() as conn:
             if not snapshot:
@@ -481,41 +546,21 @@ class PostgresBackend(PostgresBulk):
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 yield PostgresConn(conn)
 
-    # -- reads on a replica ----------------------------------------------------------------
+    async def _primary_conn(self) -> asyncpg.Connection:
+        """A primary connection for a read a replica could not finish (``_ReplicaRead``)."""
+        if self._pool is None:
+            raise RuntimeError("backend not open")
+        try:
+            conn: asyncpg.Connection = await self._pool.acquire(timeout=60.0)
+        except _GONE as exc:
+            raise StoreUnavailable(f"lost the connection to PostgreSQL: {exc}") from None
+        except TimeoutError:
+            raise StoreUnavailable("no PostgreSQL connection free within 60 s") from None
+        return conn
 
-    @asynccontextmanager
-    async def _replica_read(self, replica: Replica, *, snapshot: bool) -> AsyncIterator[Conn]:
-        """A read on ``replica``, moved to the primary if the replica fails first."""
-        assert self.replicas is not None
-        replicas = self.replicas
-        async with contextlib.AsyncExitStack() as stack:
-
-            async def on_primary() -> asyncpg.Connection:
-                conn = await stack.enter_async_context(self._acquire())
-                if snapshot:
-                    await conn.execute(_BEGIN_SNAPSHOT)
-                    stack.push_async_callback(_end_snapshot, conn)
-                return conn
-
-            replica.in_flight += 1
-            stack.callback(_leave, replica)
-            held: asyncpg.Connection | None = None
-            try:
-                raw = await stack.enter_async_context(replica.pool.acquire(timeout=CHECK_TIMEOUT))
-                held = raw
-                if snapshot:
-                    await raw.execute(_BEGIN_SNAPSHOT)
-                    stack.push_async_callback(_end_snapshot, raw)
-            except (*_REPLICA_FAILED, TimeoutError, asyncpg.PostgresError) as exc:
-                if held is not None:
-                    _terminate(held)
-                    held = None
-                replicas.failed(replica, exc)
-                replicas.fell_back("failed")
-            if held is None:
-                yield PostgresConn(await on_primary())
-            else:
-                yield _ReplicaConn(held, replicas, replica, on_primary, snapshot=snapshot)
+    async def _release_primary(self, conn: asyncpg.Connection) -> None:
+        if self._pool is not None:
+            await self._pool.release(conn)
 
     # -- schema ----------------------------------------------------------------------------
 

@@ -137,11 +137,34 @@ class ReplicaSet:
         self.stats.fallbacks[reason] += 1
 
     def _least_busy(self, replicas: list[Replica]) -> Replica:
+        """The replica with the fewest reads in flight; ties take turns."""
+        if len(replicas) == 1:
+            return replicas[0]
         turn = next(self._turn)
+        count = len(replicas)
         return min(
-            replicas,
-            key=lambda r: (r.in_flight, (self.replicas.index(r) - turn) % len(self.replicas)),
-        )
+            ((r.in_flight, (i - turn) % count, r) for i, r in enumerate(replicas)),
+            key=lambda item: (item[0], item[1]),
+        )[2]
+
+    def ready(self, route: ReadRoute) -> Replica | None:
+        """Where ``route``'s request reads, if that is known without asking anyone: the
+        replica it already chose, or a live one already known to be far enough."""
+        if route.decided:
+            server: Replica | None = route.server
+            return server if server is None or server.up else None
+        if len(self.replicas) == 1:
+            replica = self.replicas[0]
+            if not replica.up or not replica.has(route.tenant, route.position):
+                return None
+        else:
+            ready = [r for r in self.replicas if r.up and r.has(route.tenant, route.position)]
+            if not ready:
+                return None
+            replica = self._least_busy(ready)
+        route.decided, route.server = True, replica
+        self.stats.replica += 1
+        return replica
 
     async def choose(self, route: ReadRoute) -> Replica | None:
         """Where ``route``'s request reads: a replica, or ``None`` for the primary."""
