@@ -20,6 +20,7 @@ from api import (
     jobs,
     metrics,
     openapi,
+    replicas,
     results,
     stats,
     webhooks,
@@ -39,9 +40,12 @@ routes = web.RouteTableDef()
 EXPIRY_SWEEP_SECONDS = 60.0
 
 
-def open_store(db_url: str) -> EventStore:
-    """The event store over ``db_url`` with every projection: the server's and the CLI's."""
-    return new_store(backend_for(db_url))
+def open_store(db_url: str, replicas: tuple[str, ...] = ()) -> EventStore:
+    """The event store over ``db_url`` with every projection: the server's and the CLI's.
+
+    ``replicas``: PostgreSQL hot standbys the server's reads may go to (``api/replicas.py``).
+    """
+    return new_store(backend_for(db_url, replicas=replicas))
 
 
 @endpoint(routes, "GET", "/healthz", role="public", summary="Liveness", response=Health, tag="meta")
@@ -55,7 +59,7 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 
 async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-    store = open_store(app[SETTINGS].db_url)
+    store = open_store(app[SETTINGS].db_url, app[SETTINGS].replicas)
     await store.start()
     app[STORE] = store
     app[KEYRING] = KeyRing(store.backend)
@@ -92,6 +96,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[metrics.measure, handle], client_max_size=settings.max_body)
     app[SETTINGS] = settings
     app[STOPPING] = asyncio.Event()
+    app[replicas.WRITTEN] = replicas.WrittenPositions()
     if settings.rate_limit:
         app[LIMITER] = RateLimiter(settings.rate_limit)
     app.cleanup_ctx.append(store_ctx)

@@ -19,9 +19,9 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, BinaryIO, NoReturn
 
 from api import cli_reads, logs
-from api.settings import DEFAULT_DB, DEFAULT_MAX_BODY, Settings
+from api.settings import DEFAULT_DB, DEFAULT_MAX_BODY, DEFAULT_REPLICA_WAIT_S, Settings
 from ledger import audit, commands
-from ledger.backends import backend_for
+from ledger.backends import backend_for, is_postgres
 from ledger.clock import parse_duration, parse_us
 from ledger.errors import LedgerError
 from ledger.importer import import_file
@@ -203,6 +203,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="time limit of one delivery attempt (default 10s)",
     )
+    serve.add_argument(
+        "--replica",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a PostgreSQL hot standby of --db that may answer reads (repeatable)",
+    )
+    serve.add_argument(
+        "--replica-wait",
+        type=_seconds,
+        default=DEFAULT_REPLICA_WAIT_S,
+        metavar="DURATION",
+        help="how long a read waits for a standby to replay the caller's last write before "
+        "the primary answers it (default 0.5s)",
+    )
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=Parser)
@@ -291,9 +306,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body=args.max_body,
         enforce_credits=args.enforce_credits,
         metrics_token=args.metrics_token or None,
+        replicas=tuple(args.replica),
+        replica_wait_s=args.replica_wait,
         **_webhook_settings(args),
     )
-    backend_for(args.db)  # a bad URL fails here, before the server starts
+    if args.replica and not is_postgres(args.db):
+        raise CliError(
+            "--replica needs a PostgreSQL --db (postgresql://...): "
+            "a SQLite database has no standbys to read from"
+        )
+    backend_for(args.db, replicas=settings.replicas)  # a bad URL fails here, before serving
     # bind before anything else: a busy port is one line, and no database is created
     sock = _bind(args.host, args.port)
     app = create_app(settings)

@@ -16,6 +16,7 @@ from api.context import KEYRING, STOPPING, caller, store
 from api.http import MAX_INT, endpoint, json_response, read_optional_body, read_query
 from api.idempotency import Written, run_command
 from api.lookups import job_id_of, read_job, time_param
+from api.replicas import primary_only
 from ledger import audit, commands, scans
 from ledger.errors import Forbidden, Invalid
 from ledger.jobs import JobState
@@ -108,6 +109,7 @@ def _resume_from(request: web.Request, after: int | None) -> int:
     content="text/event-stream",
     tag="events",
 )
+@primary_only  # woken by the primary's NOTIFY: a standby may not have replayed it yet
 async def stream_events(request: web.Request) -> web.StreamResponse:
     q = read_query(request, s.StreamQuery)
     cursor = _resume_from(request, q.after)

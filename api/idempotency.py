@@ -11,6 +11,9 @@ stored answer share one transaction, so concurrent retries cannot both append.
 Keys are scoped to the caller's project (a key of project p2 never sees p1's answers), and the
 fingerprint covers the project too. After the job a key created is erased, the key still
 refuses to create it again: its replay answers the job as it stands now (erased).
+
+Every answer of a write carries ``X-Ledger-Position`` (``api/replicas.py``): the tenant's chain
+head once the write committed, which a later read presents to see it on a replica.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 from aiohttp import web
 
+from api import replicas
 from api.context import caller, store
 from api.http import ENCODE, fingerprint, raw_json
 from api.schemas import job_view
@@ -66,12 +70,20 @@ async def run_command(
     tenant = caller(request).tenant
     scoped = _scoped_key(request)
     if scoped is None:
-        written = await store(request).execute(command, tenants=[tenant])
-        return raw_json(ENCODE(render(written.value)), written.status)
+
+        async def positioned(uow: UnitOfWork) -> tuple[Written[V], int]:
+            written = await command(uow)
+            return written, uow.head_position(tenant)
+
+        written, position = await store(request).execute(positioned, tenants=[tenant])
+        response = raw_json(ENCODE(render(written.value)), written.status)
+        replicas.wrote(request, response, position)
+        return response
     fp = fingerprint(request, await request.read())
 
-    async def replayable(uow: UnitOfWork) -> tuple[int, Any, str | None, JobState | None]:
-        """``(status, value, stored value text, erased job)``: one of the last three is set."""
+    async def replayable(uow: UnitOfWork) -> tuple[int, Any, str | None, JobState | None, int]:
+        """``(status, value, stored value text, erased job, position)``: one of the value,
+        the text and the erased job is set; ``position`` is the tenant's head after it."""
         stored = await uow.idempotent(tenant, scoped)
         if stored is not None:
             answer, job_id = stored
@@ -80,20 +92,27 @@ async def run_command(
                     "this Idempotency-Key was used with a different request",
                     field="Idempotency-Key",
                 )
+            position = uow.head_position(tenant)  # at or after the first answer's write
             if answer.body:
-                return answer.status, None, answer.body, None
-            return answer.status, None, None, await _erased_job(uow, tenant, job_id)
+                return answer.status, None, answer.body, None, position
+            erased = await _erased_job(uow, tenant, job_id)
+            return answer.status, None, None, erased, position
         written = await command(uow)
         body = _ENCODE_VALUE(written.value).decode()
         uow.remember(tenant, scoped, IdempotentAnswer(fp, written.status, body), written.job_id)
-        return written.status, written.value, None, None
+        return written.status, written.value, None, None, uow.head_position(tenant)
 
-    status, value, text, erased = await store(request).execute(replayable, tenants=[tenant])
+    status, value, text, erased, position = await store(request).execute(
+        replayable, tenants=[tenant]
+    )
     if erased is not None:
-        return raw_json(ENCODE(job_view(erased)), status)  # the erased job, as it is now
-    if text is not None:
-        value = msgspec.json.decode(text, type=value_type)
-    return raw_json(ENCODE(render(value)), status)
+        response = raw_json(ENCODE(job_view(erased)), status)  # the erased job, as it is now
+    else:
+        if text is not None:
+            value = msgspec.json.decode(text, type=value_type)
+        response = raw_json(ENCODE(render(value)), status)
+    replicas.wrote(request, response, position)
+    return response
 
 
 async def _erased_job(uow: UnitOfWork, tenant: str, job_id: str | None) -> JobState:

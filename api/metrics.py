@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -37,6 +37,9 @@ from api.context import SETTINGS, STORE
 from api.delivery import WEBHOOKS
 from api.http import OPERATIONS, Handler
 from ledger.errors import Forbidden, Unauthorized
+
+if TYPE_CHECKING:  # the PostgreSQL driver is imported only by a server that uses it
+    from ledger.backends.replicas import ReplicaSet
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PENDING_MAX = 1000  # requests of one label set kept before they are moved into the metrics
@@ -228,6 +231,38 @@ class StoreCollector(Collector):
                 "Write commands waiting for the writer now.",
                 value=depth,
             )
+        yield from _replica_metrics(getattr(store.backend, "replicas", None))
+
+
+def _replica_metrics(replicas: ReplicaSet | None) -> Iterator[Any]:
+    """Where reads a replica could answer went (``serve --replica``; none without one)."""
+    if replicas is None:
+        return
+    reads = CounterMetricFamily(
+        "jobledger_replica_reads",
+        "Read requests a replica could answer, by the server that answered them.",
+        labels=["server"],
+    )
+    reads.add_metric(["replica"], replicas.stats.replica)
+    reads.add_metric(["primary"], replicas.stats.primary)
+    yield reads
+    fallbacks = CounterMetricFamily(
+        "jobledger_replica_fallbacks",
+        "Reads the primary answered instead of a replica: behind (not replayed far enough "
+        "within --replica-wait), down (no replica up), failed (a replica failed mid-read).",
+        labels=["reason"],
+    )
+    for reason, count in replicas.stats.fallbacks.items():
+        fallbacks.add_metric([reason], count)
+    yield fallbacks
+    up = GaugeMetricFamily(
+        "jobledger_replica_up",
+        "1 while the replica is taking reads, 0 while it is left alone after a failure.",
+        labels=["replica"],
+    )
+    for replica in replicas.replicas:
+        up.add_metric([replica.label], int(replica.up))
+    yield up
 
 
 class WebhookCollector(Collector):

@@ -9,7 +9,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from api import logs
+from api import logs, replicas
 from api.auth import RateLimited, authenticate, bearer
 from api.context import CALLER, KEYRING, LIMITER
 from api.http import ROLE_RANK, Handler, error_body, json_response
@@ -144,7 +144,8 @@ async def guard(
                 raise errors.Forbidden(
                     f"this route needs the {role} role; the key has {caller.role}"
                 )
-        response = await handler(request)
+        with replicas.Routed(request):  # reads a standby may answer (docs/postgres.md)
+            response = await handler(request)
     except errors.LedgerError as exc:
         if isinstance(exc, RateLimited):
             extra = exc.headers

@@ -101,6 +101,22 @@ _HEADERS: dict[str, dict[str, Any]] = {
         "description": "When the window resets, in epoch seconds",
         "schema": {"type": "integer"},
     },
+    "X-Ledger-Position": {
+        "description": "Writes: the newest position of the tenant's chain once the write "
+        "committed; a read that presents it sees the write (read-your-writes on replicas)",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+}
+_WRITE_ONLY_HEADERS = frozenset({"X-Ledger-Position"})
+_POSTED_READS = frozenset({"/v1/audit/verify"})  # a POST that writes nothing
+_POSITION = {
+    "name": "X-Ledger-Position",
+    "in": "header",
+    "required": False,
+    "description": "A position a write answered: the read sees at least that much of the "
+    "tenant's chain (a read replica that has not replayed it within a moment leaves the read "
+    "to the primary)",
+    "schema": {"type": "string", "pattern": "^[0-9]+$"},
 }
 _RETRY_AFTER = {"description": "Seconds to wait", "schema": {"type": "integer"}, "required": True}
 _IDEMPOTENCY_KEY = {
@@ -298,8 +314,11 @@ def _operation(op: Operation, refs: dict[Any, Any], components: dict[str, Any]) 
             )
     if op.role != "public":
         params.append(dict(_PROJECT))
+    writes = op.method in ("POST", "PUT", "PATCH", "DELETE") and op.path not in _POSTED_READS
     if op.method in ("POST", "DELETE") and op.role != "public":
         params.append(dict(_IDEMPOTENCY_KEY))
+    if op.method == "GET" and op.role != "public":
+        params.append(dict(_POSITION))
     if op.content == "text/event-stream":
         params.append(dict(_LAST_EVENT_ID))
     if params:
@@ -315,7 +334,8 @@ def _operation(op: Operation, refs: dict[Any, Any], components: dict[str, Any]) 
     else:
         content = {op.content: {"schema": _TEXT}} if op.content != "application/json" else {}
     content.update({other: {"schema": _TEXT} for other in op.also})
-    names = list(_HEADERS) if op.role != "public" else ["X-Request-Id"]
+    names = [n for n in _HEADERS if writes or n not in _WRITE_ONLY_HEADERS]
+    names = names if op.role != "public" else ["X-Request-Id"]
     headers = {name: {"$ref": f"#/components/headers/{name}"} for name in names}
     responses[str(op.status)] = {
         "description": "OK",

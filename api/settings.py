@@ -9,6 +9,7 @@ from ledger.webhooks import DEFAULT_DISABLE_AFTER_S, DEFAULT_SCHEDULE
 DEFAULT_DB = "./jobledger.db"
 DEFAULT_RETENTION_S = 7 * 86400
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
+DEFAULT_REPLICA_WAIT_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +22,9 @@ class Settings:
     max_body: int = DEFAULT_MAX_BODY
     enforce_credits: bool = False
     metrics_token: str | None = None  # GET /metrics wants it as a Bearer; None: loopback only
+    # read replicas (docs/postgres.md): PostgreSQL hot standbys that may answer reads
+    replicas: tuple[str, ...] = ()
+    replica_wait_s: float = DEFAULT_REPLICA_WAIT_S  # for the caller's last write, then primary
     # webhooks (docs/webhooks.md)
     webhook_allow_hosts: tuple[str, ...] = ()  # hosts plain http:// may reach besides loopback
     webhook_retry_schedule: tuple[float, ...] = DEFAULT_SCHEDULE  # seconds before each attempt

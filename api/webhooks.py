@@ -17,6 +17,7 @@ from api.context import caller, settings, store
 from api.delivery import WEBHOOKS
 from api.http import endpoint, json_response, read_body, read_query
 from api.idempotency import Written, run_command
+from api.replicas import POSITION_HEADER
 from api.schemas import Body, Deleted, Label, Position, Query
 from ledger import webhooks as hooks
 from ledger.clock import format_opt, format_us, parse_us
@@ -289,9 +290,11 @@ async def update_webhook(request: web.Request) -> web.Response:
         )
         return Written(200, None, webhook_id)
 
-    await run_command(request, write, _same, None)
+    written = await run_command(request, write, _same, None)
     _kick(request)
-    return json_response(_view(await _endpoint(request)))
+    response = json_response(_view(await _endpoint(request)))
+    response.headers[POSITION_HEADER] = written.headers[POSITION_HEADER]
+    return response
 
 
 @endpoint(

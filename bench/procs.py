@@ -77,8 +77,9 @@ class EchoServer(Server):
         return [sys.executable, str(ECHO_SERVER), "--host", HOST, "--port", str(port)]
 
 
-def ledger_server(db: str, log_dir: Path, *, name: str = "ledger") -> Server:
-    return Server(db, log_dir=log_dir, name=name)
+def ledger_server(db: str, log_dir: Path, *extra: str, name: str = "ledger") -> Server:
+    """``jobledger serve --db db *extra``, its log in ``log_dir``."""
+    return Server(db, *extra, log_dir=log_dir, name=name)
 
 
 def echo_server(log_dir: Path) -> Server:

@@ -326,7 +326,28 @@ def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
                 target="reported",
             )
         )
+        out.extend(_replica_read_figures(f.get("reads")))
     return out
+
+
+def _replica_read_figures(r: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Reads from a hot standby: 2 processes on the standby vs 1 on the primary."""
+    if not r or "skipped" in r or "error" in r:
+        return []
+    return [
+        figure(
+            "postgres",
+            f"reads, {label}: 2 processes on a standby vs 1 on the primary",
+            r[f"{name}_two_rps"],
+            "req/s",
+            baseline=r[f"{name}_one_rps"],
+            baseline_name="1 process, primary",
+            ratio=r[f"{name}_ratio"],
+            target=">= 1.5x",
+            check=lambda v: v >= 1.5,
+        )
+        for name, label in (("get", "GET a job"), ("list", f"list page {r['list_path']}"))
+    ]
 
 
 def _num(value: float | None, unit: str = "") -> str:
@@ -517,6 +538,11 @@ def render(results: dict[str, Any]) -> str:
     pg = results.get("postgres")
     if isinstance(pg, dict) and "skipped" in pg:
         notes.append(f"postgres: skipped: {pg['skipped']}")
+    pg_reads = pg.get("reads") if isinstance(pg, dict) else None
+    if isinstance(pg_reads, dict) and "skipped" in pg_reads:
+        notes.append(f"postgres reads: skipped: {pg_reads['skipped']}")
+    if isinstance(pg_reads, dict) and "error" in pg_reads:
+        notes.append(f"postgres reads: {pg_reads['error']}")
     substituted = results.get("datagen", {}).get("jobs_large", {}).get("substituted")
     if substituted:
         notes.append(f"reads: {substituted}")

@@ -669,9 +669,153 @@ def postgres(tmp: Path, sizes: Sizes, log: Callable[[str], None]) -> dict[str, A
             ratio=total / single["requests_per_s"] if single["requests_per_s"] else None,
             non_2xx=single["non_2xx"] + sum(r["non_2xx"] for r in double),
         )
+        result["reads"] = postgres_reads(tmp, sizes, log, db, token, job_ids)
     except Exception as exc:
         result["skipped"] = f"PostgreSQL run failed: {type(exc).__name__}: {exc}"
     finally:
         with contextlib.suppress(Exception):
             asyncio.run(_pg(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     return result
+
+
+def postgres_reads(
+    tmp: Path,
+    sizes: Sizes,
+    log: Callable[[str], None],
+    db: str,
+    token: str,
+    job_ids: list[str],
+) -> dict[str, Any]:
+    """Reads (GET a job, a list page): 2 processes reading from a hot standby vs 1 process
+    reading from the primary, in alternating rounds over the same database."""
+    from tests.standby import Unavailable, standby
+
+    try:
+        with standby(sizes.postgres_url) as hot:
+            replica = hot.replica_of(db)
+            asyncio.run(_caught_up(db, replica))
+            return _measure_replica_reads(tmp, sizes, log, db, replica, token, job_ids)
+    except Unavailable as exc:
+        return {"skipped": f"no hot standby: {exc}"}
+    except Exception as exc:  # the append figures of the same scenario still count
+        return {"error": f"replica reads failed: {type(exc).__name__}: {exc}"}
+
+
+async def _caught_up(db: str, replica: str, seconds: float = 300.0) -> None:
+    """Wait until the standby has the database and has replayed every event of it."""
+    import asyncpg
+
+    sql = "SELECT coalesce(max(position), 0) FROM events"
+    primary = await asyncpg.connect(db, timeout=10)
+    try:
+        head = await primary.fetchval(sql)
+    finally:
+        await primary.close()
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            conn = await asyncpg.connect(replica, timeout=10)
+            try:
+                if await conn.fetchval(sql) >= head:
+                    return
+            finally:
+                await conn.close()
+        except (OSError, asyncpg.PostgresError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the standby did not replay {db} within {seconds} s")
+        await asyncio.sleep(0.2)
+
+
+def _replica_reads_served(url: str) -> dict[str, float]:
+    """The ``jobledger_replica_reads_total`` counters of one server, by who answered."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("jobledger_replica_reads_total{"):
+            server = line.split('server="', 1)[1].split('"', 1)[0]
+            found[server] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def _measure_replica_reads(
+    tmp: Path,
+    sizes: Sizes,
+    log: Callable[[str], None],
+    db: str,
+    replica: str,
+    token: str,
+    job_ids: list[str],
+) -> dict[str, Any]:
+    conns = sizes.connections
+    get_job = {
+        "method": "GET",
+        "body": None,
+        "headers": None,
+        "lua_path": GET_JOB_LUA,
+        "env": {"JOB_IDS": ",".join(job_ids), "TOKEN": token},
+    }
+    list_page = {"method": "GET", "body": None, "headers": _auth(token)}
+    list_path = "/v1/jobs?limit=50"
+    runs: dict[str, list[float]] = {"get_one": [], "get_two": [], "list_one": [], "list_two": []}
+    non_2xx = 0
+
+    def on(urls: list[str], path: str, kind: dict[str, Any], duration: float) -> float:
+        nonlocal non_2xx
+        share = max(1, conns // len(urls))
+        threads = 1 if len(urls) > 1 else sizes.threads
+        with ThreadPoolExecutor(len(urls)) as pool:
+            futures = [
+                pool.submit(
+                    _load,
+                    url + path,
+                    duration_s=duration,
+                    connections=share,
+                    threads=threads,
+                    **kind,
+                )
+                for url in urls
+            ]
+            loads = [f.result() for f in futures]
+        non_2xx += sum(r["non_2xx"] for r in loads)
+        return float(sum(r["requests_per_s"] for r in loads))
+
+    def measure(urls: list[str], tag: str) -> None:
+        for name, path, kind in (("get", "", get_job), ("list", list_path, list_page)):
+            on(urls, path, kind, sizes.warmup_s)
+            runs[f"{name}_{tag}"].append(on(urls, path, kind, sizes.duration_s))
+
+    served: dict[str, float] = {}
+    for round_ in range(sizes.rounds):
+        with procs.ledger_server(db, tmp, name="pg-read-primary") as one:
+            measure([one.url], "one")
+        with procs.servers(
+            procs.ledger_server(db, tmp, "--replica", replica, name="pg-read-a"),
+            procs.ledger_server(db, tmp, "--replica", replica, name="pg-read-b"),
+        ) as (a, b):
+            measure([a.url, b.url], "two")
+            for server in (a, b):
+                for where, count in _replica_reads_served(server.url).items():
+                    served[where] = served.get(where, 0.0) + count
+        log(
+            f"  reads, round {round_ + 1}: GET job {runs['get_one'][-1]:,.0f} req/s (1 process, "
+            f"primary) vs {runs['get_two'][-1]:,.0f} (2 processes, standby); list page "
+            f"{runs['list_one'][-1]:,.0f} vs {runs['list_two'][-1]:,.0f}"
+        )
+    get_ratio = _median([t / o for t, o in zip(runs["get_two"], runs["get_one"], strict=True)])
+    list_ratio = _median([t / o for t, o in zip(runs["list_two"], runs["list_one"], strict=True)])
+    return {
+        "runs": runs,
+        "get_one_rps": _median(runs["get_one"]),
+        "get_two_rps": _median(runs["get_two"]),
+        "list_one_rps": _median(runs["list_one"]),
+        "list_two_rps": _median(runs["list_two"]),
+        "get_ratio": get_ratio,
+        "list_ratio": list_ratio,
+        "list_path": list_path,
+        "answered_by": served,  # the replica servers' own count: standby vs primary
+        "non_2xx": non_2xx,
+    }

@@ -12,6 +12,11 @@ order is position order. A reader tailing ``position > N`` can never see a later
 before an earlier one (the gap a sequence would open between concurrent transactions). Reads are
 not locked and scale with processes and pool connections. After each committed batch a
 ``NOTIFY jobledger`` wakes the long polls and event streams of every other process.
+
+With read replicas (``replicas=``, hot standbys of this database) a read whose request allows
+it (``ledger/routing.py``) goes to a standby that has replayed far enough
+(``ledger/backends/replicas.py``); if the standby fails before the read's first answer, the
+read runs on the primary instead.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import hashlib
 import os
 import re
 import socket
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from functools import lru_cache
@@ -33,7 +38,9 @@ import asyncpg
 import structlog
 
 from ledger.backends.bulk import PostgresBulk
+from ledger.backends.replicas import CHECK_TIMEOUT, Replica, ReplicaSet
 from ledger.errors import CommitFailed, Rejected, StoreConflict, StoreUnavailable
+from ledger.routing import READ_ROUTE
 from ledger.sql import Conn, Row, WriteConn
 
 log = structlog.get_logger(__name__)
@@ -50,7 +57,7 @@ STATEMENT_CACHE = 512
 _BEGIN_WRITE = f"BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK})"
 
 # Errors that mean the server went away (restart, network), not that the SQL was wrong.
-_GONE: tuple[type[BaseException], ...] = (
+_GONE: tuple[type[Exception], ...] = (
     OSError,
     asyncpg.PostgresConnectionError,
     asyncpg.ConnectionDoesNotExistError,
@@ -201,6 +208,154 @@ class PostgresConn:
         self._failure = None
 
 
+_BEGIN_SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+# What a standby may answer instead of rows: it went away, or it cancelled the query because
+# replay needed what the query held (a recovery conflict, SQLSTATE 40001).
+_REPLICA_FAILED: tuple[type[Exception], ...] = (
+    *_GONE,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a connection the server cut while idle, used next
+    asyncpg.TransactionRollbackError,
+)
+
+
+async def _end_snapshot(conn: asyncpg.Connection) -> None:
+    """End a read-only snapshot; on a connection that died there is nothing to end."""
+    with contextlib.suppress(Exception):
+        await conn.execute("ROLLBACK")
+
+
+def _terminate(conn: asyncpg.Connection) -> None:
+    """Close a replica connection that failed, whatever state it is in: its pool connects
+    afresh next time (asyncpg may have detached it from the pool already)."""
+    with contextlib.suppress(Exception):
+        conn.terminate()
+
+
+class _ReplicaRead:
+    """One read on a replica: its connection, and the primary's if the replica fails first.
+
+    Plain acquire and release rather than nested context managers: this runs for every read
+    a replica answers.
+    """
+
+    __slots__ = ("_backend", "_conn", "_primary", "_replica", "_snapshot")
+
+    def __init__(self, backend: PostgresBackend, replica: Replica, *, snapshot: bool) -> None:
+        self._backend = backend
+        self._replica = replica
+        self._snapshot = snapshot
+        self._conn: asyncpg.Connection | None = None
+        self._primary: asyncpg.Connection | None = None
+
+    async def open(self) -> Conn:
+        """The read's connection; the caller calls ``close`` in any case, also on failure."""
+        replica = self._replica
+        replicas = self._backend.replicas
+        assert replicas is not None
+        replica.in_flight += 1
+        try:
+            self._conn = await replica.pool.acquire(timeout=CHECK_TIMEOUT)
+            if self._snapshot:
+                await self._conn.execute(_BEGIN_SNAPSHOT)
+        except (*_REPLICA_FAILED, TimeoutError, asyncpg.PostgresError) as exc:
+            await self._drop_replica()
+            replicas.failed(replica, exc)
+            replicas.fell_back("failed")
+            return PostgresConn(await self.on_primary())
+        return _ReplicaConn(self._conn, replicas, replica, self.on_primary, snapshot=self._snapshot)
+
+    async def on_primary(self) -> asyncpg.Connection:
+        """Move the read to a primary connection (a snapshot starts afresh there)."""
+        conn = self._primary = await self._backend._primary_conn()
+        if self._snapshot:
+            await conn.execute(_BEGIN_SNAPSHOT)
+        return conn
+
+    async def _drop_replica(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            _terminate(conn)
+            with contextlib.suppress(Exception):
+                await self._replica.pool.release(conn)
+
+    async def close(self) -> None:
+        try:
+            primary, self._primary = self._primary, None
+            if primary is not None:
+                if self._snapshot:
+                    await _end_snapshot(primary)
+                await self._backend._release_primary(primary)
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                if self._snapshot:
+                    await _end_snapshot(conn)
+                with contextlib.suppress(Exception):  # a connection the server cut: gone already
+                    await self._replica.pool.release(conn)
+        finally:
+            self._replica.in_flight = max(0, self._replica.in_flight - 1)
+
+
+class _ReplicaConn(PostgresConn):
+    """A connection to a replica that moves to the primary if the replica fails.
+
+    A statement the replica cannot answer (it went away, or cancelled the query in a recovery
+    conflict) runs again on a primary connection, and so does every later statement of the
+    block. In a snapshot, that is only sound before the first answer: after it, the error
+    stands (``503``, as for a primary that went away).
+    """
+
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        replicas: ReplicaSet,
+        replica: Replica,
+        on_primary: Callable[[], Awaitable[asyncpg.Connection]],
+        *,
+        snapshot: bool,
+    ) -> None:
+        super().__init__(conn)
+        self._replicas = replicas
+        self._replica: Replica | None = replica
+        self._on_primary = on_primary
+        self._snapshot = snapshot
+        self._answered = False
+
+    async def _run(self, method: str, sql: str, params: Sequence[Any]) -> Any:
+        self._check()
+        text = translate(sql)
+        if self._replica is not None:
+            try:
+                answer = await getattr(self._conn, method)(text, *params)
+                self._answered = True
+                return answer
+            except _REPLICA_FAILED as exc:
+                if self._snapshot and self._answered:
+                    raise self._failed(exc) from exc
+                if not isinstance(exc, asyncpg.TransactionRollbackError):
+                    _terminate(self._conn)
+                    self._replicas.failed(self._replica, exc)
+                self._replicas.fell_back("failed")
+                self._replica = None
+                self._conn = await self._on_primary()
+            except Exception as exc:
+                raise self._failed(exc) from exc
+        try:
+            return await getattr(self._conn, method)(text, *params)
+        except Exception as exc:
+            raise self._failed(exc) from exc
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        await self._run("execute", sql, params)
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return [tuple(r) for r in await self._run("fetch", sql, params)]
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        record = await self._run("fetchrow", sql, params)
+        return None if record is None else tuple(record)
+
+
 def translate_error(exc: Exception) -> Exception:
     """The ledger's error for what PostgreSQL (or asyncpg) refused."""
     if isinstance(exc, asyncpg.CheckViolationError):
@@ -221,11 +376,19 @@ class PostgresBackend(PostgresBulk):
 
     dialect = "postgres"
 
-    def __init__(self, url: str, *, min_size: int = POOL_MIN, max_size: int = POOL_MAX) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_size: int = POOL_MIN,
+        max_size: int = POOL_MAX,
+        replicas: Sequence[str] = (),
+    ) -> None:
         self.url = url
         self.min_size = min_size
         self.max_size = max_size
         self._pool: asyncpg.Pool | None = None
+        self.replicas = ReplicaSet(replicas, self._replica_pool) if replicas else None
         self._listener: asyncpg.Connection | None = None
         self._signalled = asyncio.Event()
         self._notify_task: asyncio.Task[None] | None = None
@@ -276,6 +439,24 @@ class PostgresBackend(PostgresBulk):
             )
         except Exception as exc:
             raise self._unavailable(exc) from None
+        if self.replicas is not None:
+            await self.replicas.open()
+
+    async def _replica_pool(self, url: str) -> asyncpg.Pool:
+        """A standby's pool: no connection until a read needs one, so a standby that is
+        down at start does not stop the server."""
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            url,
+            min_size=0,
+            max_size=self.max_size,
+            timeout=CHECK_TIMEOUT,
+            init=self._init_connection,
+            max_inactive_connection_lifetime=300.0,
+            statement_cache_size=STATEMENT_CACHE,
+            reset=_keep_session,
+            server_settings={"application_name": "jobledger-replica-read"},
+        )
+        return pool
 
     async def close(self) -> None:
         for task in (self._notify_task, self._vacuum_task):
@@ -299,6 +480,8 @@ class PostgresBackend(PostgresBulk):
                 await asyncio.wait_for(pool.close(), 10.0)
             except (TimeoutError, Exception):
                 pool.terminate()
+        if self.replicas is not None:
+            await self.replicas.close()
 
     @asynccontextmanager
     async def _acquire(self) -> AsyncIterator[asyncpg.Connection]:
@@ -344,12 +527,40 @@ class PostgresBackend(PostgresBulk):
 
     @asynccontextmanager
     async def read(self, *, snapshot: bool = False, bulk: bool = False) -> AsyncIterator[Conn]:
+        route = READ_ROUTE.get()
+        if route is not None and self.replicas is not None:
+            replica = self.replicas.ready(route)  # no wait: known far enough, or a first pick
+            if replica is None and not route.decided:
+                replica = await self.replicas.choose(route)
+            if replica is not None:
+                reading = _ReplicaRead(self, replica, snapshot=snapshot)
+                try:
+                    yield await reading.open()
+                finally:
+                    await reading.close()
+                return
         async with self._acquire() as conn:
             if not snapshot:
                 yield PostgresConn(conn)
                 return
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 yield PostgresConn(conn)
+
+    async def _primary_conn(self) -> asyncpg.Connection:
+        """A primary connection for a read a replica could not finish (``_ReplicaRead``)."""
+        if self._pool is None:
+            raise RuntimeError("backend not open")
+        try:
+            conn: asyncpg.Connection = await self._pool.acquire(timeout=60.0)
+        except _GONE as exc:
+            raise StoreUnavailable(f"lost the connection to PostgreSQL: {exc}") from None
+        except TimeoutError:
+            raise StoreUnavailable("no PostgreSQL connection free within 60 s") from None
+        return conn
+
+    async def _release_primary(self, conn: asyncpg.Connection) -> None:
+        if self._pool is not None:
+            await self._pool.release(conn)
 
     # -- schema ----------------------------------------------------------------------------
 

@@ -207,6 +207,11 @@ class UnitOfWork:
         """Erase the data of the job's events before ``before_position`` and its results."""
         self._cmd.erasures.append(Erasure(tenant, job_id, before_position))
 
+    def head_position(self, tenant: str) -> int:
+        """The newest position of the tenant's chain, this command's staged events included
+        (what a write answers in ``X-Ledger-Position``)."""
+        return self._head(tenant).position
+
     def _head(self, tenant: str) -> ChainHead:
         head = self._cmd.heads.get(tenant) or self.batch.heads.get(tenant)
         if head is None:
