@@ -13,6 +13,7 @@ and how their rows compare, the projectors describe (``Projector.specs``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ import structlog
 from ledger.events import JOB_EVENT_TYPES, Event, decode_stored
 from ledger.jobs import JobState, evolve
 from ledger.records import Batch, Change, Projector, Recorded, TableSpec
-from ledger.sql import Backend, Conn, TableSwap
+from ledger.sql import Backend, Conn, TableSwap, WriteConn
 
 log = structlog.get_logger(__name__)
 SUFFIX = "__rebuild"
@@ -281,22 +282,37 @@ async def _swap(backend: Backend, conn: Conn, projectors: Sequence[Projector]) -
 
 
 async def write_models(
-    backend: Backend, conn: Conn, projectors: Sequence[Projector], fold: Fold
+    backend: Backend, conn: WriteConn, projectors: Sequence[Projector], fold: Fold
 ) -> None:
-    """Inside one write transaction: write ``fold`` into fresh shadows and swap them in."""
-    await _create_shadows(conn, projectors)
-    shadows = [p.with_suffix(SUFFIX) for p in projectors]
-    if fold.tenant_events:
-        for shadow in shadows:
-            await shadow.apply(conn, Batch(events=fold.tenant_events))
-    items = list(fold.jobs.items())
-    for i in range(0, len(items), WRITE_CHUNK):
-        batch = Batch()
-        for key, state in items[i : i + WRITE_CHUNK]:
-            batch.changes[key] = Change(key[0], None, state)
-        for shadow in shadows:
-            await shadow.apply(conn, batch)
-        await conn.fetchone("SELECT 1")  # write this chunk now: rows do not pile up in memory
+    """Inside one write transaction: write ``fold`` into fresh shadows and swap them in.
+
+    Each chunk's rows are encoded while the database writes the one before (SQLite's write
+    connection runs its buffered statements in its own thread at ``sync()``).
+    """
+    writing = asyncio.ensure_future(conn.sync())  # what the caller left buffered, too
+    await asyncio.sleep(0)  # let it take the statements buffered so far and start
+    try:
+        await _create_shadows(conn, projectors)
+        shadows = [p.with_suffix(SUFFIX) for p in projectors]
+        if fold.tenant_events:
+            for shadow in shadows:
+                await shadow.apply(conn, Batch(events=fold.tenant_events))
+        items = list(fold.jobs.items())
+        for i in range(0, len(items), WRITE_CHUNK):
+            batch = Batch()
+            for key, state in items[i : i + WRITE_CHUNK]:
+                batch.changes[key] = Change(key[0], None, state)
+            for shadow in shadows:
+                await shadow.apply(conn, batch)
+            await writing
+            writing = asyncio.ensure_future(conn.sync())  # rows do not pile up in memory
+            await asyncio.sleep(0)
+        await writing
+    finally:
+        if not writing.done():
+            writing.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writing
     await _swap(backend, conn, projectors)
 
 

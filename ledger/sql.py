@@ -131,6 +131,11 @@ class Backend(Protocol):
         """
         ...
 
+    def loading(self) -> AbstractAsyncContextManager[None]:
+        """Around a bulk load into a new, empty database: the backend may write it more cheaply
+        (no concurrent readers of this process meanwhile); every transaction stays atomic."""
+        ...
+
     async def copy_rows(
         self, conn: Conn, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
     ) -> None:

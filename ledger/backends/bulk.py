@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 from ledger.sql import Conn, TableSwap
@@ -23,6 +24,38 @@ class SqliteBulk:
 
     async def _in_writer(self, fn: Any, *args: Any) -> Any:
         raise NotImplementedError
+
+    async def _open_readers(self) -> None:
+        raise NotImplementedError
+
+    async def _close_readers(self) -> None:
+        raise NotImplementedError
+
+    @asynccontextmanager
+    async def loading(self) -> AsyncIterator[None]:
+        """A load into a new, empty database (``jobledger import``), written once.
+
+        In WAL mode a transaction's pages all go to the WAL first and are copied into the
+        database afterwards: a million events are written twice. While the load lasts, this
+        process's readers are closed and the file uses a rollback journal instead, which holds
+        only the pages the file had before (a transaction that appends pages need not journal
+        them): the loaded pages are written once, and the load is still one atomic, durable
+        transaction (a crash in the middle leaves a journal that the next open rolls back, to
+        the empty database). If another process has the file open, it stays in WAL (slower,
+        as safe). Afterwards the file is in WAL mode again and the readers are reopened.
+        """
+        assert self._writer is not None, "backend not open"
+        writer = self._writer
+        async with self._write_lock:
+            await self._close_readers()
+            switched = await self._in_writer(_journal_mode, writer, "DELETE")
+        try:
+            yield
+        finally:
+            async with self._write_lock:
+                if switched:
+                    await self._in_writer(_journal_mode, writer, "WAL")
+                await self._open_readers()
 
     def json_text(self, expr: str) -> str:
         # json_quote escapes '"', '\\', \b \f \n \r \t and other controls as \u00xx, keeps
@@ -62,8 +95,24 @@ class SqliteBulk:
         await conn.fetchone("SELECT 1")
 
 
+def _journal_mode(conn: sqlite3.Connection, mode: str) -> bool:
+    """Switch ``conn``'s file to journal ``mode`` now (no waiting); whether it did."""
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        row = conn.execute(f"PRAGMA journal_mode = {mode}").fetchone()
+    except sqlite3.OperationalError:  # another connection has the file open
+        return False
+    finally:
+        conn.execute("PRAGMA busy_timeout = 10000")
+    return bool(row) and str(row[0]).upper() == mode
+
+
 class PostgresBulk:
     """Bulk work on PostgreSQL (mixed into ``PostgresBackend``)."""
+
+    @asynccontextmanager
+    async def loading(self) -> AsyncIterator[None]:
+        yield  # COPY writes the rows once already
 
     def json_text(self, expr: str) -> str:
         # to_json escapes '"', '\\', \b \f \n \r \t and other controls as \u00xx, keeps

@@ -244,21 +244,20 @@ class SqliteBackend(SqliteBulk):
         try:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
             self._writer = await self._in_writer(self._connect_writer)
-            for _ in range(READERS):
-                self._readers.put_nowait(await self._connect_reader())
-            self._inline = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._inline.execute("PRAGMA busy_timeout = 1000")
-            self._inline.execute("PRAGMA query_only = 1")
+            await self._open_readers()
         except sqlite3.Error as exc:
             await self.close()
             raise StoreUnavailable(f"cannot open database {self.path}: {exc}") from None
 
-    async def close(self) -> None:
-        residue = self._residue is not None and not self._residue.done()
-        if self._residue is not None and residue:
-            self._residue.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._residue
+    async def _open_readers(self) -> None:
+        self._readers = asyncio.Queue()
+        for _ in range(READERS):
+            self._readers.put_nowait(await self._connect_reader())
+        self._inline = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._inline.execute("PRAGMA busy_timeout = 1000")
+        self._inline.execute("PRAGMA query_only = 1")
+
+    async def _close_readers(self) -> None:
         for conn in self._all:
             try:
                 await conn.close()
@@ -268,6 +267,14 @@ class SqliteBackend(SqliteBulk):
         if self._inline is not None:
             self._inline.close()
             self._inline = None
+
+    async def close(self) -> None:
+        residue = self._residue is not None and not self._residue.done()
+        if self._residue is not None and residue:
+            self._residue.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._residue
+        await self._close_readers()
         if self._writer is not None:
             if residue:  # the last try, now that this process's readers are gone
                 with contextlib.suppress(sqlite3.Error):
