@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -294,14 +294,7 @@ async def write_models(
     try:
         await _create_shadows(conn, projectors)
         shadows = [p.with_suffix(SUFFIX) for p in projectors]
-        if fold.tenant_events:
-            for shadow in shadows:
-                await shadow.apply(conn, Batch(events=fold.tenant_events))
-        items = list(fold.jobs.items())
-        for i in range(0, len(items), WRITE_CHUNK):
-            batch = Batch()
-            for key, state in items[i : i + WRITE_CHUNK]:
-                batch.changes[key] = Change(key[0], None, state)
+        for batch in _batches(fold):
             for shadow in shadows:
                 await shadow.apply(conn, batch)
             await writing
@@ -316,20 +309,68 @@ async def write_models(
     await _swap(backend, conn, projectors)
 
 
-async def _fill(backend: Backend, shadows: Sequence[Projector], fold: Fold) -> None:
-    """Write the folded states into the shadows in short transactions."""
-    if fold.tenant_events:
+class _Recorder:
+    """A ``Conn`` that keeps the statements a projector writes, to run them later (a
+    projector's ``apply`` only writes), so rows are encoded outside the write transaction."""
+
+    dialect = "recorder"
+
+    def __init__(self) -> None:
+        self.statements: list[tuple[str, Any, bool]] = []
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        self.statements.append((sql, params, False))
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self.statements.append((sql, list(rows), True))
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        raise AssertionError("a projector's apply only writes")
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        raise AssertionError("a projector's apply only writes")
+
+    async def replay(self, backend: Backend) -> None:
+        """Run the statements in one short write transaction."""
         async with backend.write() as conn:
-            for shadow in shadows:
-                await shadow.apply(conn, Batch(events=fold.tenant_events))
+            for sql, args, many in self.statements:
+                if many:
+                    await conn.executemany(sql, args)
+                else:
+                    await conn.execute(sql, args)
+
+
+def _batches(fold: Fold) -> Iterator[Batch]:
+    if fold.tenant_events:
+        yield Batch(events=fold.tenant_events)
     items = list(fold.jobs.items())
     for i in range(0, len(items), WRITE_CHUNK):
         batch = Batch()
         for key, state in items[i : i + WRITE_CHUNK]:
             batch.changes[key] = Change(key[0], None, state)
-        async with backend.write() as conn:
+        yield batch
+
+
+async def _fill(backend: Backend, shadows: Sequence[Projector], fold: Fold) -> None:
+    """Write the folded states into the shadows in short transactions; each chunk's rows are
+    encoded while the database writes the chunk before."""
+    writing: asyncio.Future[None] | None = None
+    try:
+        for batch in _batches(fold):
+            recorder = _Recorder()
             for shadow in shadows:
-                await shadow.apply(conn, batch)
+                await shadow.apply(recorder, batch)
+            if writing is not None:
+                await writing
+            writing = asyncio.ensure_future(recorder.replay(backend))
+            await asyncio.sleep(0)  # let it take the write lock and start
+        if writing is not None:
+            await writing
+    finally:
+        if writing is not None and not writing.done():
+            writing.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writing
 
 
 def _normal(value: Any) -> Any:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from ledger.sql import Conn, TableSwap
@@ -30,6 +30,25 @@ class SqliteBulk:
 
     async def _close_readers(self) -> None:
         raise NotImplementedError
+
+    path: str
+    _line_readers: list[sqlite3.Connection]
+
+    async def fetch_lines(self, sql: str, params: Sequence[Any]) -> tuple[bytes, int, int]:
+        """Rows ``(position, line)`` of ``sql`` as one block of lines, the last position and
+        the row count. A connection of its own runs the query and joins the lines in a
+        worker thread, as bytes: the text never becomes a Python string per row."""
+        conn = self._line_readers.pop() if self._line_readers else None
+        if conn is None:
+            conn = await asyncio.to_thread(_line_reader, self.path)
+        found = await asyncio.to_thread(_lines, conn, sql, params)
+        # not on an error or a cancellation: the thread may still be using the connection
+        self._line_readers.append(conn)
+        return found
+
+    def _close_line_readers(self) -> None:
+        while self._line_readers:
+            self._line_readers.pop().close()
 
     @asynccontextmanager
     async def loading(self) -> AsyncIterator[None]:
@@ -95,6 +114,21 @@ class SqliteBulk:
         await conn.fetchone("SELECT 1")
 
 
+def _line_reader(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute("PRAGMA query_only = 1")
+    conn.text_factory = bytes
+    return conn
+
+
+def _lines(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> tuple[bytes, int, int]:
+    rows = conn.execute(sql, params).fetchall()
+    if not rows:
+        return b"", 0, 0
+    return b"\n".join([r[1] for r in rows]) + b"\n", rows[-1][0], len(rows)
+
+
 def _journal_mode(conn: sqlite3.Connection, mode: str) -> bool:
     """Switch ``conn``'s file to journal ``mode`` now (no waiting); whether it did."""
     conn.execute("PRAGMA busy_timeout = 0")
@@ -113,6 +147,20 @@ class PostgresBulk:
     @asynccontextmanager
     async def loading(self) -> AsyncIterator[None]:
         yield  # COPY writes the rows once already
+
+    def read(
+        self, *, snapshot: bool = False, bulk: bool = False
+    ) -> AbstractAsyncContextManager[Conn]:
+        raise NotImplementedError
+
+    async def fetch_lines(self, sql: str, params: Sequence[Any]) -> tuple[bytes, int, int]:
+        """Rows ``(position, line)`` of ``sql`` as one block of lines, the last position and
+        the row count."""
+        async with self.read(bulk=True) as conn:
+            rows = await conn.fetchall(sql, params)
+        if not rows:
+            return b"", 0, 0
+        return ("\n".join([r[1] for r in rows]) + "\n").encode(), rows[-1][0], len(rows)
 
     def json_text(self, expr: str) -> str:
         # to_json escapes '"', '\\', \b \f \n \r \t and other controls as \u00xx, keeps

@@ -211,6 +211,7 @@ class SqliteBackend(SqliteBulk):
         self._all: list[aiosqlite.Connection] = []
         self._write_lock = asyncio.Lock()
         self._residue: asyncio.Task[None] | None = None
+        self._line_readers: list[sqlite3.Connection] = []
 
     async def _connect_reader(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -264,6 +265,7 @@ class SqliteBackend(SqliteBulk):
             except Exception:  # closing is best effort; the file stays consistent
                 pass
         self._all.clear()
+        self._close_line_readers()
         if self._inline is not None:
             self._inline.close()
             self._inline = None
