@@ -285,20 +285,32 @@ def write_history(
     t0 = now_us() - 10 * (n_jobs * (events_per_job + 1) + 1)  # every event in the past
     job_ids: list[str] = []
 
+    # the parts of a line that do not change from one event to the next are formatted once:
+    # per shape (type, data, data_hash) and actor
+    pieces: dict[tuple[tuple[str, str, str], str], tuple[str, str, str]] = {}
+
     def line(stream: str, version: int, shape: tuple[str, str, str], at: str, actor: str) -> str:
         nonlocal prev, position
         position += 1
-        type_, data, data_hash = shape
-        eid = f"evt_{stamp}{position:010d}"
+        found = pieces.get((shape, actor))
+        if found is None:
+            type_, data, data_hash = shape
+            found = (
+                f'{{"actor":"{actor}","data_hash":"{data_hash}","event_id":"evt_{stamp}',
+                f'"type":"{type_}","version":',
+                f'"type":"{type_}","occurred_at":"',
+            )
+            pieces[(shape, actor)] = found
+        eid = f"{position:010d}"
         header = (
-            f'{{"actor":"{actor}","data_hash":"{data_hash}","event_id":"{eid}",'
-            f'"occurred_at":"{at}","position":{position},"recorded_at":"{at}",'
-            f'"stream":"{stream}","type":"{type_}","version":{version}}}'
+            f'{found[0]}{eid}","occurred_at":"{at}","position":{position},"recorded_at":"{at}",'
+            f'"stream":"{stream}",{found[1]}{version}}}'
         )
         digest = sha256(f"{prev}\n{header}".encode()).hexdigest()
+        type_, data, data_hash = shape
         text = (
-            f'{{"position":{position},"event_id":"{eid}","stream":"{stream}",'
-            f'"version":{version},"type":"{type_}","occurred_at":"{at}","recorded_at":"{at}",'
+            f'{{"position":{position},"event_id":"evt_{stamp}{eid}","stream":"{stream}",'
+            f'"version":{version},{found[2]}{at}","recorded_at":"{at}",'
             f'"actor":"{actor}","data":{data},"data_hash":"{data_hash}","prev_hash":"{prev}",'
             f'"hash":"{digest}"}}\n'
         )
