@@ -37,6 +37,7 @@ import asyncio
 import hashlib
 import json
 import os
+import resource
 import secrets
 import sqlite3
 import tempfile
@@ -369,6 +370,7 @@ def import_history(
 
     n_jobs = jobs if jobs is not None else max(1, events // events_per_job)
     started = time.perf_counter()
+    write_cpu = time.process_time()
     folder = Path(str(db_path)).parent if "://" not in str(db_path) else None
     with tempfile.TemporaryDirectory(prefix="jobledger-history-", dir=folder) as tmp:
         export = Path(tmp) / "history.ndjson"
@@ -383,7 +385,11 @@ def import_history(
             key_role=key_role,
         )
         written = time.perf_counter() - started
+        write_cpu = time.process_time() - write_cpu
+        used = resource.getrusage(resource.RUSAGE_CHILDREN)
         out, wall = procs.cli("import", "--db", str(db_path), "--tenant", tenant, str(export))
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime + after.ru_stime - used.ru_utime - used.ru_stime
     summary = json.loads(out.strip().splitlines()[-1])
     elapsed = time.perf_counter() - started
     n_events = history["events"] - (1 if key_role is not None else 0)
@@ -398,7 +404,8 @@ def import_history(
         "events_per_second": round(n_events / elapsed, 1) if elapsed else 0.0,
         "jobs_per_second": round(n_jobs / elapsed, 1) if elapsed else 0.0,
         "write_seconds": round(written, 3),
-        "import": {**summary, "wall_seconds": round(wall, 3)},
+        "write_cpu_seconds": round(write_cpu, 3),
+        "import": {**summary, "wall_seconds": round(wall, 3), "cpu_seconds": round(cpu, 3)},
         "token": history["token"],
         "job_ids_sample": job_ids[:: max(1, n_jobs // 1000)][:1000],
         "accounts": accounts,
