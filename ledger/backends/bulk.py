@@ -93,7 +93,7 @@ class SqliteBulk:
             await self._in_writer(writer.execute, f"PRAGMA temp_store = {temp}")
             await self._in_writer(writer.execute, f"PRAGMA wal_autocheckpoint = {pages}")
             if not bulk:
-                await self._in_writer(writer.execute, "PRAGMA wal_checkpoint(PASSIVE)")
+                await self._in_writer(_pragma, writer, "wal_checkpoint(PASSIVE)")
 
     async def swap_tables(self, conn: Conn, swaps: Sequence[TableSwap]) -> None:
         """Drop each live table and rename its shadow in its place.
@@ -129,16 +129,22 @@ def _lines(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> tuple[b
     return b"\n".join([r[1] for r in rows]) + b"\n", rows[-1][0], len(rows)
 
 
+def _pragma(conn: sqlite3.Connection, pragma: str) -> list[Any]:
+    # every row read: a statement left with rows to give keeps a read transaction open,
+    # and then the journal mode cannot change
+    return conn.execute(f"PRAGMA {pragma}").fetchall()
+
+
 def _journal_mode(conn: sqlite3.Connection, mode: str) -> bool:
     """Switch ``conn``'s file to journal ``mode`` now (no waiting); whether it did."""
-    conn.execute("PRAGMA busy_timeout = 0")
+    _pragma(conn, "busy_timeout = 0")
     try:
-        row = conn.execute(f"PRAGMA journal_mode = {mode}").fetchone()
+        rows = _pragma(conn, f"journal_mode = {mode}")
     except sqlite3.OperationalError:  # another connection has the file open
         return False
     finally:
-        conn.execute("PRAGMA busy_timeout = 10000")
-    return bool(row) and str(row[0]).upper() == mode
+        _pragma(conn, "busy_timeout = 10000")
+    return bool(rows) and str(rows[0][0]).upper() == mode
 
 
 class PostgresBulk:
