@@ -7,8 +7,11 @@ an empty database, in one transaction:
   ``hash`` from ``prev_hash`` and the header) and it must extend its tenant's chain, which
   starts at 64 zeros; positions increase and each stream's versions count up from 1;
 - events keep their positions, ids, times and hashes, and are written in large batches
-  (``COPY`` on PostgreSQL) while the next batch is checked (the events table keeps its
-  indexes: their keys arrive nearly in order, which measured cheaper than building them after);
+  (``COPY`` on PostgreSQL) while the next batch is checked, into the events table without its
+  secondary indexes (the table is empty): they are built once at the end, which also checks
+  that no two events share an event id;
+- on SQLite the load is written once, into the database file (``Backend.loading``: a
+  rollback journal instead of the WAL while it lasts), and is still one atomic transaction;
 - jobs are folded on the way, so the read models are written from that fold (no second pass
   over the events) and swapped in as a rebuild swaps them; each tenant's chain head is its
   last event.

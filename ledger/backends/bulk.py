@@ -123,7 +123,12 @@ def _line_reader(path: str) -> sqlite3.Connection:
 
 
 def _lines(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> tuple[bytes, int, int]:
-    rows = conn.execute(sql, params).fetchall()
+    from ledger.backends.sqlite import translate_error  # that module imports this one
+
+    try:
+        rows = conn.execute(sql, params).fetchall()
+    except Exception as exc:
+        raise translate_error(exc) from exc
     if not rows:
         return b"", 0, 0
     return b"\n".join([r[1] for r in rows]) + b"\n", rows[-1][0], len(rows)
