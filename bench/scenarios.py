@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -320,13 +321,22 @@ def rebuild(
     tmp: Path, data: dict[str, Any], sizes: Sizes, log: Callable[[str], None]
 ) -> dict[str, Any]:
     db = data["history"]["db"]
+    cpu = time.process_time()
     events, seconds = raw_fold(db)
-    raw = {"events": events, "seconds": seconds, "events_per_second": events / seconds}
-    log(f"  raw fold: {events:,} events in {seconds:.2f} s")
+    cpu = time.process_time() - cpu
+    raw = {
+        "events": events,
+        "seconds": seconds,
+        "events_per_second": events / seconds,
+        "cpu_seconds": round(cpu, 3),
+    }
+    log(f"  raw fold: {events:,} events in {seconds:.2f} s (CPU {cpu:.2f} s)")
+    cpu = child_cpu()
     summary = procs.rebuild(db)
+    summary["cpu_seconds"] = round(child_cpu() - cpu, 3)
     log(
         f"  jobledger rebuild: {summary['events']:,} events in {summary['seconds']} s "
-        f"(process {summary['wall_seconds']} s)"
+        f"(process {summary['wall_seconds']} s, CPU {summary['cpu_seconds']} s)"
     )
     result: dict[str, Any] = {
         "raw_fold": raw,
@@ -451,10 +461,18 @@ async def _http_export(url: str, token: str) -> tuple[int, int, float]:
     return lines, size, time.perf_counter() - started
 
 
+def child_cpu() -> float:
+    """User + system CPU seconds of this process's finished children so far: what a command
+    cost, which on a shared machine says more than its wall time."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
 def raw_read(db: str) -> dict[str, Any]:
     """Baseline for exports: stdlib sqlite3 reads every exported column of every event in
     position order (fetchmany 10,000), encoding nothing: the database's own floor."""
     started = time.perf_counter()
+    cpu = time.process_time()
     conn = sqlite3.connect(db)
     events = 0
     try:
@@ -467,16 +485,25 @@ def raw_read(db: str) -> dict[str, Any]:
     finally:
         conn.close()
     seconds = time.perf_counter() - started
-    return {"events": events, "seconds": seconds, "events_per_second": events / seconds}
+    return {
+        "events": events,
+        "seconds": seconds,
+        "events_per_second": events / seconds,
+        "cpu_seconds": round(time.process_time() - cpu, 3),
+    }
 
 
 def export(
     tmp: Path, data: dict[str, Any], sizes: Sizes, log: Callable[[str], None]
 ) -> dict[str, Any]:
     result: dict[str, Any] = {"raw_read": raw_read(data["history"]["db"])}
-    log(f"  raw read: {result['raw_read']['events_per_second']:,.0f} events/s")
+    log(
+        f"  raw read: {result['raw_read']['events_per_second']:,.0f} events/s "
+        f"(CPU {result['raw_read']['cpu_seconds']} s)"
+    )
     for name in ("history_small", "history"):
         info = data[name]
+        cpu = child_cpu()
         lines, size, seconds = procs.count_stream(
             [procs.JOBLEDGER, "export", "--db", info["db"], "--tenant", info["tenant"]]
         )
@@ -485,6 +512,7 @@ def export(
             "bytes": size,
             "seconds": round(seconds, 3),
             "events_per_second": lines / seconds,
+            "cpu_seconds": round(child_cpu() - cpu, 3),
         }
         with procs.ledger_server(info["db"], tmp, name=f"export-{name}") as server:
             before = server.memory()
@@ -499,7 +527,8 @@ def export(
             "memory_after_mib": after,
         }
         log(
-            f"  {name}: CLI {cli['events_per_second']:,.0f} events/s, HTTP "
+            f"  {name}: CLI {cli['events_per_second']:,.0f} events/s (CPU "
+            f"{cli['cpu_seconds']} s), HTTP "
             f"{http['events_per_second']:,.0f} events/s, server peak RSS {after.get('VmHWM')} MiB"
         )
         result[name] = {"history_events": info["events"], "cli": cli, "http": http}
@@ -553,16 +582,23 @@ def raw_insert(db: str, tmp: Path) -> dict[str, Any]:
                 conn.execute(sql)
         started = time.perf_counter()
         conn.execute("BEGIN IMMEDIATE")
+        cpu = time.process_time()
         insert = f"INSERT INTO events VALUES ({', '.join('?' * len(rows[0]))})"
         for i in range(0, len(rows), 50_000):
             conn.executemany(insert, rows[i : i + 50_000])
         conn.execute("COMMIT")
         seconds = time.perf_counter() - started
+        cpu = time.process_time() - cpu
     finally:
         conn.close()
         for suffix in ("", "-wal", "-shm"):
             Path(f"{target}{suffix}").unlink(missing_ok=True)
-    return {"events": len(rows), "seconds": seconds, "events_per_second": len(rows) / seconds}
+    return {
+        "events": len(rows),
+        "seconds": seconds,
+        "events_per_second": len(rows) / seconds,
+        "cpu_seconds": round(cpu, 3),
+    }
 
 
 def import_(
@@ -574,9 +610,10 @@ def import_(
     imp = history["import"]
     log(
         f"  import: {imp['events']:,} events in {imp['seconds']} s "
-        f"({imp['events_per_second']:,.0f}/s); raw insert {raw['seconds']:.2f} s"
+        f"({imp['events_per_second']:,.0f}/s, process CPU {imp.get('cpu_seconds')} s); "
+        f"raw insert {raw['seconds']:.2f} s (CPU {raw['cpu_seconds']} s)"
     )
-    keep = ("events", "jobs", "seconds", "write_seconds", "import")
+    keep = ("events", "jobs", "seconds", "write_seconds", "write_cpu_seconds", "import")
     return {"history": {k: history[k] for k in keep}, "raw_insert": raw}
 
 

@@ -8,7 +8,7 @@ against the stored head, so an edited, deleted or reordered row is found (sectio
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,9 +191,35 @@ async def export_chunks(
 ) -> AsyncIterator[tuple[bytes, int]]:
     """The export as encoded chunks with the last position each covers, in constant memory.
 
-    NDJSON lines are rendered by the database (``_line_sql``); CSV rows are encoded here. The
-    next chunk is read (in the database's thread) while this one is encoded.
+    NDJSON lines are rendered by the database (``_line_sql``) and, unless a set of streams
+    filters them here, joined by the backend into one block a chunk (``fetch_lines``: on
+    SQLite, bytes in a worker thread); CSV rows are encoded here. The next chunk is read (in
+    the database's thread) while this one is written.
     """
+    if fmt == "csv" or flt.streams is not None:
+        async for chunk in _row_chunks(backend, flt, fmt):
+            yield chunk
+        return
+    where, params = _where(flt)
+    line = _line_sql(backend, tenants=flt.tenant is None)
+    sql = (
+        f"SELECT position, {line} FROM events WHERE {where} ORDER BY position LIMIT {EXPORT_CHUNK}"
+    )
+
+    def read(after: int) -> Awaitable[tuple[bytes, int, int]]:
+        return backend.fetch_lines(sql, [after, *params[1:]])
+
+    block, last, count = await read(0)
+    while count:
+        following = asyncio.ensure_future(read(last)) if count == EXPORT_CHUNK else None
+        yield block, last
+        block, last, count = await following if following is not None else (b"", 0, 0)
+
+
+async def _row_chunks(
+    backend: Backend, flt: ExportFilter, fmt: str
+) -> AsyncIterator[tuple[bytes, int]]:
+    """CSV chunks, or NDJSON ones filtered by ``flt.streams`` here."""
     csv_format = fmt == "csv"
     if csv_format:
         sql, params = _export_sql(flt)

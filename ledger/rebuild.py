@@ -13,9 +13,10 @@ and how their rows compare, the projectors describe (``Projector.specs``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ import structlog
 from ledger.events import JOB_EVENT_TYPES, Event, decode_stored
 from ledger.jobs import JobState, evolve
 from ledger.records import Batch, Change, Projector, Recorded, TableSpec
-from ledger.sql import Backend, Conn, TableSwap
+from ledger.sql import Backend, Conn, TableSwap, WriteConn
 
 log = structlog.get_logger(__name__)
 SUFFIX = "__rebuild"
@@ -281,39 +282,95 @@ async def _swap(backend: Backend, conn: Conn, projectors: Sequence[Projector]) -
 
 
 async def write_models(
-    backend: Backend, conn: Conn, projectors: Sequence[Projector], fold: Fold
+    backend: Backend, conn: WriteConn, projectors: Sequence[Projector], fold: Fold
 ) -> None:
-    """Inside one write transaction: write ``fold`` into fresh shadows and swap them in."""
-    await _create_shadows(conn, projectors)
-    shadows = [p.with_suffix(SUFFIX) for p in projectors]
-    if fold.tenant_events:
-        for shadow in shadows:
-            await shadow.apply(conn, Batch(events=fold.tenant_events))
-    items = list(fold.jobs.items())
-    for i in range(0, len(items), WRITE_CHUNK):
-        batch = Batch()
-        for key, state in items[i : i + WRITE_CHUNK]:
-            batch.changes[key] = Change(key[0], None, state)
-        for shadow in shadows:
-            await shadow.apply(conn, batch)
-        await conn.fetchone("SELECT 1")  # write this chunk now: rows do not pile up in memory
+    """Inside one write transaction: write ``fold`` into fresh shadows and swap them in.
+
+    Each chunk's rows are encoded while the database writes the one before (SQLite's write
+    connection runs its buffered statements in its own thread at ``sync()``).
+    """
+    writing = asyncio.ensure_future(conn.sync())  # what the caller left buffered, too
+    await asyncio.sleep(0)  # let it take the statements buffered so far and start
+    try:
+        await _create_shadows(conn, projectors)
+        shadows = [p.with_suffix(SUFFIX) for p in projectors]
+        for batch in _batches(fold):
+            for shadow in shadows:
+                await shadow.apply(conn, batch)
+            await writing
+            writing = asyncio.ensure_future(conn.sync())  # rows do not pile up in memory
+            await asyncio.sleep(0)
+        await writing
+    finally:
+        if not writing.done():
+            writing.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writing
     await _swap(backend, conn, projectors)
 
 
-async def _fill(backend: Backend, shadows: Sequence[Projector], fold: Fold) -> None:
-    """Write the folded states into the shadows in short transactions."""
-    if fold.tenant_events:
+class _Recorder:
+    """A ``Conn`` that keeps the statements a projector writes, to run them later (a
+    projector's ``apply`` only writes), so rows are encoded outside the write transaction."""
+
+    dialect = "recorder"
+
+    def __init__(self) -> None:
+        self.statements: list[tuple[str, Any, bool]] = []
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        self.statements.append((sql, params, False))
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self.statements.append((sql, list(rows), True))
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        raise AssertionError("a projector's apply only writes")
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        raise AssertionError("a projector's apply only writes")
+
+    async def replay(self, backend: Backend) -> None:
+        """Run the statements in one short write transaction."""
         async with backend.write() as conn:
-            for shadow in shadows:
-                await shadow.apply(conn, Batch(events=fold.tenant_events))
+            for sql, args, many in self.statements:
+                if many:
+                    await conn.executemany(sql, args)
+                else:
+                    await conn.execute(sql, args)
+
+
+def _batches(fold: Fold) -> Iterator[Batch]:
+    if fold.tenant_events:
+        yield Batch(events=fold.tenant_events)
     items = list(fold.jobs.items())
     for i in range(0, len(items), WRITE_CHUNK):
         batch = Batch()
         for key, state in items[i : i + WRITE_CHUNK]:
             batch.changes[key] = Change(key[0], None, state)
-        async with backend.write() as conn:
+        yield batch
+
+
+async def _fill(backend: Backend, shadows: Sequence[Projector], fold: Fold) -> None:
+    """Write the folded states into the shadows in short transactions; each chunk's rows are
+    encoded while the database writes the chunk before."""
+    writing: asyncio.Future[None] | None = None
+    try:
+        for batch in _batches(fold):
+            recorder = _Recorder()
             for shadow in shadows:
-                await shadow.apply(conn, batch)
+                await shadow.apply(recorder, batch)
+            if writing is not None:
+                await writing
+            writing = asyncio.ensure_future(recorder.replay(backend))
+            await asyncio.sleep(0)  # let it take the write lock and start
+        if writing is not None:
+            await writing
+    finally:
+        if writing is not None and not writing.done():
+            writing.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writing
 
 
 def _normal(value: Any) -> Any:

@@ -131,6 +131,16 @@ class Backend(Protocol):
         """
         ...
 
+    async def fetch_lines(self, sql: str, params: Sequence[Any]) -> tuple[bytes, int, int]:
+        """The rows ``(position, line)`` of ``sql`` as one block of lines (each ended by a
+        newline), the last row's position and the number of rows; ``b""`` when none."""
+        ...
+
+    def loading(self) -> AbstractAsyncContextManager[None]:
+        """Around a bulk load into a new, empty database: the backend may write it more cheaply
+        (no concurrent readers of this process meanwhile); every transaction stays atomic."""
+        ...
+
     async def copy_rows(
         self, conn: Conn, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
     ) -> None:

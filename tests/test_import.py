@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient
 from api.app import create_app
 from api.context import STORE
 from api.settings import Settings
+from ledger import chain
 from ledger.backends import backend_for
 from ledger.store import EventStore
 from projections import all_projectors
@@ -203,3 +204,96 @@ async def test_import_refuses_what_is_not_an_export(tmp_path: Path) -> None:
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
     conn.close()
+
+
+def _rechained(events: list[dict[str, Any]]) -> str:
+    """``events`` as an export again, every tenant's chain recomputed (a forger's file)."""
+    prev: dict[str, str] = {}
+    out = []
+    for e in events:
+        e["prev_hash"] = prev.get(e["tenant"], chain.GENESIS)
+        e["hash"] = chain.header_hash(e["prev_hash"], {k: e[k] for k in chain.HEADER_FIELDS})
+        prev[e["tenant"]] = e["hash"]
+        out.append(json.dumps(e, ensure_ascii=False) + "\n")
+    return "".join(out)
+
+
+async def test_two_events_with_one_event_id_are_refused(
+    db_url: str, other_db: str, client: TestClient[Any, Any], api: Api, tmp_path: Path
+) -> None:
+    """Event ids are unique (their index is built after the load): a whole, well-chained
+    file that repeats one is refused, and nothing is imported."""
+    await api.post("/v1/jobs", {"id": "j1", "agent": "a", "account": "x"})
+    await api.post("/v1/jobs/j1/events", {"type": "job.started"})
+    await api.post("/v1/jobs/j1/events", {"type": "job.completed", "data": {"row_count": 2}})
+    await client.close()
+    lines = (await export(db_url, tmp_path / "all.ndjson")).decode().splitlines()
+    events = [json.loads(line) for line in lines]
+    events[-1]["event_id"] = events[-2]["event_id"]
+    bad = tmp_path / "bad.ndjson"
+    bad.write_text(_rechained(events), encoding="utf-8")
+    assert (await acli("verify", "--file", str(bad))).code == 0  # every hash holds
+
+    done = await acli("import", "--db", other_db, str(bad))
+    assert done.code == 1 and "share an event id" in done.err, done.err
+    assert "Traceback" not in done.err
+    assert await counts(other_db) == (0, 0, 0)
+    good = await acli("import", "--db", other_db, str(tmp_path / "all.ndjson"))
+    assert good.code == 0, good.err
+    assert await counts(other_db) == (len(lines), len({e["tenant"] for e in events}), 1)
+
+
+def _journal_mode(path: Path) -> str:
+    with sqlite3.connect(path) as conn:
+        mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0])
+    conn.close()
+    return mode
+
+
+async def test_sqlite_import_ends_in_wal_mode_whether_it_succeeds_or_not(
+    db_url: str, client: TestClient[Any, Any], api: Api, tmp_path: Path
+) -> None:
+    """SQLite loads through a rollback journal; afterwards, and after a refusal, the file is
+    in WAL mode again, with no journal left, and a server serves it."""
+    await api.post("/v1/jobs", {"id": "j1", "agent": "a", "account": "x"})
+    await client.close()
+    await export(db_url, tmp_path / "all.ndjson")
+    lines = (tmp_path / "all.ndjson").read_text(encoding="utf-8").splitlines()
+    broken = tmp_path / "broken.ndjson"
+    broken.write_text("\n".join([*lines[:-1], lines[-1].replace('"hash":"', '"hash":"0')]))
+    target = tmp_path / "target.db"
+
+    refused = await acli("import", "--db", str(target), str(broken))
+    assert refused.code == 1 and "import refused at position" in refused.err
+    assert _journal_mode(target) == "wal"
+    assert not (tmp_path / "target.db-journal").exists()
+    assert await counts(str(target)) == (0, 0, 0)
+
+    done = await acli("import", "--db", str(target), str(tmp_path / "all.ndjson"))
+    assert done.code == 0, done.err
+    assert _journal_mode(target) == "wal"
+    assert not (tmp_path / "target.db-journal").exists()
+    tenants = {json.loads(line)["tenant"] for line in lines}
+    assert await counts(str(target)) == (len(lines), len(tenants), 1)
+
+
+async def test_sqlite_import_beside_another_open_connection_stays_in_wal(
+    db_url: str, client: TestClient[Any, Any], api: Api, tmp_path: Path
+) -> None:
+    """Another process holding the file open keeps it in WAL mode: the import still loads
+    everything, in one transaction, only without the cheaper journal."""
+    await api.post("/v1/jobs", {"id": "j1", "agent": "a", "account": "x"})
+    await client.close()
+    await export(db_url, tmp_path / "all.ndjson")
+    target = tmp_path / "target.db"
+    assert await counts(str(target)) == (0, 0, 0)  # creates the (empty) schema
+    holder = sqlite3.connect(target)
+    try:
+        holder.execute("SELECT count(*) FROM events").fetchone()
+        done = await acli("import", "--db", str(target), str(tmp_path / "all.ndjson"))
+        assert done.code == 0, done.err
+        assert holder.execute("SELECT count(*) FROM events").fetchone()[0] > 0
+        assert _journal_mode(target) == "wal"
+    finally:
+        holder.close()
+    assert (await counts(str(target)))[2] == 1

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from ledger.sql import Conn, TableSwap
@@ -23,6 +24,57 @@ class SqliteBulk:
 
     async def _in_writer(self, fn: Any, *args: Any) -> Any:
         raise NotImplementedError
+
+    async def _open_readers(self) -> None:
+        raise NotImplementedError
+
+    async def _close_readers(self) -> None:
+        raise NotImplementedError
+
+    path: str
+    _line_readers: list[sqlite3.Connection]
+
+    async def fetch_lines(self, sql: str, params: Sequence[Any]) -> tuple[bytes, int, int]:
+        """Rows ``(position, line)`` of ``sql`` as one block of lines, the last position and
+        the row count. A connection of its own runs the query and joins the lines in a
+        worker thread, as bytes: the text never becomes a Python string per row."""
+        conn = self._line_readers.pop() if self._line_readers else None
+        if conn is None:
+            conn = await asyncio.to_thread(_line_reader, self.path)
+        found = await asyncio.to_thread(_lines, conn, sql, params)
+        # not on an error or a cancellation: the thread may still be using the connection
+        self._line_readers.append(conn)
+        return found
+
+    def _close_line_readers(self) -> None:
+        while self._line_readers:
+            self._line_readers.pop().close()
+
+    @asynccontextmanager
+    async def loading(self) -> AsyncIterator[None]:
+        """A load into a new, empty database (``jobledger import``), written once.
+
+        In WAL mode a transaction's pages all go to the WAL first and are copied into the
+        database afterwards: a million events are written twice. While the load lasts, this
+        process's readers are closed and the file uses a rollback journal instead, which holds
+        only the pages the file had before (a transaction that appends pages need not journal
+        them): the loaded pages are written once, and the load is still one atomic, durable
+        transaction (a crash in the middle leaves a journal that the next open rolls back, to
+        the empty database). If another process has the file open, it stays in WAL (slower,
+        as safe). Afterwards the file is in WAL mode again and the readers are reopened.
+        """
+        assert self._writer is not None, "backend not open"
+        writer = self._writer
+        async with self._write_lock:
+            await self._close_readers()
+            switched = await self._in_writer(_journal_mode, writer, "DELETE")
+        try:
+            yield
+        finally:
+            async with self._write_lock:
+                if switched:
+                    await self._in_writer(_journal_mode, writer, "WAL")
+                await self._open_readers()
 
     def json_text(self, expr: str) -> str:
         # json_quote escapes '"', '\\', \b \f \n \r \t and other controls as \u00xx, keeps
@@ -41,7 +93,7 @@ class SqliteBulk:
             await self._in_writer(writer.execute, f"PRAGMA temp_store = {temp}")
             await self._in_writer(writer.execute, f"PRAGMA wal_autocheckpoint = {pages}")
             if not bulk:
-                await self._in_writer(writer.execute, "PRAGMA wal_checkpoint(PASSIVE)")
+                await self._in_writer(_pragma, writer, "wal_checkpoint(PASSIVE)")
 
     async def swap_tables(self, conn: Conn, swaps: Sequence[TableSwap]) -> None:
         """Drop each live table and rename its shadow in its place.
@@ -62,8 +114,64 @@ class SqliteBulk:
         await conn.fetchone("SELECT 1")
 
 
+def _line_reader(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute("PRAGMA query_only = 1")
+    conn.text_factory = bytes
+    return conn
+
+
+def _lines(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> tuple[bytes, int, int]:
+    from ledger.backends.sqlite import translate_error  # that module imports this one
+
+    try:
+        rows = conn.execute(sql, params).fetchall()
+    except Exception as exc:
+        raise translate_error(exc) from exc
+    if not rows:
+        return b"", 0, 0
+    return b"\n".join([r[1] for r in rows]) + b"\n", rows[-1][0], len(rows)
+
+
+def _pragma(conn: sqlite3.Connection, pragma: str) -> list[Any]:
+    # every row read: a statement left with rows to give keeps a read transaction open,
+    # and then the journal mode cannot change
+    return conn.execute(f"PRAGMA {pragma}").fetchall()
+
+
+def _journal_mode(conn: sqlite3.Connection, mode: str) -> bool:
+    """Switch ``conn``'s file to journal ``mode`` now (no waiting); whether it did."""
+    _pragma(conn, "busy_timeout = 0")
+    try:
+        rows = _pragma(conn, f"journal_mode = {mode}")
+    except sqlite3.OperationalError:  # another connection has the file open
+        return False
+    finally:
+        _pragma(conn, "busy_timeout = 10000")
+    return bool(rows) and str(rows[0][0]).upper() == mode
+
+
 class PostgresBulk:
     """Bulk work on PostgreSQL (mixed into ``PostgresBackend``)."""
+
+    @asynccontextmanager
+    async def loading(self) -> AsyncIterator[None]:
+        yield  # COPY writes the rows once already
+
+    def read(
+        self, *, snapshot: bool = False, bulk: bool = False
+    ) -> AbstractAsyncContextManager[Conn]:
+        raise NotImplementedError
+
+    async def fetch_lines(self, sql: str, params: Sequence[Any]) -> tuple[bytes, int, int]:
+        """Rows ``(position, line)`` of ``sql`` as one block of lines, the last position and
+        the row count."""
+        async with self.read(bulk=True) as conn:
+            rows = await conn.fetchall(sql, params)
+        if not rows:
+            return b"", 0, 0
+        return ("\n".join([r[1] for r in rows]) + "\n").encode(), rows[-1][0], len(rows)
 
     def json_text(self, expr: str) -> str:
         # to_json escapes '"', '\\', \b \f \n \r \t and other controls as \u00xx, keeps

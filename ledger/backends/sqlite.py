@@ -226,6 +226,7 @@ class SqliteBackend(SqliteBulk):
         self._all: list[aiosqlite.Connection] = []
         self._write_lock = asyncio.Lock()
         self._residue: asyncio.Task[None] | None = None
+        self._line_readers: list[sqlite3.Connection] = []
 
     async def _connect_reader(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -259,14 +260,30 @@ class SqliteBackend(SqliteBulk):
         try:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
             self._writer = await self._in_writer(self._connect_writer)
-            for _ in range(READERS):
-                self._readers.put_nowait(await self._connect_reader())
-            self._inline = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._inline.execute("PRAGMA busy_timeout = 1000")
-            self._inline.execute("PRAGMA query_only = 1")
+            await self._open_readers()
         except sqlite3.Error as exc:
             await self.close()
             raise StoreUnavailable(f"cannot open database {self.path}: {exc}") from None
+
+    async def _open_readers(self) -> None:
+        self._readers = asyncio.Queue()
+        for _ in range(READERS):
+            self._readers.put_nowait(await self._connect_reader())
+        self._inline = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._inline.execute("PRAGMA busy_timeout = 1000")
+        self._inline.execute("PRAGMA query_only = 1")
+
+    async def _close_readers(self) -> None:
+        for conn in self._all:
+            try:
+                await conn.close()
+            except Exception:  # closing is best effort; the file stays consistent
+                pass
+        self._all.clear()
+        self._close_line_readers()
+        if self._inline is not None:
+            self._inline.close()
+            self._inline = None
 
     async def close(self) -> None:
         residue = self._residue is not None and not self._residue.done()
@@ -274,15 +291,7 @@ class SqliteBackend(SqliteBulk):
             self._residue.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._residue
-        for conn in self._all:
-            try:
-                await conn.close()
-            except Exception:  # closing is best effort; the file stays consistent
-                pass
-        self._all.clear()
-        if self._inline is not None:
-            self._inline.close()
-            self._inline = None
+        await self._close_readers()
         if self._writer is not None:
             if residue:  # the last try, now that this process's readers are gone
                 with contextlib.suppress(sqlite3.Error):
