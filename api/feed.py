@@ -136,7 +136,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
                 await response.write(b": the API key was revoked\n\n")
                 break
             key_checked = time.monotonic()
-        head = ledger.head_position  # read first: a commit after it moves it again
+        head = ledger.changes  # read first: a commit after it moves it again
         if head != read_at:  # waking for the key check alone costs no read
             events = await _events(request, who, after=cursor, limit=STREAM_BATCH)
             if events:

@@ -74,6 +74,8 @@ class EventStore:
         self._watcher: asyncio.Task[None] | None = None
         self._watching = False
         self.head_position = 0
+        self.changes = 0  # moves on every commit this process learns of: a change marker
+        self._events_seen = 0  # the ledger's event count as the watcher last read it
         self._tick = asyncio.Event()
 
     @property
@@ -94,6 +96,8 @@ class EventStore:
             statements.extend(projector.indexes())
         await self.backend.ensure_schema(statements)
         self.head_position = await self.max_position()
+        async with self.backend.read() as conn:
+            self._events_seen = (await tables.event_count(conn))[0]
         if writer:
             self._writer.start()
             self._watching = True
@@ -135,8 +139,11 @@ class EventStore:
         return await self._writer.execute(command, tenants)
 
     async def _committed(self, committed: Committed) -> None:
-        if committed.last_position > self.head_position:
-            self.head_position = committed.last_position
+        # With per-tenant locks a commit may hold positions below the head (another tenant's
+        # batch took later ones and committed first): every commit with events wakes.
+        if committed.events:
+            self.head_position = max(self.head_position, committed.last_position)
+            self._events_seen += committed.events  # so the watcher skips our own
             self._wake()
             await self.backend.signal()
         if committed.erased:
@@ -145,6 +152,7 @@ class EventStore:
     # -- change notification ---------------------------------------------------------------
 
     def _wake(self) -> None:
+        self.changes += 1
         tick, self._tick = self._tick, asyncio.Event()
         tick.set()
 
@@ -159,9 +167,11 @@ class EventStore:
         while self._watching:
             try:
                 await self.backend.wait_for_signal(WATCH_SECONDS)
-                position = await self.max_position()
-                if position > self.head_position:
-                    self.head_position = position
+                async with self.backend.read() as conn:
+                    count, position = await tables.event_count(conn)
+                if count > self._events_seen:  # another process committed events
+                    self._events_seen = count
+                    self.head_position = max(self.head_position, position)
                     self._wake()
             except asyncio.CancelledError:
                 raise
