@@ -39,7 +39,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -94,11 +94,15 @@ BEGIN
         NULL::text, NULL::bigint;
     RETURN QUERY SELECT 'h'::text, h.tenant::text, NULL::text, h.position, h.hash::text, h.count
         FROM chain_heads h WHERE h.tenant = ANY (p_tenants);
-    RETURN QUERY SELECT 's'::text, e.tenant::text, e.stream::text, NULL::bigint, NULL::text,
+    RETURN QUERY SELECT 's'::text, c.tenant, s.stream::text, NULL::bigint, NULL::text,
         NULL::bigint
         FROM unnest(p_tenants, p_known) AS c(tenant, known)
-        JOIN events e ON e.tenant = c.tenant AND e.position > c.known
-        WHERE c.known >= 0 LIMIT p_limit;
+        CROSS JOIN LATERAL (
+            SELECT e.stream FROM events e
+            WHERE e.tenant = c.tenant AND e.position > c.known
+            ORDER BY e.position LIMIT p_limit
+        ) s
+        WHERE c.known >= 0;
     RETURN QUERY SELECT 'p'::text, NULL::text, NULL::text, nextval('event_positions'),
         NULL::text, NULL::bigint FROM generate_series(1, p_count);
 END
@@ -239,6 +243,59 @@ def _prepared_on(conn: asyncpg.Connection) -> set[str]:
     return names
 
 
+# ``INSERT INTO t (cols) VALUES ($1, ..., $n) [ON CONFLICT (keys) ...]``: several rows of it
+# go as one statement with several VALUES rows (one parse, one plan, one executor start).
+_INSERT = re.compile(
+    r"\s*INSERT\s+INTO\s+(\S+)\s*\(([^)]*)\)\s*VALUES\s*\(([$0-9,\s]*)\)"
+    r"(\s*|\s+ON\s+CONFLICT\s*\(([^)]*)\)\s.*)$",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+class _Insert(NamedTuple):
+    head: str  # "INSERT INTO t (cols) VALUES "
+    tail: str  # "" or " ON CONFLICT (...) DO ..."
+    keys: tuple[int, ...] | None  # the conflict key's columns; None: no ON CONFLICT
+
+
+@lru_cache(maxsize=512)
+def _multi_row(translated: str) -> _Insert | None:
+    """How rows of ``translated`` combine into one INSERT; ``None``: they do not."""
+    match = _INSERT.match(translated)
+    if match is None:
+        return None
+    table, cols, values, tail, conflict = match.groups()
+    columns = [c.strip() for c in cols.split(",")]
+    if [v.strip() for v in values.split(",")] != [f"${i + 1}" for i in range(len(columns))]:
+        return None
+    keys: tuple[int, ...] | None = None
+    if conflict is not None:
+        try:
+            keys = tuple(columns.index(k.strip()) for k in conflict.split(","))
+        except ValueError:
+            return None
+    return _Insert(f"INSERT INTO {table} ({cols}) VALUES ", tail, keys)
+
+
+def _rendered(translated: str, rows: list[Sequence[Any]], prepared: set[str]) -> list[str]:
+    """The statements that write ``rows`` of ``translated``, values as literals.
+
+    Several rows of a plain INSERT become one statement; of an upsert too, when no two rows
+    share the conflict key (an upsert may not touch a row twice). Otherwise one ``EXECUTE``
+    per row of the statement this connection PREPAREd, or the statement itself, inlined.
+    """
+    shape = _multi_row(translated) if len(rows) > 1 else None
+    if shape is not None and (
+        shape.keys is None or len({tuple(r[i] for i in shape.keys) for r in rows}) == len(rows)
+    ):
+        values = ", ".join(f"({', '.join(literal(v) for v in row)})" for row in rows)
+        return [shape.head + values + shape.tail]
+    name = _statement_name(translated)
+    if name in prepared:
+        return [f"EXECUTE {name}({', '.join(literal(v) for v in row)})" for row in rows]
+    return [inline(translated, row) for row in rows]
+
+
 def _statement_name(translated: str) -> str | None:
     """The name a write statement is PREPAREd under; ``None``: always sent as text."""
     name = _NAMES.get(translated)
@@ -363,7 +420,7 @@ class PostgresConn:
     async def _send(self, final: str | None = None) -> str | None:
         """Run the buffered statements (and ``final``) in one round trip; the last status."""
         self._check()
-        pending, self._pending = self._pending, []
+        pending = self._pending
         if not pending and final is None:
             return None
         if final is None or pending:
@@ -371,17 +428,15 @@ class PostgresConn:
         prepared = _prepared_on(self._conn)
         try:
             script = [
-                f"EXECUTE {name}({', '.join(literal(v) for v in row)})"
-                if (name := _statement_name(translated := translate(sql))) in prepared
-                else inline(translated, row)
+                statement
                 for sql, rows in pending
-                for row in rows
+                for statement in _rendered(translate(sql), rows, prepared)
             ]
-        except Unrenderable as exc:
-            self._failure = str(exc)
+        except Unrenderable as exc:  # nothing was sent: the buffer stays for a rollback
             raise Rejected(
                 f"the database cannot store a value ({exc}); nothing was written"
             ) from None
+        self._pending = []
         if final is not None:
             script.append(final)
         self._trips += 1
