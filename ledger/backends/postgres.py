@@ -61,6 +61,7 @@ POOL_MAX = 10
 CONNECT_TIMEOUT = 10.0
 RESIDUE_TABLES = ("events", "results", "idempotency", "jobs")
 STATEMENT_CACHE = 512
+PREPARED_MAX = 256  # write statements PREPAREd per connection, at most
 STALE_MAX = 10_000  # streams another process appended to; more and the tenant is forgotten
 
 # Created with the ledger's schema (PostgreSQL only). The function takes the tenants' write
@@ -300,7 +301,11 @@ def _statement_name(translated: str) -> str | None:
     """The name a write statement is PREPAREd under; ``None``: always sent as text."""
     name = _NAMES.get(translated)
     if name is None:
-        if _PREPARABLE.match(translated) is None or "$1" not in translated:
+        if (
+            _PREPARABLE.match(translated) is None
+            or "$1" not in translated
+            or len(_NAMES) >= PREPARED_MAX  # statements built per call (IN lists): inlined
+        ):
             return None
         name = _NAMES[translated] = "jlw_" + hashlib.sha1(translated.encode()).hexdigest()[:24]
     return None if translated in _UNPREPARABLE else name
@@ -523,9 +528,9 @@ async def _prepare_known(conn: asyncpg.Connection) -> None:
     server cannot infer: such a statement is sent as literal SQL from then on.
     """
     prepared = _prepared_on(conn)
+    if len(prepared) + len(_UNPREPARABLE) >= len(_NAMES):
+        return  # the usual case: nothing new since this connection's last transaction
     missing = [(t, n) for t, n in list(_NAMES.items()) if n not in prepared]
-    if not missing:
-        return
     for translated, name in missing:
         if translated in _UNPREPARABLE:
             continue
