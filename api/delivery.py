@@ -465,7 +465,8 @@ class Dispatcher:
                 await hooks.release(uow.conn, owner, tenant, webhook_id)
             return ours
 
-        ours = bool(await self.store.execute(write, tenants=()))
+        # under the tenant's lock: a redaction cannot commit between the check and the log
+        ours = bool(await self.store.execute(write, tenants=[tenant]))
         run.lease_until = now_us() + lease
         if not ours:
             run.closed = True  # somebody else's now: nothing more to write or release

@@ -224,6 +224,31 @@ class StoreCollector(Collector):
             count = getattr(stats, attr, None)
             if isinstance(count, int):
                 yield CounterMetricFamily(name, doc, value=count)
+        for attr, name, doc in (  # per-tenant write locks (PostgreSQL); 0 on SQLite
+            (
+                "lock_wait_seconds",
+                "jobledger_tenant_lock_wait_seconds",
+                "Seconds write batches waited for their tenants' write locks.",
+            ),
+            (
+                "lock_hold_seconds",
+                "jobledger_tenant_lock_hold_seconds",
+                "Seconds write batches held their tenants' write locks (to the COMMIT's answer).",
+            ),
+            (
+                "lock_wait_weighted",
+                "jobledger_tenant_lock_wait_command_seconds",
+                "Lock wait times the commands of each batch: what write commands waited in all.",
+            ),
+            (
+                "command_seconds",
+                "jobledger_writer_command_seconds",
+                "Batch time times its commands: what write commands spent in the writer in all.",
+            ),
+        ):
+            seconds = getattr(stats, attr, None)
+            if isinstance(seconds, float):
+                yield CounterMetricFamily(name, doc, value=seconds)
         depth = getattr(store, "queue_depth", None)
         if isinstance(depth, int):
             yield GaugeMetricFamily(

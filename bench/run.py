@@ -314,18 +314,58 @@ def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     f = results.get("postgres")
     if f and "error" not in f and "skipped" not in f:
+        runs = f["runs"]
+        tenants = f"{f['tenants']} tenants"
         out.append(
             figure(
                 "postgres",
-                "appends, 2 processes vs 1, one database",
+                f"appends, 2 processes vs 1, one database, {tenants}",
                 f["two_rps"],
                 "req/s",
                 baseline=f["one_rps"],
                 baseline_name="1 process",
                 ratio=f["ratio"],
-                target="reported",
+                target=">= 1.3x",
+                check=lambda v: v >= 1.3,
             )
         )
+        out.append(
+            figure(
+                "postgres",
+                f"appends, 4 processes vs 1, one database, {tenants}",
+                f["four_rps"],
+                "req/s",
+                baseline=f["one_rps"],
+                baseline_name="1 process",
+                ratio=f["ratio_four"],
+                target=">= 1.0x",
+                check=lambda v: v >= 1.0,
+            )
+        )
+        for n in sorted(runs, key=int):
+            r = runs[n]
+            out.append(
+                figure(
+                    "postgres",
+                    f"tenant-lock wait, share of append latency, {n} process(es)",
+                    r["lock_wait_share"] * 100,
+                    "%",
+                    target="<= 10 %" if n == "4" else "reported",
+                    check=(lambda v: v <= 10) if n == "4" else None,
+                    on="value",
+                )
+            )
+            out.append(
+                figure(
+                    "postgres",
+                    f"tenant-lock hold per batch ({r['commands_per_batch']:.1f} commands), "
+                    f"{n} process(es)",
+                    r["lock_hold_ms"],
+                    "ms",
+                    target="reported",
+                    on="value",
+                )
+            )
         out.extend(_replica_read_figures(f.get("reads")))
     return out
 

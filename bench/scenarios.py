@@ -617,6 +617,39 @@ def import_(
     return {"history": {k: history[k] for k in keep}, "raw_insert": raw}
 
 
+def _pg_run(
+    processes: int,
+    loads: list[dict[str, Any]],
+    before: list[dict[str, float]],
+    after: list[dict[str, float]],
+) -> dict[str, Any]:
+    """One configuration's throughput and lock figures over the measured window."""
+    delta = {k: sum(a[k] - b[k] for a, b in zip(after, before, strict=True)) for k in after[0]}
+    requests = sum(r["requests"] for r in loads)
+    # the clients' time in all: each request's latency, summed
+    latency_s = sum(r["requests"] * r["latency_mean_ms"] for r in loads) / 1000
+    batches = delta["jobledger_batches_total"] or 1.0
+    return {
+        "processes": processes,
+        "rps": sum(r["requests_per_s"] for r in loads),
+        "requests": requests,
+        "latency_mean_ms": latency_s / requests * 1000 if requests else 0.0,
+        "latency_p99_ms": max((r["latency_p99_ms"] for r in loads), default=0.0),
+        "non_2xx": sum(r["non_2xx"] for r in loads),
+        "batches": int(delta["jobledger_batches_total"]),
+        "commands_per_batch": delta["jobledger_commands_total"] / batches,
+        "lock_wait_ms": delta["jobledger_tenant_lock_wait_seconds_total"] / batches * 1000,
+        "lock_hold_ms": delta["jobledger_tenant_lock_hold_seconds_total"] / batches * 1000,
+        # what the appends waited for locks, as a share of what they took end to end
+        "lock_wait_share": (
+            delta["jobledger_tenant_lock_wait_command_seconds_total"] / latency_s
+            if latency_s
+            else 0.0
+        ),
+        "per_tenant": [_slim(r) for r in loads],
+    }
+
+
 # -- (f) PostgreSQL -----------------------------------------------------------------------------
 
 
@@ -630,8 +663,41 @@ async def _pg(url: str, sql: str) -> None:
         await conn.close()
 
 
+PG_TENANTS = 8
+PG_PROCESSES = (1, 2, 4)
+_LOCK_METRICS = (
+    "jobledger_tenant_lock_wait_seconds_total",
+    "jobledger_tenant_lock_hold_seconds_total",
+    "jobledger_tenant_lock_wait_command_seconds_total",
+    "jobledger_writer_command_seconds_total",
+    "jobledger_batches_total",
+    "jobledger_commands_total",
+)
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """The writer's lock counters from a server's ``/metrics`` (loopback needs no token)."""
+
+    async def get() -> str:
+        async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as resp:
+            return await resp.text()
+
+    values = dict.fromkeys(_LOCK_METRICS, 0.0)
+    for line in asyncio.run(get()).splitlines():
+        name, _, value = line.partition(" ")
+        if name in values:
+            values[name] = float(value)
+    return values
+
+
 def postgres(tmp: Path, sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
-    """Append throughput of two server processes over one PostgreSQL database vs one."""
+    """Append throughput of 1, 2 and 4 server processes over one PostgreSQL database.
+
+    ``PG_TENANTS`` tenants append at once over ``sizes.connections`` connections in all (one
+    wrk per tenant, its connections to one process, tenants spread round-robin over the
+    processes). Each process's ``/metrics`` give the time its batches waited for and held the
+    tenants' write locks over the measured window.
+    """
     admin = sizes.postgres_url.rstrip("/") + "/postgres"
     try:
         asyncio.run(_pg(admin, "SELECT 1"))
@@ -640,73 +706,68 @@ def postgres(tmp: Path, sizes: Sizes, log: Callable[[str], None]) -> dict[str, A
     name = f"jlbench_{uuid.uuid4().hex[:10]}"
     db = f"{sizes.postgres_url.rstrip('/')}/{name}"
     asyncio.run(_pg(admin, f'CREATE DATABASE "{name}"'))
-    result: dict[str, Any] = {"database": name}
+    result: dict[str, Any] = {"database": name, "tenants": PG_TENANTS}
     try:
-        token = procs.create_key(db, "bench")
-        seed = generate(
-            db,
-            sizes.append_jobs * 2,
-            events_per_job=2,
-            mix="running",
-            key_role=None,
-            accounts=sizes.accounts,
-            agents=sizes.agents,
-        )
-        job_ids: list[str] = seed["job_ids_sample"]
-        half = len(job_ids) // 2
-        conns = sizes.connections
-        with procs.ledger_server(db, tmp, name="pg-1") as one:
-            run_append_load(
-                one.url,
-                job_ids,
-                token,
-                duration_s=sizes.warmup_s,
-                connections=conns,
-                threads=sizes.threads,
+        tenants = [f"tenant{i}" for i in range(PG_TENANTS)]
+        tokens = {t: procs.create_key(db, t) for t in tenants}
+        jobs: dict[str, list[str]] = {}
+        for tenant in tenants:
+            seed = generate(
+                db,
+                max(128, sizes.append_jobs * 2 // PG_TENANTS),
+                tenant=tenant,
+                events_per_job=2,
+                mix="running",
+                key_role=None,
+                accounts=sizes.accounts,
+                agents=sizes.agents,
+                path="apply",
             )
-            single = run_append_load(
-                one.url,
-                job_ids,
-                token,
-                duration_s=sizes.duration_s,
-                connections=conns,
-                threads=sizes.threads,
+            jobs[tenant] = seed["job_ids_sample"]
+        per_tenant = max(1, sizes.connections // PG_TENANTS)
+        runs: dict[str, dict[str, Any]] = {}
+        for n in PG_PROCESSES:
+            servers = [procs.ledger_server(db, tmp, name=f"pg{n}-{i}") for i in range(n)]
+            with procs.servers(*servers) as started:
+
+                def drive(duration: float, started: tuple[Any, ...] = started) -> list[Any]:
+                    with ThreadPoolExecutor(PG_TENANTS) as pool:
+                        futures = [
+                            pool.submit(
+                                run_append_load,
+                                started[i % len(started)].url,
+                                jobs[t],
+                                tokens[t],
+                                duration_s=duration,
+                                connections=per_tenant,
+                                threads=1,
+                            )
+                            for i, t in enumerate(tenants)
+                        ]
+                        return [f.result() for f in futures]
+
+                drive(sizes.warmup_s)
+                before = [_scrape(s.url) for s in started]
+                loads = drive(sizes.duration_s)
+                after = [_scrape(s.url) for s in started]
+            runs[str(n)] = _pg_run(n, loads, before, after)
+            log(
+                f"  {n} process(es): {runs[str(n)]['rps']:,.0f} req/s, lock wait "
+                f"{runs[str(n)]['lock_wait_share']:.1%} of latency, hold "
+                f"{runs[str(n)]['lock_hold_ms']:.2f} ms/batch"
             )
-        log(f"  1 process: {single['requests_per_s']:,.0f} req/s (non-2xx {single['non_2xx']})")
-        with procs.servers(
-            procs.ledger_server(db, tmp, name="pg-a"), procs.ledger_server(db, tmp, name="pg-b")
-        ) as (a, b):
-            parts = [(a, job_ids[:half]), (b, job_ids[half:])]
-
-            def drive(duration: float) -> list[dict[str, Any]]:
-                with ThreadPoolExecutor(2) as pool:
-                    futures = [
-                        pool.submit(
-                            run_append_load,
-                            s.url,
-                            ids,
-                            token,
-                            duration_s=duration,
-                            connections=conns // 2,
-                            threads=1,
-                        )
-                        for s, ids in parts
-                    ]
-                    return [f.result() for f in futures]
-
-            drive(sizes.warmup_s)
-            double = drive(sizes.duration_s)
-        total = sum(r["requests_per_s"] for r in double)
-        log(f"  2 processes: {total:,.0f} req/s (non-2xx {sum(r['non_2xx'] for r in double)})")
+        one = runs["1"]["rps"]
         result.update(
-            one=_slim(single),
-            two=[_slim(r) for r in double],
-            one_rps=single["requests_per_s"],
-            two_rps=total,
-            ratio=total / single["requests_per_s"] if single["requests_per_s"] else None,
-            non_2xx=single["non_2xx"] + sum(r["non_2xx"] for r in double),
+            runs=runs,
+            one_rps=one,
+            two_rps=runs["2"]["rps"],
+            four_rps=runs["4"]["rps"],
+            ratio=runs["2"]["rps"] / one if one else None,
+            ratio_four=runs["4"]["rps"] / one if one else None,
+            non_2xx=sum(r["non_2xx"] for r in runs.values()),
         )
-        result["reads"] = postgres_reads(tmp, sizes, log, db, token, job_ids)
+        first = tenants[0]  # reads: one tenant's key over its jobs
+        result["reads"] = postgres_reads(tmp, sizes, log, db, tokens[first], jobs[first])
     except Exception as exc:
         result["skipped"] = f"PostgreSQL run failed: {type(exc).__name__}: {exc}"
     finally:

@@ -8,6 +8,7 @@ against the stored head, so an edited, deleted or reordered row is found (sectio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from ledger import chain, csvcells
 from ledger.clock import parse_us
 from ledger.errors import Invalid
 from ledger.records import EVENT_COLUMNS, Recorded
-from ledger.sql import Backend
+from ledger.sql import Backend, Conn, Row
 
 CSV_FIELDS = (
     "position",
@@ -95,15 +96,54 @@ class ExportFilter:
     until_position: int | None = None  # a consistent end: nothing appended after it
 
 
-async def iter_events(backend: Backend, flt: ExportFilter) -> AsyncIterator[list[Recorded]]:
-    """Chunks of events in position order; memory stays flat however long the history."""
+def one_snapshot(backend: Backend, flt: ExportFilter) -> bool:
+    """Whether reading ``flt`` page by page needs one snapshot to be complete.
+
+    Paging by ``position > last seen`` is safe where positions commit in order: always on
+    SQLite (one writer), and within one tenant on PostgreSQL (its write lock is held from the
+    positions' reservation to the COMMIT). Across tenants on PostgreSQL a lower position of one
+    tenant may commit after a higher one of another, so a later page could pass it for good:
+    such a read runs in one ``REPEATABLE READ`` snapshot instead and is complete as of it.
+    """
+    return flt.tenant is None and backend.dialect == "postgres"
+
+
+@contextlib.asynccontextmanager
+async def _pages(backend: Backend, flt: ExportFilter) -> AsyncIterator[Conn | None]:
+    """The connection every page of ``flt`` is read on; ``None``: a fresh one per page."""
+    if not one_snapshot(backend, flt):
+        yield None
+        return
+    async with backend.read(snapshot=True, bulk=True) as conn:
+        yield conn
+
+
+async def _fetch(backend: Backend, conn: Conn | None, sql: str, params: list[Any]) -> list[Row]:
+    if conn is not None:
+        return await conn.fetchall(sql, params)
+    async with backend.read(bulk=True) as fresh:
+        return await fresh.fetchall(sql, params)
+
+
+async def iter_events(
+    backend: Backend, flt: ExportFilter, conn: Conn | None = None
+) -> AsyncIterator[list[Recorded]]:
+    """Chunks of events in position order; memory stays flat however long the history.
+
+    ``conn``: read every chunk on it (a snapshot the caller holds); otherwise see
+    ``one_snapshot``.
+    """
+    if conn is None and one_snapshot(backend, flt):
+        async with _pages(backend, flt) as snapshot:
+            async for events in iter_events(backend, flt, snapshot):
+                yield events
+        return
     where, params = _where(flt)
     sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE {where} ORDER BY position LIMIT {CHUNK}"
     after = 0
     while True:
         params[0] = after
-        async with backend.read(bulk=True) as conn:
-            rows = await conn.fetchall(sql, params)
+        rows = await _fetch(backend, conn, sql, params)
         if not rows:
             return
         events = [Recorded.from_row(r) for r in rows]
@@ -230,25 +270,44 @@ async def _row_chunks(
             f"SELECT position, stream, {line} FROM events WHERE {where} ORDER BY position "
             f"LIMIT {EXPORT_CHUNK}"
         )
+    async with _pages(backend, flt) as snapshot:
+        async for chunk in _export_pages(backend, snapshot, flt, sql, params, csv_format):
+            yield chunk
+
+
+async def _export_pages(
+    backend: Backend,
+    snapshot: Conn | None,
+    flt: ExportFilter,
+    sql: str,
+    params: list[Any],
+    csv_format: bool,
+) -> AsyncIterator[tuple[bytes, int]]:
     stream_at = 2 if csv_format else 1
 
     async def read(after: int) -> list[Any]:
         params[0] = after
-        async with backend.read(bulk=True) as conn:
-            return await conn.fetchall(sql, list(params))
+        return await _fetch(backend, snapshot, sql, list(params))
 
     rows = await read(0)
-    while rows:
-        last = rows[-1][0]
-        following = asyncio.ensure_future(read(last)) if len(rows) == EXPORT_CHUNK else None
-        if flt.streams is not None:
-            rows = [r for r in rows if r[stream_at] in flt.streams]
-        if rows:
-            if csv_format:
-                yield _csv(rows), last
-            else:
-                yield ("\n".join([r[2] for r in rows]) + "\n").encode(), last
-        rows = await following if following is not None else []
+    following: asyncio.Future[list[Any]] | None = None
+    try:
+        while rows:
+            last = rows[-1][0]
+            following = asyncio.ensure_future(read(last)) if len(rows) == EXPORT_CHUNK else None
+            if flt.streams is not None:
+                rows = [r for r in rows if r[stream_at] in flt.streams]
+            if rows:
+                if csv_format:
+                    yield _csv(rows), last
+                else:
+                    yield ("\n".join([r[2] for r in rows]) + "\n").encode(), last
+            rows = await following if following is not None else []
+    finally:  # a reader that stops early: the snapshot's connection must be idle to go back
+        if following is not None and not following.done():
+            following.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await following
 
 
 # -- verification --------------------------------------------------------------------------
@@ -392,11 +451,27 @@ async def _last_redaction(backend: Backend, tenant: str, stream: str) -> int:
 async def verify_store(backend: Backend, tenant: str | None = None) -> Verdict:
     """Verify the chains in the database, and each chain's end against its stored head.
 
-    The heads and the last position are read in one snapshot and only events up to that
-    position are checked, so events appended meanwhile (a server keeps running) are no
-    failure. A break after a hole in the positions names the missing position.
+    The heads and the events are read as of one moment, so events appended meanwhile (a server
+    keeps running) are no failure: on SQLite the heads' snapshot names the last position to
+    check (one writer commits positions in order); on PostgreSQL everything is read in that one
+    snapshot (positions of different tenants commit out of order).
+
+    A break names where it is. On SQLite positions are dense, so a hole names the missing
+    position. On PostgreSQL positions have gaps by design (positions a batch reserved but did
+    not use), so a hole is no evidence; the hash links are, and a break names the first event
+    that does not link and the range the missing event was in.
     """
-    async with backend.read(snapshot=True) as conn:
+    if backend.dialect != "postgres":
+        return await _verify(backend, None, tenant)
+    async with backend.read(snapshot=True, bulk=True) as conn:
+        return await _verify(backend, conn, tenant)
+
+
+async def _verify(backend: Backend, snapshot: Conn | None, tenant: str | None) -> Verdict:
+    dense = snapshot is None
+    async with (
+        contextlib.nullcontext(snapshot) if snapshot else backend.read(snapshot=True)
+    ) as conn:
         rows = await conn.fetchall(
             "SELECT tenant, stream, max(position) FROM events WHERE type = 'job.redacted' "
             "GROUP BY tenant, stream"
@@ -410,22 +485,28 @@ async def verify_store(backend: Backend, tenant: str | None = None) -> Verdict:
     beyond: dict[str, int] = {}  # tenant -> its first event past the recorded head
     count, last = 0, chain.GENESIS
     flt = ExportFilter(tenant=tenant, until_position=upto)
-    async for events in iter_events(backend, flt):
+    async for events in iter_events(backend, flt, snapshot):
         for e in events:
             prev, n, last_pos = chains.get(e.tenant, (chain.GENESIS, 0, 0))
             key = (e.tenant, e.stream)
-            if e.data is None and redactions.get(key, 0) <= e.position:
+            if dense and e.data is None and redactions.get(key, 0) <= e.position:
                 redactions[key] = await _last_redaction(backend, *key)  # one made meanwhile?
             reason = _row_problem(e, prev, redactions.get(key, 0))
             if reason is not None:
                 bad = e.position
                 if e.prev_hash != prev:
-                    missing = await _first_missing(backend, last_pos, e.position)
+                    missing = await _first_missing(backend, last_pos, e.position) if dense else None
                     if missing is not None:
                         bad = missing
                         reason = (
                             f"the event at position {missing} is missing (deleted): "
                             f"position {e.position} does not link to the tenant's previous event"
+                        )
+                    elif not dense:
+                        reason = (
+                            f"position {e.position} does not link to the tenant's previous event "
+                            f"(at position {last_pos}): an event between them is missing "
+                            "(deleted), or a row was moved"
                         )
                 return Verdict(False, count, last, bad, reason)
             head = heads.get(e.tenant)
@@ -444,11 +525,18 @@ async def verify_store(backend: Backend, tenant: str | None = None) -> Verdict:
                 f"tenant {name}'s chain has {got_n} events, its head says {n} (rows were added)"
             )
             broken.append((beyond[name], reason))
-        else:
+        elif dense:
             bad = await _first_missing(backend, got_pos, position + 1) or max(got_pos, position)
             reason = (
                 f"tenant {name}'s chain ends at {got_n} events, its head says {n} "
                 f"(the event at position {bad} was removed)"
+            )
+            broken.append((bad, reason))
+        else:
+            bad = max(got_pos, position)
+            reason = (
+                f"tenant {name}'s chain ends at {got_n} events (position {got_pos}), its head "
+                f"says {n} ending at position {bad} (events after {got_pos} were removed)"
             )
             broken.append((bad, reason))
     for name, (_, _, last_pos) in chains.items():

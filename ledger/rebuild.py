@@ -147,13 +147,10 @@ async def rebuild(
     shadows = [p.with_suffix(SUFFIX) for p in projectors]
     async with backend.write() as conn:
         await _create_shadows(conn, projectors)
-    async with backend.read(bulk=True) as conn:
-        row = await conn.fetchone("SELECT max(position) FROM events")
-    end = (row[0] if row else None) or 0
     fold = Fold()
     gc.disable()  # a replay allocates millions of objects that all live until the end
     try:
-        await _replay_and_swap(backend, projectors, shadows, fold, end, verify, progress)
+        end = await _replay_and_swap(backend, projectors, shadows, fold, verify, progress)
     finally:
         gc.enable()
     log.info(
@@ -171,12 +168,16 @@ async def _replay_and_swap(
     projectors: Sequence[Projector],
     shadows: Sequence[Projector],
     fold: Fold,
-    end: int,
     verify: bool,
     progress: Progress | None,
-) -> None:
+) -> int:
+    """Replay one snapshot, fill the shadows, catch up and swap; the snapshot's last position."""
     started = time.perf_counter()
     async with backend.read(snapshot=True, bulk=True) as conn:
+        row = await conn.fetchone("SELECT max(position) FROM events")
+        end = (row[0] if row else None) or 0
+        # each tenant's chain head as of the snapshot: what the catch-up starts after
+        heads = {t: p for t, p in await conn.fetchall("SELECT tenant, position FROM chain_heads")}
         # the next chunk is read (in the database's thread) while this one is folded
         rows = await _read_from(conn, 0, end)
         while rows:
@@ -203,10 +204,13 @@ async def _replay_and_swap(
             seconds=round(time.perf_counter() - started, 3),
             cpu=round(time.process_time(), 3),
         )
-        fold.difference = await _catch_up_and_swap(backend, projectors, shadows, fold, verify)
+        fold.difference = await _catch_up_and_swap(
+            backend, projectors, shadows, fold, heads, verify
+        )
     finally:
         await backend.set_bulk(False)
         await backend.set_durable(True)
+    return end
 
 
 async def _catch_up_and_swap(
@@ -214,9 +218,14 @@ async def _catch_up_and_swap(
     projectors: Sequence[Projector],
     shadows: Sequence[Projector],
     fold: Fold,
+    heads: dict[str, int],
     verify: bool,
 ) -> str | None:
     """Under the write lock: fold what was appended meanwhile, then swap (or compare).
+
+    What was appended meanwhile is found per tenant, after the tenant's head in the replay's
+    snapshot: each tenant commits in position order, but across tenants (PostgreSQL) a lower
+    position may commit after a higher one, so "after the last position folded" could miss it.
 
     Runs with durability relaxed: the old tables hold only current data (a redaction
     overwrote erased rows when it happened), so dropping them need not zero their pages, and a
@@ -227,10 +236,21 @@ async def _catch_up_and_swap(
         # events appended while we replayed: fold them on top, under the write lock
         befores: dict[tuple[str, str], JobState | None] = {}
         late: list[tuple[Recorded, Event | None]] = []
-        while True:
-            rows = await _read_from(conn, fold.position, None)
-            if not rows:
-                break
+        moved = [
+            (tenant, heads.get(tenant, 0))
+            for tenant, position in await conn.fetchall("SELECT tenant, position FROM chain_heads")
+            if position != heads.get(tenant)
+        ]
+        rows = []
+        for tenant, after in moved:
+            rows.extend(
+                await conn.fetchall(
+                    f"SELECT {_COLUMNS} FROM events WHERE tenant = ? AND position > ?",
+                    (tenant, after),
+                )
+            )
+        if rows:
+            rows.sort(key=lambda r: r[0])
             snapshot = dict(fold.jobs)
             mark = len(fold.tenant_events)
             for key in fold.feed(rows):

@@ -10,9 +10,25 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 Row = Sequence[Any]
+
+
+class Reservation(NamedTuple):
+    """What a backend with per-tenant write locks answers when it has taken them.
+
+    ``heads``: each locked tenant's committed chain head ``(position, hash, count)`` (absent:
+    no events yet); ``stale``: the streams of each tenant that gained events after the position
+    the caller said it knew (``None``: too many to list, forget the tenant); ``positions``:
+    fresh event positions, increasing, unique across tenants; ``wait_seconds``: how long the
+    locks took to get.
+    """
+
+    heads: dict[str, tuple[int, str, int]]
+    stale: dict[str, set[str] | None]
+    positions: list[int]
+    wait_seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +67,31 @@ class WriteConn(Conn, Protocol):
     @property
     def failed(self) -> bool: ...
 
-    async def sync(self) -> None:
-        """Run every statement buffered so far; their errors surface here."""
+    async def sync(self, *, last: bool = False) -> None:
+        """Run every statement buffered so far; their errors surface here.
+
+        ``last``: only the COMMIT follows, so a backend may send the statements together with
+        it. If it does, an error of theirs still surfaces here (nothing was committed), and a
+        failed or lost COMMIT raises ``CommitFailed`` here.
+        """
+        ...
+
+    async def reserve(
+        self, tenants: Sequence[str], known: Sequence[int], count: int
+    ) -> Reservation | None:
+        """Lock ``tenants`` for writing and reserve ``count`` positions (``known``: the head
+        position the caller holds per tenant, -1 for none); ``None`` when the backend's
+        ``write()`` already serialises every writer (positions then follow ``max(position)``).
+        """
+        ...
+
+    async def more_positions(self, count: int) -> list[int]:
+        """``count`` more positions after a ``reserve`` ran short (the locks are still held)."""
+        ...
+
+    @property
+    def round_trips(self) -> int:
+        """Requests this connection sent to the database server so far."""
         ...
 
     async def savepoint(self) -> None: ...

@@ -17,7 +17,7 @@ from api.app import create_app
 from api.metrics import rebuild_exporter
 from api.settings import Settings
 from ledger.rebuild import rebuild
-from ledger.store import EventStore
+from ledger.store import EventStore, tables
 from tests.conftest import Api
 from tests.serverproc import acli, acreate_key, free_port, served
 from tests.waits import wait_until
@@ -185,6 +185,8 @@ async def test_a_rebuild_exposes_its_progress_while_it_runs(api: Api, store: Eve
     for n in range(5):
         await api.post("/v1/jobs", {"id": f"r{n}", "agent": "a", "account": "x"})
     head = await store.max_position()
+    async with store.backend.read() as conn:
+        count, _ = await tables.event_count(conn)  # positions need not be dense (PostgreSQL)
     port = free_port()
     during: list[Samples] = []
     with rebuild_exporter(port) as progress:
@@ -197,7 +199,7 @@ async def test_a_rebuild_exposes_its_progress_while_it_runs(api: Api, store: Eve
 
         report = await rebuild(store.backend, store.projectors, progress=watch)
         done = parse(get_text(f"http://127.0.0.1:{port}/metrics"))
-    assert report.events == head
+    assert report.events == count
     assert value(during[0], "jobledger_rebuild_running") == 1
     assert 0 < value(during[0], "jobledger_rebuild_position") <= head
     assert value(during[0], "jobledger_rebuild_target_position") == head

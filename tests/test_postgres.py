@@ -210,7 +210,8 @@ async def test_two_servers_append_while_a_reader_tails_the_feed(pg_url: str) -> 
                 after = full[-1]
 
     appended = sum(counts) + 1  # and the key the CLI created
-    assert full == list(range(1, appended + 1))
+    # positions are unique and increasing, not dense (a batch reserves a few more than it uses)
+    assert len(full) == appended and full == sorted(set(full))
     assert seen == full
 
 

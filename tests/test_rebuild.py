@@ -18,7 +18,7 @@ from api.settings import Settings
 from ledger import commands
 from ledger import rebuild as rebuild_module
 from ledger.rebuild import rebuild
-from ledger.store import EventStore
+from ledger.store import EventStore, tables
 from projections import counts as counts_model
 from projections import jobs as jobs_model
 from tests import rawdb
@@ -252,10 +252,11 @@ async def test_rebuild_reproduces_every_answer(
     job_ids = await build_rich_history(api, store, make_api)
     before = await snapshot(api, job_ids)
     check_history(before)
-    position = store.head_position
+    async with store.backend.read() as conn:
+        events, _ = await tables.event_count(conn)  # positions need not be dense (PostgreSQL)
 
     report = await rebuild(store.backend, store.projectors)
-    assert report.events == position and report.difference is None
+    assert report.events == events and report.difference is None
     assert_same(before, await snapshot(api, job_ids))
     verified = await rebuild(store.backend, store.projectors, verify=True)
     assert verified.difference is None
@@ -264,11 +265,11 @@ async def test_rebuild_reproduces_every_answer(
     done = await acli("rebuild", "--db", db)
     assert done.code == 0, done.err
     summary = json.loads(done.last_line)
-    assert summary["events"] == position
+    assert summary["events"] == events
     assert summary["seconds"] >= 0 and summary["events_per_second"] > 0
     check = await acli("rebuild", "--db", db, "--verify")
     assert check.code == 0, check.err
-    assert json.loads(check.last_line)["events"] == position
+    assert json.loads(check.last_line)["events"] == events
     keys = await acli("keys", "list", "--db", db)
     assert sum("revoked" in line.split() for line in keys.out.splitlines()) == 1
 

@@ -191,12 +191,15 @@ class PostgresBulk:
         self, conn: Conn, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
     ) -> None:
         """``COPY`` through asyncpg's binary protocol, on the transaction's own connection."""
-        from ledger.backends.postgres import PostgresConn
+        from ledger.backends.postgres import ADVANCE_POSITIONS, PostgresConn
 
         assert isinstance(conn, PostgresConn), "a connection of this backend"
         conn._check()
+        await conn._lock()  # a bulk write holds the whole ledger
         try:
             await conn._conn.copy_records_to_table(table, records=rows, columns=list(columns))
+            if table == "events":  # events that keep their positions: the sequence follows
+                await conn._conn.execute(ADVANCE_POSITIONS)
         except Exception as exc:
             failed = conn._failed(exc)
             if failed is exc:

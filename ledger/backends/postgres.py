@@ -6,12 +6,23 @@ quoted names or comments), ``INTEGER`` becomes ``BIGINT`` (times are epoch micro
 ``LIKE`` becomes ``ILIKE`` (SQLite's ``LIKE`` ignores case) and ``TEXT`` columns are created
 ``COLLATE "C"`` so text sorts by bytes, as in SQLite.
 
-Every write transaction first takes one transaction-level advisory lock, so appends from every
-process are serialised: positions are assigned as ``max(position) + 1`` under the lock, and commit
-order is position order. A reader tailing ``position > N`` can never see a later position commit
-before an earlier one (the gap a sequence would open between concurrent transactions). Reads are
-not locked and scale with processes and pool connections. After each committed batch a
-``NOTIFY jobledger`` wakes the long polls and event streams of every other process.
+Writes are serialised per *tenant*, not per deployment: a write transaction first calls
+``jobledger_begin_append`` (created with the schema), which takes one transaction-level advisory
+lock per tenant of the batch, in a fixed order, answers their chain heads (and which streams
+other processes appended to since the writer's cache last saw them) and reserves positions from
+the ``event_positions`` sequence. Positions are taken under the tenant's lock, which is held
+until COMMIT, so each tenant's events commit in position order: a reader tailing one tenant's
+``position > N`` never sees a later position of that tenant commit before an earlier one.
+Across tenants positions are unique and increasing per tenant, but not dense and not in commit
+order (docs/postgres.md).
+
+The writes of a batch wait in a buffer and go to the server as one script together with the
+``COMMIT``, so a batch holds its locks for two round trips: the lock call and the script. The
+script runs statements this connection has ``PREPARE``d (outside any lock, when the connection
+first meets them) with their values rendered as SQL literals.
+
+Reads are not locked and scale with processes and pool connections. After each committed batch
+a ``NOTIFY jobledger`` wakes the long polls and event streams of every other process.
 
 With read replicas (``replicas=``, hot standbys of this database) a read whose request allows
 it (``ledger/routing.py``) goes to a standby that has replayed far enough
@@ -24,14 +35,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import os
 import re
 import socket
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -41,12 +54,13 @@ from ledger.backends.bulk import PostgresBulk
 from ledger.backends.replicas import CHECK_TIMEOUT, Replica, ReplicaSet
 from ledger.errors import CommitFailed, Rejected, StoreConflict, StoreUnavailable
 from ledger.routing import READ_ROUTE
-from ledger.sql import Conn, Row, WriteConn
+from ledger.sql import Conn, Reservation, Row, WriteConn
 
 log = structlog.get_logger(__name__)
 
 CHANNEL = "jobledger"
-APPEND_LOCK = 0x6A6C_6170  # "jlap": held by every write transaction, in every process
+TENANT_LOCKS = 0x6A6C_6170  # "jlap": the advisory lock class of the per-tenant write locks
+WRITE_LOCK = 0x6A6C_7772  # "jlwr": shared by tenant appends, exclusive for whole-ledger writes
 SCHEMA_LOCK = 0x6A6C_7363  # "jlsc": held while the schema is created or upgraded
 SCHEMA_DIGEST = "pg_schema_digest"
 POOL_MIN = 1
@@ -54,7 +68,57 @@ POOL_MAX = 10
 CONNECT_TIMEOUT = 10.0
 RESIDUE_TABLES = ("events", "results", "idempotency", "jobs")
 STATEMENT_CACHE = 512
-_BEGIN_WRITE = f"BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK})"
+PREPARED_MAX = 256  # write statements PREPAREd per connection, at most
+STALE_MAX = 10_000  # streams another process appended to; more and the tenant is forgotten
+
+# Created with the ledger's schema (PostgreSQL only). The function takes the tenants' write
+# locks in the order of their lock keys (so two batches that share tenants never deadlock),
+# then answers, in one round trip: how long the locks took ('w'), the tenants' chain heads
+# ('h'), the streams appended to after the position the caller knows ('s', at most p_limit)
+# and p_count fresh positions ('p'), drawn while the locks are held.
+POSITIONS_SEQUENCE = "CREATE SEQUENCE IF NOT EXISTS event_positions AS bigint"
+# Only ever moves the sequence forward: past events written without it (before this schema,
+# or by an import that keeps its positions).
+ADVANCE_POSITIONS = (
+    "SELECT setval('event_positions', s.m) FROM (SELECT max(position) AS m FROM events) s "
+    "WHERE s.m > (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END "
+    "FROM event_positions)"
+)
+BEGIN_APPEND_FUNCTION = f"""CREATE OR REPLACE FUNCTION jobledger_begin_append(
+    p_tenants text[], p_known bigint[], p_count bigint, p_limit bigint)
+RETURNS TABLE (kind text, tenant text, stream text, n bigint, hash text, cnt bigint)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    k int;
+    started timestamptz := clock_timestamp();
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared({WRITE_LOCK});
+    FOR k IN SELECT DISTINCT hashtext(t.x) FROM unnest(p_tenants) AS t(x) ORDER BY 1 LOOP
+        PERFORM pg_advisory_xact_lock({TENANT_LOCKS}, k);
+    END LOOP;
+    RETURN QUERY SELECT 'w'::text, NULL::text, NULL::text,
+        (extract(epoch FROM clock_timestamp() - started) * 1000000)::bigint,
+        NULL::text, NULL::bigint;
+    RETURN QUERY SELECT 'h'::text, h.tenant::text, NULL::text, h.position, h.hash::text, h.count
+        FROM chain_heads h WHERE h.tenant = ANY (p_tenants);
+    RETURN QUERY SELECT 's'::text, c.tenant, s.stream::text, NULL::bigint, NULL::text,
+        NULL::bigint
+        FROM unnest(p_tenants, p_known) AS c(tenant, known)
+        CROSS JOIN LATERAL (
+            SELECT e.stream FROM events e
+            WHERE e.tenant = c.tenant AND e.position > c.known
+            ORDER BY e.position LIMIT p_limit
+        ) s
+        WHERE c.known >= 0;
+    RETURN QUERY SELECT 'p'::text, NULL::text, NULL::text, nextval('event_positions'),
+        NULL::text, NULL::bigint FROM generate_series(1, p_count);
+END
+$fn$"""
+POSTGRES_SCHEMA = (POSITIONS_SEQUENCE, ADVANCE_POSITIONS, BEGIN_APPEND_FUNCTION)
+_BEGIN_APPEND = "SELECT * FROM jobledger_begin_append($1::text[], $2::bigint[], $3, $4)"
+_LOCK_ALL = f"SELECT pg_advisory_xact_lock({WRITE_LOCK})"
+_MORE_POSITIONS = "SELECT nextval('event_positions') FROM generate_series(1, $1::bigint)"
 
 # Errors that mean the server went away (restart, network), not that the SQL was wrong.
 _GONE: tuple[type[Exception], ...] = (
@@ -130,27 +194,176 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
+# Statements written in a buffered write, PREPAREd per connection under these names.
+_PARAM = re.compile(
+    r"""'(?:[^']|'')*'?|"(?:[^"]|"")*"?|--[^\n]*|/\*.*?(?:\*/|\Z)|\$[0-9]+""", re.DOTALL
+)
+_PREPARABLE = re.compile(r"\s*(INSERT|UPDATE|DELETE)\b", re.IGNORECASE)
+_NAMES: dict[str, str] = {}  # translated statement -> name, for every statement seen
+_UNPREPARABLE: set[str] = set()  # statements PREPARE refused: always sent as literal SQL
+_PREPARED: weakref.WeakKeyDictionary[asyncpg.Connection, set[str]] = weakref.WeakKeyDictionary()
+
+
+class Unrenderable(ValueError):
+    """A value the literal renderer will not put into SQL text."""
+
+
+def literal(value: Any) -> str:
+    """``value`` as a PostgreSQL literal (``standard_conforming_strings`` is on: the backslash
+    is an ordinary character, a quote is doubled)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, int):  # bool too: stored as 0/1, as on SQLite
+        return str(int(value))
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise Unrenderable("text holds a NUL character")
+        try:
+            value.encode("utf-8")
+        except UnicodeError:
+            raise Unrenderable("text is not valid Unicode (a lone surrogate)") from None
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, float | Decimal):
+        if not math.isfinite(value):
+            raise Unrenderable(f"{value} is not a finite number")
+        return repr(value) if isinstance(value, float) else str(value)
+    raise Unrenderable(f"cannot render a {type(value).__name__} as SQL")
+
+
+def inline(translated: str, params: Sequence[Any]) -> str:
+    """``translated`` with each ``$n`` replaced by the literal of ``params[n - 1]``."""
+
+    def token(match: re.Match[str]) -> str:
+        text = match.group()
+        if text.startswith("$"):
+            return literal(params[int(text[1:]) - 1])
+        return text
+
+    return _PARAM.sub(token, translated) if params else translated
+
+
+def _prepared_on(conn: asyncpg.Connection) -> set[str]:
+    """The names PREPAREd on this server session (a pool hands out proxies of it)."""
+    raw = getattr(conn, "_con", None) or conn  # asyncpg's PoolConnectionProxy holds it there
+    names = _PREPARED.get(raw)
+    if names is None:
+        names = _PREPARED[raw] = set()
+    return names
+
+
+# ``INSERT INTO t (cols) VALUES ($1, ..., $n) [ON CONFLICT (keys) ...]``: several rows of it
+# go as one statement with several VALUES rows (one parse, one plan, one executor start).
+_INSERT = re.compile(
+    r"\s*INSERT\s+INTO\s+(\S+)\s*\(([^)]*)\)\s*VALUES\s*\(([$0-9,\s]*)\)"
+    r"(\s*|\s+ON\s+CONFLICT\s*\(([^)]*)\)\s.*)$",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+class _Insert(NamedTuple):
+    head: str  # "INSERT INTO t (cols) VALUES "
+    tail: str  # "" or " ON CONFLICT (...) DO ..."
+    keys: tuple[int, ...] | None  # the conflict key's columns; None: no ON CONFLICT
+
+
+@lru_cache(maxsize=512)
+def _multi_row(translated: str) -> _Insert | None:
+    """How rows of ``translated`` combine into one INSERT; ``None``: they do not."""
+    match = _INSERT.match(translated)
+    if match is None:
+        return None
+    table, cols, values, tail, conflict = match.groups()
+    columns = [c.strip() for c in cols.split(",")]
+    if [v.strip() for v in values.split(",")] != [f"${i + 1}" for i in range(len(columns))]:
+        return None
+    keys: tuple[int, ...] | None = None
+    if conflict is not None:
+        try:
+            keys = tuple(columns.index(k.strip()) for k in conflict.split(","))
+        except ValueError:
+            return None
+    return _Insert(f"INSERT INTO {table} ({cols}) VALUES ", tail, keys)
+
+
+def _rendered(translated: str, rows: list[Sequence[Any]], prepared: set[str]) -> list[str]:
+    """The statements that write ``rows`` of ``translated``, values as literals.
+
+    Several rows of a plain INSERT become one statement; of an upsert too, when no two rows
+    share the conflict key (an upsert may not touch a row twice). Otherwise one ``EXECUTE``
+    per row of the statement this connection PREPAREd, or the statement itself, inlined.
+    """
+    shape = _multi_row(translated) if len(rows) > 1 else None
+    if shape is not None and (
+        shape.keys is None or len({tuple(r[i] for i in shape.keys) for r in rows}) == len(rows)
+    ):
+        values = ", ".join(f"({', '.join(literal(v) for v in row)})" for row in rows)
+        return [shape.head + values + shape.tail]
+    name = _statement_name(translated)
+    if name in prepared:
+        return [f"EXECUTE {name}({', '.join(literal(v) for v in row)})" for row in rows]
+    return [inline(translated, row) for row in rows]
+
+
+def _statement_name(translated: str) -> str | None:
+    """The name a write statement is PREPAREd under; ``None``: always sent as text."""
+    name = _NAMES.get(translated)
+    if name is None:
+        if (
+            _PREPARABLE.match(translated) is None
+            or "$1" not in translated
+            or len(_NAMES) >= PREPARED_MAX  # statements built per call (IN lists): inlined
+        ):
+            return None
+        name = _NAMES[translated] = "jlw_" + hashlib.sha1(translated.encode()).hexdigest()[:24]
+    return None if translated in _UNPREPARABLE else name
+
+
 class PostgresConn:
     """A pooled asyncpg connection behind the shared ``Conn`` protocol.
 
     In PostgreSQL a failed statement aborts its transaction, where SQLite only undoes the one
     statement: once any statement fails, ``failed`` is true and every later statement raises,
     until ``rollback_savepoint`` (or the end of the transaction).
+
+    A write transaction (``write``) locks on its first request. ``reserve`` takes the named
+    tenants' locks (and the whole-ledger lock in shared mode) and makes the connection
+    *buffered*: ``execute`` and ``executemany`` then wait in a buffer that goes to the server as
+    one script with the next read, ``sync`` or the ``COMMIT``. Any other first request takes the
+    whole-ledger lock exclusively (rebuilds, imports): it waits for every tenant's appends.
     """
 
     dialect = "postgres"
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(self, conn: asyncpg.Connection, *, write: bool = False) -> None:
         self._conn = conn
         self._failure: str | None = None
+        self._unlocked = write  # a write transaction that has taken no lock yet
+        self._buffered = False
+        self._pending: list[tuple[str, list[Sequence[Any]]]] = []
+        self._trips = 0
+        self.committed = False
 
     @property
     def failed(self) -> bool:
         return self._failure is not None
 
+    @property
+    def round_trips(self) -> int:
+        return self._trips
+
     def _check(self) -> None:
         if self._failure is not None:
             raise StoreConflict(f"the transaction is aborted ({self._failure})")
+
+    async def _lock(self) -> None:
+        """Before a write transaction's first request that is not ``reserve``: lock it all."""
+        if self._unlocked:
+            self._unlocked = False
+            self._trips += 1
+            try:
+                await self._conn.execute(_LOCK_ALL)
+            except Exception as exc:
+                raise self._failed(exc) from exc
 
     def _failed(self, exc: Exception) -> Exception:
         translated = translate_error(exc)
@@ -160,6 +373,11 @@ class PostgresConn:
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         self._check()
+        if self._buffered:
+            self._pending.append((sql, [params]))
+            return
+        await self._lock()
+        self._trips += 1
         try:
             await self._conn.execute(translate(sql), *params)
         except Exception as exc:
@@ -170,13 +388,20 @@ class PostgresConn:
         batch = list(rows)
         if not batch:
             return
+        if self._buffered:
+            self._pending.append((sql, batch))
+            return
+        await self._lock()
+        self._trips += 1
         try:
             await self._conn.executemany(translate(sql), batch)
         except Exception as exc:
             raise self._failed(exc) from exc
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        self._check()
+        await self._send()
+        await self._lock()
+        self._trips += 1
         try:
             records = await self._conn.fetch(translate(sql), *params)
         except Exception as exc:
@@ -184,15 +409,104 @@ class PostgresConn:
         return [tuple(r) for r in records]
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
-        self._check()
+        await self._send()
+        await self._lock()
+        self._trips += 1
         try:
             record = await self._conn.fetchrow(translate(sql), *params)
         except Exception as exc:
             raise self._failed(exc) from exc
         return None if record is None else tuple(record)
 
-    async def sync(self) -> None:
-        self._check()  # statements ran as they were sent
+    async def sync(self, *, last: bool = False) -> None:
+        """Send what is buffered; ``last``: with the ``COMMIT`` (see ``WriteConn.sync``)."""
+        if not last:
+            await self._send()
+            return
+        status = await self._send("COMMIT")
+        if status != "COMMIT":  # PostgreSQL answers ROLLBACK for an aborted transaction
+            self._failure = f"the database answered {status} to COMMIT"
+            raise CommitFailed(self._failure)
+        self.committed = True
+
+    async def _send(self, final: str | None = None) -> str | None:
+        """Run the buffered statements (and ``final``) in one round trip; the last status."""
+        self._check()
+        pending = self._pending
+        if not pending and final is None:
+            return None
+        if final is None or pending:
+            await self._lock()
+        prepared = _prepared_on(self._conn)
+        try:
+            script = [
+                statement
+                for sql, rows in pending
+                for statement in _rendered(translate(sql), rows, prepared)
+            ]
+        except Unrenderable as exc:  # nothing was sent: the buffer stays for a rollback
+            raise Rejected(
+                f"the database cannot store a value ({exc}); nothing was written"
+            ) from None
+        self._pending = []
+        if final is not None:
+            script.append(final)
+        self._trips += 1
+        try:
+            status: str = await self._conn.execute(";\n".join(script))
+        except Exception as exc:
+            if final is not None and isinstance(exc, _GONE):
+                self._failure = str(exc) or type(exc).__name__
+                raise CommitFailed(f"the connection was lost during the COMMIT: {exc}") from exc
+            # a statement (or the COMMIT itself) failed: the transaction is aborted and
+            # nothing of it was committed
+            raise self._failed(exc) from exc
+        return status
+
+    async def reserve(
+        self, tenants: Sequence[str], known: Sequence[int], count: int
+    ) -> Reservation | None:
+        if not self._unlocked:
+            raise RuntimeError("reserve() must be a write transaction's first request")
+        self._unlocked = False
+        self._buffered = True
+        self._trips += 1
+        try:
+            rows = await self._conn.fetch(
+                _BEGIN_APPEND, list(tenants), list(known), count, STALE_MAX + 1
+            )
+        except Exception as exc:
+            raise self._failed(exc) from exc
+        heads: dict[str, tuple[int, str, int]] = {}
+        stale: dict[str, set[str] | None] = {}
+        positions: list[int] = []
+        wait_us = streams = 0
+        for kind, tenant, stream, n, digest, count_ in rows:
+            if kind == "p":
+                positions.append(n)
+            elif kind == "h":
+                heads[tenant] = (n, digest, count_)
+            elif kind == "s":
+                streams += 1
+                seen = stale.setdefault(tenant, set())
+                if seen is not None:
+                    seen.add(stream)
+            elif kind == "w":
+                wait_us = n
+        if streams > STALE_MAX:
+            stale = dict.fromkeys(stale)
+        positions.sort()
+        return Reservation(heads, stale, positions, wait_us / 1e6)
+
+    async def more_positions(self, count: int) -> list[int]:
+        if self._buffered:
+            await self._send()
+        self._trips += 1
+        try:
+            rows = await self._conn.fetch(_MORE_POSITIONS, count)
+        except Exception as exc:
+            raise self._failed(exc) from exc
+        return sorted(r[0] for r in rows)
 
     async def savepoint(self) -> None:
         await self.execute("SAVEPOINT command")
@@ -201,6 +515,12 @@ class PostgresConn:
         await self.execute("RELEASE SAVEPOINT command")
 
     async def rollback_savepoint(self) -> None:
+        unsent = [i for i, (sql, _) in enumerate(self._pending) if sql == "SAVEPOINT command"]
+        if unsent:  # the savepoint itself is still in the buffer: drop it and what followed
+            del self._pending[unsent[-1] :]
+            return
+        self._pending.clear()  # statements after the savepoint: they are undone unsent
+        self._trips += 1
         try:
             await self._conn.execute("ROLLBACK TO SAVEPOINT command; RELEASE SAVEPOINT command")
         except Exception as exc:
@@ -356,6 +676,32 @@ class _ReplicaConn(PostgresConn):
         return None if record is None else tuple(record)
 
 
+async def _prepare_known(conn: asyncpg.Connection) -> None:
+    """PREPARE the write statements this connection has not met yet (outside any lock).
+
+    PREPARE outlives transactions and fails only for a statement whose parameter types the
+    server cannot infer: such a statement is sent as literal SQL from then on.
+    """
+    prepared = _prepared_on(conn)
+    if len(prepared) + len(_UNPREPARABLE) >= len(_NAMES):
+        return  # the usual case: nothing new since this connection's last transaction
+    missing = [(t, n) for t, n in list(_NAMES.items()) if n not in prepared]
+    for translated, name in missing:
+        if translated in _UNPREPARABLE:
+            continue
+        try:
+            await conn.execute(f"PREPARE {name} AS {translated}")
+        except asyncpg.DuplicatePreparedStatementError:
+            pass
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, _GONE):
+                raise
+            log.warning("postgres.prepare_refused", statement=translated[:80], error=str(exc))
+            _UNPREPARABLE.add(translated)
+            continue
+        prepared.add(name)
+
+
 def translate_error(exc: Exception) -> Exception:
     """The ledger's error for what PostgreSQL (or asyncpg) refused."""
     if isinstance(exc, asyncpg.CheckViolationError):
@@ -435,7 +781,11 @@ class PostgresBackend(PostgresBulk):
                 max_inactive_connection_lifetime=300.0,
                 statement_cache_size=STATEMENT_CACHE,
                 reset=_keep_session,
-                server_settings={"application_name": "jobledger"},
+                # literal rendering relies on it (the default since PostgreSQL 9.1)
+                server_settings={
+                    "application_name": "jobledger",
+                    "standard_conforming_strings": "on",
+                },
             )
         except Exception as exc:
             raise self._unavailable(exc) from None
@@ -502,28 +852,32 @@ class PostgresBackend(PostgresBulk):
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[WriteConn]:
+        """A buffered write transaction; it takes no lock until ``reserve`` names tenants."""
         async with self._acquire() as conn:
             try:
-                await conn.execute(_BEGIN_WRITE)  # one round trip: BEGIN and the lock
+                await _prepare_known(conn)  # only statements new to this connection
+                await conn.execute("BEGIN")
             except _GONE as exc:
                 raise StoreUnavailable(f"lost the connection to PostgreSQL: {exc}") from None
-            pg = PostgresConn(conn)
+            pg = PostgresConn(conn, write=True)
             try:
                 yield pg
                 if pg.failed:
                     # COMMIT would quietly roll back the aborted transaction: never report
                     # success for it, even if the caller swallowed the error
                     raise CommitFailed(f"the transaction was aborted ({pg._failure})")
+                if not pg.committed:
+                    try:
+                        await pg.sync(last=True)
+                    except CommitFailed:
+                        raise
+                    except Exception as exc:
+                        raise CommitFailed(f"the COMMIT failed: {exc}") from exc
             except BaseException:
-                with contextlib.suppress(Exception):
-                    await conn.execute("ROLLBACK")
+                if not pg.committed:
+                    with contextlib.suppress(Exception):
+                        await conn.execute("ROLLBACK")
                 raise
-            try:
-                status = await conn.execute("COMMIT")
-            except Exception as exc:
-                raise CommitFailed(f"the COMMIT failed: {exc}") from exc
-            if status != "COMMIT":  # PostgreSQL answers ROLLBACK for an aborted transaction
-                raise CommitFailed(f"the database answered {status} to COMMIT")
 
     @asynccontextmanager
     async def read(self, *, snapshot: bool = False, bulk: bool = False) -> AsyncIterator[Conn]:
@@ -566,6 +920,7 @@ class PostgresBackend(PostgresBulk):
 
     async def ensure_schema(self, statements: Sequence[str]) -> None:
         """Create what is missing; one process at a time, and not at all when up to date."""
+        statements = [*statements, *POSTGRES_SCHEMA]
         digest = hashlib.sha256("\n;\n".join(statements).encode()).hexdigest()
         async with self._acquire() as conn:
             if await self._schema_digest(conn) == digest:
@@ -574,7 +929,7 @@ class PostgresBackend(PostgresBulk):
                 async with conn.transaction():
                     await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
                     for sql in statements:
-                        await conn.execute(translate(sql))
+                        await conn.execute(sql if sql in POSTGRES_SCHEMA else translate(sql))
                     await conn.execute(
                         translate(
                             "INSERT INTO ledger_meta (name, value) VALUES (?, ?) "

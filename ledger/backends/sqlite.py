@@ -24,7 +24,7 @@ import aiosqlite
 
 from ledger.backends.bulk import SqliteBulk
 from ledger.errors import CommitFailed, Rejected, StoreConflict, StoreUnavailable
-from ledger.sql import Conn, Row, WriteConn
+from ledger.sql import Conn, Reservation, Row, WriteConn
 
 READERS = 3
 
@@ -133,8 +133,20 @@ class BufferedWriteConn:
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         return await self._run(sql, params, all_rows=False)  # type: ignore[no-any-return]
 
-    async def sync(self) -> None:
-        await self._run(None)
+    async def sync(self, *, last: bool = False) -> None:
+        await self._run(None)  # the COMMIT is in-process: nothing to gain by joining it
+
+    async def reserve(
+        self, tenants: Sequence[str], known: Sequence[int], count: int
+    ) -> Reservation | None:
+        return None  # BEGIN IMMEDIATE already admits one writer at a time
+
+    async def more_positions(self, count: int) -> list[int]:
+        raise RuntimeError("SQLite positions follow max(position); nothing is reserved")
+
+    @property
+    def round_trips(self) -> int:
+        return 0  # no server: statements run in this process
 
     async def savepoint(self) -> None:
         await self.execute("SAVEPOINT command")

@@ -74,7 +74,8 @@ class EventStore:
         self._watcher: asyncio.Task[None] | None = None
         self._watching = False
         self.head_position = 0
-        self.changes = 0  # how many times new events woke the waiters; a waiter's token
+        self.changes = 0  # moves on every commit this process learns of: a waiter's token
+        self._events_seen = 0  # the ledger's event count as the watcher last read it
         self._tick = asyncio.Event()
 
     @property
@@ -95,6 +96,8 @@ class EventStore:
             statements.extend(projector.indexes())
         await self.backend.ensure_schema(statements)
         self.head_position = await self.max_position()
+        async with self.backend.read() as conn:
+            self._events_seen = (await tables.event_count(conn))[0]
         if writer:
             self._writer.start()
             self._watching = True
@@ -136,8 +139,10 @@ class EventStore:
         return await self._writer.execute(command, tenants)
 
     async def _committed(self, committed: Committed) -> None:
-        if committed.last_position > self.head_position:
-            self.head_position = committed.last_position
+        # With per-tenant locks a commit may hold positions below the head (another tenant's
+        # batch took later ones and committed first): every commit with events wakes.
+        if committed.events:
+            self.head_position = max(self.head_position, committed.last_position)
             self._wake()
             await self.backend.signal()
         if committed.erased:
@@ -168,9 +173,14 @@ class EventStore:
         while self._watching:
             try:
                 await self.backend.wait_for_signal(WATCH_SECONDS)
-                position = await self.max_position()
-                if position > self.head_position:
-                    self.head_position = position
+                async with self.backend.read() as conn:
+                    count, position = await tables.event_count(conn)
+                # Something committed since the watcher last looked (ours too: counting our
+                # own commits here could overshoot a concurrent read and sleep through
+                # another process's next commit; an extra wake-up only costs a read).
+                if count != self._events_seen:
+                    self._events_seen = count
+                    self.head_position = max(self.head_position, position)
                     self._wake()
             except asyncio.CancelledError:
                 raise

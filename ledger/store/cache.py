@@ -2,7 +2,13 @@
 
 It holds job states (an LRU), chain heads, stream versions and the newest event of each
 non-job stream. It learns only what a COMMIT made durable (``learn``), and forgets what another
-process may have changed (``catch_up``) or what a failed transaction left in doubt (``forget``).
+process may have changed or what a failed transaction left in doubt (``forget``).
+
+What another process changed is found one of two ways. With one writer for the whole ledger
+(SQLite), ``catch_up`` reads the streams appended to since the global head it last saw. With
+per-tenant write locks (PostgreSQL), ``validate`` compares each locked tenant's chain head with
+the cached one and drops only the streams of that tenant that moved: the cached entries of a
+tenant are valid exactly as long as its head is the cached head.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class WriterCache:
         self.versions: dict[StreamKey, int] = {}
         self.latest: dict[StreamKey, Event | None] = {}
         self.last_position = -1  # the head this cache is valid at; -1: unknown
+        self._keys: dict[str, set[StreamKey]] = {}  # tenant -> its cached stream keys
 
     def job(self, key: StreamKey) -> JobState | None:
         state = self.jobs.get(key)
@@ -60,8 +67,52 @@ class WriterCache:
     def remember_job(self, key: StreamKey, state: JobState) -> None:
         self.jobs[key] = state
         self.jobs.move_to_end(key)
+        self.keep(key)
         if len(self.jobs) > JOB_CACHE:
-            self.jobs.popitem(last=False)
+            old, _ = self.jobs.popitem(last=False)
+            if old not in self.versions and old not in self.latest:
+                self._keys.get(old[0], set()).discard(old)
+
+    def keep(self, key: StreamKey) -> None:
+        """Index a cached stream under its tenant, so ``validate`` can drop it."""
+        keys = self._keys.get(key[0])
+        if keys is None:
+            keys = self._keys[key[0]] = set()
+        keys.add(key)
+
+    def validate(
+        self,
+        tenants: list[str],
+        heads: dict[str, ChainHead],
+        stale: dict[str, set[str] | None],
+    ) -> None:
+        """Under the tenants' write locks: make what is cached of them current.
+
+        ``heads`` are their committed chain heads; ``stale`` the streams appended to after the
+        cached head's position (``None``: too many). A tenant whose head did not move keeps
+        everything; one that moved loses the streams that moved (all of them when unknown).
+        """
+        for tenant in tenants:
+            head = heads.get(tenant, GENESIS_HEAD)
+            cached = self.heads.get(tenant)
+            if cached == head:
+                continue
+            streams = stale.get(tenant) if cached is not None else None
+            if streams is None:
+                self._drop_tenant(tenant)
+            else:
+                for stream in streams:
+                    self._drop((tenant, stream))
+            self.heads[tenant] = head
+
+    def _drop(self, key: StreamKey) -> None:
+        self.jobs.pop(key, None)
+        self.versions.pop(key, None)
+        self.latest.pop(key, None)
+
+    def _drop_tenant(self, tenant: str) -> None:
+        for key in self._keys.pop(tenant, ()):
+            self._drop(key)
 
     async def load_heads(self, conn: Conn, tenants: list[str]) -> None:
         """Read the chain heads of ``tenants`` this cache does not hold yet."""
@@ -76,6 +127,8 @@ class WriterCache:
         self.heads.update(learned.heads)
         self.versions.update(learned.versions)
         self.latest.update(learned.latest)
+        for key in (*learned.versions, *learned.latest):
+            self.keep(key)
         for key, state in learned.jobs.items():
             self.remember_job(key, state)
         self.last_position = last_position
@@ -101,4 +154,5 @@ class WriterCache:
         self.heads.clear()
         self.versions.clear()
         self.latest.clear()
+        self._keys.clear()
         self.last_position = -1

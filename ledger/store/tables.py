@@ -118,6 +118,16 @@ async def max_position(conn: Conn) -> int:
     return (row[0] if row else None) or 0
 
 
+async def event_count(conn: Conn) -> tuple[int, int]:
+    """How many events the ledger holds and its highest position, from the chain heads.
+
+    The count grows with every committed event, in whatever order positions commit, so it
+    tells a watcher that *something* committed where the highest position may not move.
+    """
+    row = await conn.fetchone("SELECT sum(count), max(position) FROM chain_heads")
+    return (int(row[0] or 0), int(row[1] or 0)) if row else (0, 0)
+
+
 async def stored_result(conn: Conn, tenant: str, result_id: str) -> StoredResult | None:
     row = await conn.fetchone(
         "SELECT job_id, expires_us, payload FROM results WHERE tenant = ? AND result_id = ?",

@@ -7,7 +7,7 @@ database until the writer flushes, so a command that raises leaves no trace by c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from ledger import chain
 from ledger.clock import format_us, now_us
@@ -36,22 +36,36 @@ class UnitOfWork:
         conn: WriteConn,
         cache: WriterCache,
         projectors: Sequence[Projector],
-        next_position: int,
+        positions: list[int],
+        more_positions: Callable[[int], Awaitable[list[int]]],
         *,
         balances: CreditBalances | None = None,
     ) -> None:
+        """``positions``: what the writer reserved for this transaction, increasing;
+        ``more_positions(n)`` gives ``n`` more, all after them, when a batch needs more."""
         self.conn = conn
         self.now = now_us()
         self._cache = cache
         self._projectors = projectors
         self._balances = balances
-        self._next = next_position
+        self._positions = positions
+        self._used = 0  # positions staged so far (by this batch's surviving commands)
+        self._more = more_positions
         self.batch = Staged()  # the commands of this transaction that succeeded
         self._cmd = Staged()  # the command running now
 
     @property
     def last_position(self) -> int:
-        return self._next - 1
+        """The newest position staged; without any, the one before the reservation."""
+        if self._used:
+            return self._positions[self._used - 1]
+        return self._positions[0] - 1 if self._positions else 0
+
+    async def _position_ready(self) -> int:
+        """The position the next staged event gets (reserving more when they ran out)."""
+        if self._used >= len(self._positions):
+            self._positions.extend(await self._more(max(16, len(self._positions))))
+        return self._positions[self._used]
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -109,6 +123,7 @@ class UnitOfWork:
         )
         event = None if row is None else decode_stored(row[0], row[1])
         self._cache.latest[key] = event  # committed state: safe to keep
+        self._cache.keep(key)
         return event
 
     async def credit_totals(self, tenant: str, account: str) -> CreditTotals:
@@ -148,6 +163,7 @@ class UnitOfWork:
     ) -> tuple[JobState, Recorded]:
         """Check ``event`` against the job's state machine and stage it; the new state."""
         before = await self.job(tenant, job_id, fresh=fresh)
+        position = await self._position_ready()
         occurred = self.now if occurred_us is None else occurred_us
         after = evolve(
             before,
@@ -155,7 +171,7 @@ class UnitOfWork:
             type_=event_type(event),
             job_id=job_id,
             occurred_us=occurred,
-            position=self._next,
+            position=position,
             check=True,
         )
         recorded = self._stage(
@@ -187,7 +203,9 @@ class UnitOfWork:
             )
             version = (row[0] if row else None) or 0
             self._cache.versions[key] = version  # committed state: safe to keep
+            self._cache.keep(key)
         occurred = self.now if occurred_us is None else occurred_us
+        await self._position_ready()
         recorded = self._stage(
             tenant, stream, version + 1, event, actor=actor, occurred=occurred, event_id=event_id
         )
@@ -232,8 +250,8 @@ class UnitOfWork:
         event_id: str | None,
     ) -> Recorded:
         head = self._head(tenant)
-        position = self._next
-        self._next += 1
+        position = self._positions[self._used]  # made ready by the caller
+        self._used += 1
         type_ = event_type(event)
         try:
             canonical = chain.canonical(to_data(event))
@@ -286,22 +304,23 @@ class UnitOfWork:
         self._cmd = Staged()
 
     def rollback_command(self) -> None:
-        self._next -= len(self._cmd.events)
+        self._used -= len(self._cmd.events)
         self._cmd = Staged()
 
     async def flush_command(self) -> None:
         """Write the running command's rows and projections now (inside its savepoint)."""
         await self._flush(self._cmd)
 
-    async def flush_batch(self) -> None:
-        """Write every succeeded command's rows and projections at once."""
-        await self._flush(self.batch)
+    async def flush_batch(self, *, last: bool = False) -> None:
+        """Write every succeeded command's rows and projections at once (``last``: only the
+        COMMIT follows, so a backend may send them with it; see ``WriteConn.sync``)."""
+        await self._flush(self.batch, last=last)
 
-    async def _flush(self, staged: Staged) -> None:
+    async def _flush(self, staged: Staged, *, last: bool = False) -> None:
         if staged.empty():
             return
         await tables.write_staged(self.conn, staged)
         batch = staged.batch()
         for projector in self._projectors:
             await projector.apply(self.conn, batch)
-        await self.conn.sync()  # a buffering connection runs it all now: errors surface here
+        await self.conn.sync(last=last)  # a buffering connection runs it all now: errors here

@@ -14,11 +14,17 @@ transaction with one COMMIT, one fsync. Group commit shares a transaction, never
 Nobody is answered before the COMMIT that holds their work returned. If the COMMIT fails, or
 the connection is lost, every command of the batch is answered ``503`` and the writer's cache
 forgets everything it may have learned.
+
+Where the backend locks per tenant (PostgreSQL), the transaction starts with ``reserve``: the
+batch's tenants are locked, their chain heads validate the cache, and positions are reserved,
+in one round trip; the optimistic batch's writes then go with the COMMIT in a second one.
+Elsewhere (SQLite) the transaction is the only writer and positions follow ``max(position)``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,11 +32,17 @@ from typing import Any, TypeVar
 
 import structlog
 
-from ledger.errors import LedgerError, StoreConflict, StoreUnavailable, VersionConflict
+from ledger.errors import (
+    CommitFailed,
+    LedgerError,
+    StoreConflict,
+    StoreUnavailable,
+    VersionConflict,
+)
 from ledger.records import CreditBalances, Projector
-from ledger.sql import Backend
+from ledger.sql import Backend, WriteConn
 from ledger.store import tables
-from ledger.store.cache import WriterCache
+from ledger.store.cache import ChainHead, WriterCache
 from ledger.store.uow import UnitOfWork
 
 T = TypeVar("T")
@@ -65,14 +77,22 @@ class WriterStats:
     last_commit_seconds: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)  # since the last read, then cleared
     commit_seconds: list[float] = field(default_factory=list)
+    # per-tenant write locks (PostgreSQL): totals since start, and the last batch's figures
+    lock_wait_seconds: float = 0.0  # waiting for the tenants' locks
+    lock_hold_seconds: float = 0.0  # from holding them to the COMMIT's answer
+    lock_wait_weighted: float = 0.0  # wait x commands: the wait as the commands felt it
+    command_seconds: float = 0.0  # batch time x commands: what the commands waited in all
+    last_locked_round_trips: int = 0  # requests sent while the locks were held
 
 
 @dataclass(slots=True)
 class Committed:
-    """What a committed batch tells the store: its last position and whether it erased."""
+    """What a committed batch tells the store: its last position, whether it erased and how
+    many events it appended."""
 
     last_position: int
     erased: bool
+    events: int = 0
 
 
 class Writer:
@@ -93,6 +113,7 @@ class Writer:
         self._queue: asyncio.Queue[_Request | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.stats = WriterStats()
+        self._per_command = 1.0  # events per command, to size a batch's reservation
 
     @property
     def queue_depth(self) -> int:
@@ -156,6 +177,7 @@ class Writer:
             )
             outcomes = [failure] * len(requests)
         seconds = time.perf_counter() - started
+        self.stats.command_seconds += seconds * len(requests)
         self.stats.batches += 1
         self.stats.commands += len(requests)
         self.stats.last_batch_size = len(requests)
@@ -173,13 +195,25 @@ class Writer:
 
     async def _transaction(self, requests: list[_Request], *, isolate: bool) -> list[Any]:
         outcomes: list[Any] = []
+        tenants = sorted({t for r in requests for t in r.tenants})
+        locked_at = 0.0
+        trips = 0
         async with self._backend.write() as conn:
-            position = await tables.max_position(conn)
-            if position != self._cache.last_position:
-                await self._cache.catch_up(conn, position)  # another process wrote
-            await self._cache.load_heads(conn, [t for r in requests for t in r.tenants])
+            reserved = await self._reserve(conn, tenants, len(requests))
+            if reserved is None:  # one writer for the whole ledger: positions follow the max
+                position = await tables.max_position(conn)
+                if position != self._cache.last_position:
+                    await self._cache.catch_up(conn, position)  # another process wrote
+                await self._cache.load_heads(conn, tenants)
+                positions = [position + 1]
+                more: Callable[[int], Awaitable[list[int]]] = functools.partial(
+                    _following, positions
+                )
+            else:
+                positions, more = reserved, conn.more_positions
+                locked_at, trips = time.perf_counter(), conn.round_trips
             uow = UnitOfWork(
-                conn, self._cache, self._projectors, position + 1, balances=self._balances
+                conn, self._cache, self._projectors, positions, more, balances=self._balances
             )
             for request in requests:
                 uow.begin_command()
@@ -189,6 +223,7 @@ class Writer:
                     outcome = await request.command(uow)
                     if isolate:
                         await uow.flush_command()
+                        await conn.sync()  # a command's own statements fail as its own
                         await conn.release_savepoint()
                     uow.commit_command()
                 except Exception as exc:
@@ -201,14 +236,41 @@ class Writer:
                 outcomes.append(outcome)
             if not isolate:
                 try:
-                    await uow.flush_batch()
+                    await uow.flush_batch(last=True)  # with the COMMIT, where the backend can
+                except CommitFailed:
+                    raise  # committed or not, nobody knows: never run it again
                 except Exception as exc:
                     raise _Retry(_describe(exc)) from exc
         # COMMIT returned: only now may anyone be answered, and the cache learn
+        if reserved is not None:
+            self.stats.lock_hold_seconds += time.perf_counter() - locked_at
+            self.stats.last_locked_round_trips = conn.round_trips - trips + 1
+        events = len(uow.batch.events)
+        self._per_command = 0.8 * self._per_command + 0.2 * events / len(requests)
         self._cache.learn(uow.batch.learned(), uow.last_position)
-        self.stats.events += len(uow.batch.events)
-        await self._on_commit(Committed(uow.last_position, bool(uow.batch.erasures)))
+        self.stats.events += events
+        await self._on_commit(Committed(uow.last_position, bool(uow.batch.erasures), events))
         return outcomes
+
+    async def _reserve(
+        self, conn: WriteConn, tenants: list[str], commands: int
+    ) -> list[int] | None:
+        """Lock the batch's tenants and validate the cache (per-tenant backends); positions."""
+        known = [self._cache.heads[t].position if t in self._cache.heads else -1 for t in tenants]
+        count = int(commands * max(1.0, self._per_command) * 1.25) + 4 if tenants else 0
+        reservation = await conn.reserve(tenants, known, count)
+        if reservation is None:
+            return None
+        heads = {t: ChainHead(*h) for t, h in reservation.heads.items()}
+        self._cache.validate(tenants, heads, reservation.stale)
+        self.stats.lock_wait_seconds += reservation.wait_seconds
+        self.stats.lock_wait_weighted += reservation.wait_seconds * commands
+        return reservation.positions
+
+
+async def _following(positions: list[int], count: int) -> list[int]:
+    """Dense positions after the last of ``positions`` (the single-writer backend)."""
+    return list(range(positions[-1] + 1, positions[-1] + 1 + count))
 
 
 def _answer(exc: Exception) -> Exception:
