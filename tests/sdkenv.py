@@ -92,6 +92,28 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _pip_install(python: Path, requirement: str) -> list[str]:
+    """Our own pip installs into the SDK's environment (``pip --python``), uncompiled.
+
+    A new environment then needs no pip of its own (``ensurepip`` costs seconds of CPU), and
+    ``--no-compile`` skips compiling every module of every dependency (MCRIT's numpy and scipy:
+    most of the install's CPU); the driver compiles the few modules it imports, once, and
+    later runs reuse that bytecode.
+    """
+    return [
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        str(python),
+        "install",
+        "-q",
+        "--no-compile",
+        "--disable-pip-version-check",
+        requirement,
+    ]
+
+
 def sdk_python(name: str, requirement: str, *, minimum: tuple[int, int] = (3, 8)) -> str:
     """The interpreter of ``.venv-sdk-<name>`` with ``requirement`` installed (once)."""
     directory = ROOT / f".venv-sdk-{name}"
@@ -111,8 +133,8 @@ def sdk_python(name: str, requirement: str, *, minimum: tuple[int, int] = (3, 8)
             pytest.skip(f"{requirement} needs Python >= {wanted} and none was found ({where})")
         shutil.rmtree(directory, ignore_errors=True)
         steps = [
-            [base, "-m", "venv", str(directory)],
-            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", requirement],
+            [base, "-m", "venv", "--without-pip", str(directory)],
+            _pip_install(python, requirement),
         ]
         for step in steps:
             done = subprocess.run(
