@@ -37,8 +37,10 @@ HEADER_FIELDS = (
 _ENCODE_SORTED = msgspec.json.Encoder(order="sorted").encode
 
 
-class _Header(msgspec.Struct):
-    """The header's fields in sorted order: its encoding is ``canonical`` of the header dict."""
+class Header(msgspec.Struct):
+    """The header's fields in sorted order: msgspec writes every string exactly as
+    ``json.dumps(ensure_ascii=False)`` does, so its encoding is ``canonical`` of the header dict
+    (the importer encodes it into a reused buffer)."""
 
     actor: str
     data_hash: str
@@ -114,7 +116,7 @@ def event_hash(
                 "data_hash": data_hash,
             },
         )
-    header = _Header(
+    header = Header(
         actor=actor,
         data_hash=data_hash,
         event_id=event_id,

@@ -105,21 +105,6 @@ class Line(msgspec.Struct):
     tenant: str | None = None
 
 
-class _Header(msgspec.Struct):
-    """The chain's header in canonical order (sorted keys): msgspec writes every string
-    exactly as ``json.dumps(ensure_ascii=False)`` does, so its bytes are ``canonical(header)``."""
-
-    actor: str
-    data_hash: str
-    event_id: str
-    occurred_at: str
-    position: int
-    recorded_at: str
-    stream: str
-    type: str
-    version: int
-
-
 _DECODE_LINES = msgspec.json.Decoder(Line).decode_lines
 _DECODE_LINE = msgspec.json.Decoder(Line).decode
 _ENCODE_INTO = msgspec.json.Encoder().encode_into
@@ -205,7 +190,7 @@ class _Importer:
         rows: list[tuple[Any, ...]] = []
         fold_rows: list[tuple[Any, ...]] = []
         heads, versions = self.heads, self.versions
-        sha256, encode_into, header = hashlib.sha256, _ENCODE_INTO, _Header
+        sha256, encode_into, header = hashlib.sha256, _ENCODE_INTO, chain.Header
         buffer = self.buffer  # prev_hash, "\n", then the header (``encode_into`` at 65)
         data_text = self.data.text
         us = self.times.us

@@ -80,6 +80,18 @@ async def drop_pg_database(url: str) -> None:
         await conn.close()
 
 
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A fresh, empty PostgreSQL database of its own, dropped afterwards (PostgreSQL-only tests)."""
+    if pg_server_url() is None:
+        pytest.skip("JOBLEDGER_TEST_POSTGRES is not set: no PostgreSQL server")
+    url = await create_pg_database()
+    try:
+        yield url
+    finally:
+        await drop_pg_database(url)
+
+
 def _with_db(url: str, name: str) -> str:
     scheme, _, rest = url.partition("://")
     host = rest.split("/", 1)[0]

@@ -23,20 +23,7 @@ from ledger.events import JobCompleted, JobProgressed, JobQueued, JobStarted
 from ledger.jobs import JobState
 from ledger.store import EventStore, UnitOfWork
 from projections import new_store
-from tests.conftest import create_pg_database, drop_pg_database, pg_server_url
 from tests.test_backends import all_statements
-
-
-@pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
-    """A fresh, empty database of its own, dropped afterwards."""
-    if pg_server_url() is None:
-        pytest.skip("JOBLEDGER_TEST_POSTGRES is not set: no PostgreSQL server")
-    url = await create_pg_database()
-    try:
-        yield url
-    finally:
-        await drop_pg_database(url)
 
 
 @contextlib.asynccontextmanager

@@ -22,22 +22,9 @@ import pytest
 from ledger.backends import backend_for
 from ledger.backends.postgres import PostgresBackend, translate
 from ledger.errors import CommitFailed, StoreConflict
-from tests.conftest import create_pg_database, drop_pg_database, pg_server_url
 from tests.serverproc import Key, acreate_key, free_port, served
 from tests.test_backends import all_statements
 from tests.waits import wait_until
-
-
-@pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
-    """A fresh, empty database of its own, dropped afterwards."""
-    if pg_server_url() is None:
-        pytest.skip("JOBLEDGER_TEST_POSTGRES is not set: no PostgreSQL server")
-    url = await create_pg_database()
-    try:
-        yield url
-    finally:
-        await drop_pg_database(url)
 
 
 @pytest.fixture
