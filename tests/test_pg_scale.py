@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ledger import chain
 from ledger.backends import backend_for
@@ -77,6 +79,37 @@ def test_inline_replaces_parameters_but_never_inside_literals_or_values() -> Non
 
 
 # -- the locks ----------------------------------------------------------------------------------
+
+
+_TEXT = st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)))
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    texts=st.lists(_TEXT, min_size=1, max_size=4),
+    number=st.integers(-(2**63), 2**63 - 1),
+    real=st.floats(allow_nan=False, allow_infinity=False),
+)
+async def test_every_value_a_literal_carries_comes_back_exactly(
+    pg_url: str, texts: list[str], number: int, real: float
+) -> None:
+    """What the script renders is what PostgreSQL stores: any text (quotes, backslashes,
+    ``$1``, ``--``, ``;``, every plane of Unicode) comes back byte for byte, so no value can
+    end its literal and run as SQL; integers and floats come back equal."""
+    import asyncpg
+
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("SET standard_conforming_strings = on")
+        rows = ", ".join(f"({i}, {literal(t)})" for i, t in enumerate(texts))
+        got = await conn.fetch(f"SELECT * FROM (VALUES {rows}) AS v(i, t) ORDER BY i")
+        assert [r["t"] for r in got] == texts
+        assert await conn.fetchval(f"SELECT {literal(number)}::bigint") == number
+        assert await conn.fetchval(f"SELECT {literal(real)}::float8") == real
+    finally:
+        await conn.close()
 
 
 @pytest.fixture
