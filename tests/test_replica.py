@@ -240,9 +240,31 @@ async def test_a_replica_that_is_down_or_fails_leaves_reads_to_the_primary(
                     "WHERE application_name = 'jobledger-replica-read'",
                 )
 
+            async def fresh_reads(count: int) -> list[int]:
+                """Reads that present a position just written: the server must ask the
+                standby how far it has replayed, on connections the cut may have killed."""
+                async with http.post(
+                    f"{server.base}/v1/jobs", json={"agent": "a/b", "account": "1"}
+                ) as resp:
+                    assert resp.status == 201
+                    position = resp.headers["X-Ledger-Position"]
+                return list(
+                    await asyncio.gather(
+                        *(
+                            _job_status(http, url, key, **{"X-Ledger-Position": position})
+                            for _ in range(count)
+                        )
+                    )
+                )
+
             assert set(await reads(20)) == {200}
             for _ in range(3):
                 statuses, _ = await asyncio.gather(reads(40), cut())
+                assert set(statuses) == {200}, server.log_tail(60)
+                cut_task = asyncio.ensure_future(cut())
+                await asyncio.sleep(0.001)  # a connection used just after the cut
+                statuses = await fresh_reads(40)
+                await cut_task
                 assert set(statuses) == {200}, server.log_tail(60)
             assert set(await reads(20)) == {200}
             metrics = await _metrics(http, server.base)

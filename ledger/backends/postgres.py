@@ -606,14 +606,16 @@ class _ReplicaRead:
                 if self._snapshot:
                     await _end_snapshot(primary)
                 await self._backend._release_primary(primary)
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                if self._snapshot:
-                    await _end_snapshot(conn)
-                with contextlib.suppress(Exception):  # a connection the server cut: gone already
-                    await self._replica.pool.release(conn)
         finally:
-            self._replica.in_flight = max(0, self._replica.in_flight - 1)
+            try:
+                conn, self._conn = self._conn, None
+                if conn is not None:
+                    if self._snapshot:
+                        await _end_snapshot(conn)
+                    with contextlib.suppress(Exception):  # a connection the server cut
+                        await self._replica.pool.release(conn)
+            finally:
+                self._replica.in_flight = max(0, self._replica.in_flight - 1)
 
 
 class _ReplicaConn(PostgresConn):
@@ -650,8 +652,9 @@ class _ReplicaConn(PostgresConn):
                 self._answered = True
                 return answer
             except _REPLICA_FAILED as exc:
-                if self._snapshot and self._answered:
-                    raise self._failed(exc) from exc
+                if self._snapshot and self._answered:  # too late to move: 503, never a 500
+                    self._failure = str(exc) or type(exc).__name__
+                    raise StoreUnavailable(f"the standby failed mid-read: {exc}") from exc
                 if not isinstance(exc, asyncpg.TransactionRollbackError):
                     _terminate(self._conn)
                     self._replicas.failed(self._replica, exc)

@@ -38,7 +38,15 @@ MAX_PAUSE = 0.02
 HEAD_SQL = "SELECT position FROM chain_heads WHERE tenant = $1"
 FALLBACK_REASONS = ("behind", "down", "failed")
 # What asking a replica may raise when it is down, starting, or lacks the database yet
-_UNREACHABLE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# (asyncpg raises InternalClientError, no InterfaceError, for a connection the server has just
+# cut and that is used again at once)
+_UNREACHABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 
 @dataclass(slots=True)
