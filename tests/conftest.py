@@ -25,7 +25,11 @@ from api.app import create_app
 from api.context import STORE
 from api.settings import Settings
 from ledger import commands
+from ledger.backends import backend_for
+from ledger.backends.postgres import PostgresBackend
+from ledger.schema import LEDGER_SCHEMA
 from ledger.store import EventStore
+from projections import all_projectors
 from tests.openapi_check import Checker, checker
 
 PG_ENV = "JOBLEDGER_TEST_POSTGRES"
@@ -90,6 +94,28 @@ async def pg_url() -> AsyncIterator[str]:
         yield url
     finally:
         await drop_pg_database(url)
+
+
+def all_statements() -> list[str]:
+    """The whole schema: the ledger's tables and every projector's, with their indexes."""
+    statements = list(LEDGER_SCHEMA)
+    for projector in all_projectors():
+        statements.extend(projector.ddl())
+        statements.extend(projector.indexes())
+    return statements
+
+
+@pytest.fixture
+async def pg_backend(pg_url: str) -> AsyncIterator[PostgresBackend]:
+    """An open PostgreSQL backend over a fresh database, with the whole schema."""
+    made = backend_for(pg_url)
+    assert isinstance(made, PostgresBackend)
+    await made.open()
+    try:
+        await made.ensure_schema(all_statements())
+        yield made
+    finally:
+        await made.close()
 
 
 def _with_db(url: str, name: str) -> str:

@@ -16,19 +16,9 @@ import pytest
 
 from ledger.backends import backend_for
 from ledger.errors import StoreConflict, StoreUnavailable
-from ledger.schema import LEDGER_SCHEMA
 from ledger.sql import Backend
-from projections import all_projectors
-from tests.conftest import pg_server_url
+from tests.conftest import all_statements, pg_server_url
 from tests.serverproc import free_port
-
-
-def all_statements() -> list[str]:
-    statements = list(LEDGER_SCHEMA)
-    for projector in all_projectors():
-        statements.extend(projector.ddl())
-        statements.extend(projector.indexes())
-    return statements
 
 
 @pytest.fixture

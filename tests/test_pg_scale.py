@@ -25,7 +25,6 @@ from ledger.events import JobCompleted, JobProgressed, JobQueued, JobStarted
 from ledger.jobs import JobState
 from ledger.store import EventStore, UnitOfWork
 from projections import new_store
-from tests.test_backends import all_statements
 
 
 @contextlib.asynccontextmanager
@@ -112,25 +111,15 @@ async def test_every_value_a_literal_carries_comes_back_exactly(
         await conn.close()
 
 
-@pytest.fixture
-async def backend(pg_url: str) -> AsyncIterator[PostgresBackend]:
-    made = backend_for(pg_url)
-    assert isinstance(made, PostgresBackend)
-    await made.open()
-    try:
-        await made.ensure_schema(all_statements())
-        yield made
-    finally:
-        await made.close()
-
-
-async def test_different_tenants_write_at_once_one_tenant_waits(backend: PostgresBackend) -> None:
+async def test_different_tenants_write_at_once_one_tenant_waits(
+    pg_backend: PostgresBackend,
+) -> None:
     """A batch of tenant a does not wait for one of tenant b; a second batch of a does."""
     holding = asyncio.Event()
     release = asyncio.Event()
 
     async def hold(tenants: list[str]) -> None:
-        async with backend.write() as conn:
+        async with pg_backend.write() as conn:
             await conn.reserve(tenants, [-1] * len(tenants), 1)
             holding.set()
             await release.wait()
@@ -139,14 +128,14 @@ async def test_different_tenants_write_at_once_one_tenant_waits(backend: Postgre
     await holding.wait()
 
     async def reserve(tenants: list[str]) -> list[int]:
-        async with backend.write() as conn:
+        async with pg_backend.write() as conn:
             got = await conn.reserve(tenants, [-1] * len(tenants), 2)
             assert got is not None
             return got.positions
 
     other = await asyncio.wait_for(reserve(["b"]), 10)  # not blocked by a's open batch
     same = asyncio.create_task(reserve(["b", "a"]))  # a batch spanning both waits for a
-    whole = asyncio.create_task(_exclusive(backend))  # a rebuild-style write waits too
+    whole = asyncio.create_task(_exclusive(pg_backend))  # a rebuild-style write waits too
     await asyncio.sleep(0.5)
     assert not same.done() and not whole.done()
     release.set()

@@ -13,32 +13,15 @@ import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 
-from ledger.backends import backend_for
 from ledger.backends.postgres import PostgresBackend, translate
 from ledger.errors import CommitFailed, StoreConflict
 from tests.serverproc import Key, acreate_key, free_port, served
-from tests.test_backends import all_statements
 from tests.waits import wait_until
-
-
-@pytest.fixture
-async def backend(pg_url: str) -> AsyncIterator[PostgresBackend]:
-    """An open backend over the fresh database, with the whole schema."""
-    made = backend_for(pg_url)
-    assert isinstance(made, PostgresBackend)
-    await made.open()
-    try:
-        await made.ensure_schema(all_statements())
-        yield made
-    finally:
-        await made.close()
-
 
 # -- the SQL translation (no server needed) ---------------------------------------------------
 
@@ -75,35 +58,35 @@ def test_translation_is_cached_per_statement() -> None:
 # -- the backend against a real server ---------------------------------------------------------
 
 
-async def test_a_conflict_aborts_the_whole_transaction(backend: PostgresBackend) -> None:
+async def test_a_conflict_aborts_the_whole_transaction(pg_backend: PostgresBackend) -> None:
     """After a duplicate key every later statement of the transaction raises StoreConflict."""
     insert = "INSERT INTO ledger_meta (name, value) VALUES (?, ?)"
     with pytest.raises(StoreConflict):
-        async with backend.write() as conn:
+        async with pg_backend.write() as conn:
             await conn.execute(insert, ("probe", "1"))
             with pytest.raises(StoreConflict):
                 await conn.executemany(insert, [("other", "2"), ("probe", "3")])
             with pytest.raises(StoreConflict):
                 await conn.fetchone("SELECT value FROM ledger_meta WHERE name = ?", ("probe",))
             raise StoreConflict("the store gives up the batch")
-    async with backend.read() as conn:
+    async with pg_backend.read() as conn:
         rows = await conn.fetchall(
             "SELECT name FROM ledger_meta WHERE name IN (?, ?)", ("probe", "other")
         )
     assert rows == []
 
 
-async def test_swallowed_conflict_never_commits(backend: PostgresBackend) -> None:
+async def test_swallowed_conflict_never_commits(pg_backend: PostgresBackend) -> None:
     """A transaction whose conflict was caught and ignored still fails instead of committing."""
     insert = "INSERT INTO ledger_meta (name, value) VALUES (?, ?)"
     with pytest.raises(CommitFailed):
-        async with backend.write() as conn:
+        async with pg_backend.write() as conn:
             await conn.execute(insert, ("kept?", "1"))
             try:
                 await conn.execute(insert, ("kept?", "2"))
             except StoreConflict:
                 pass
-    async with backend.read() as conn:
+    async with pg_backend.read() as conn:
         row = await conn.fetchone("SELECT count(*) FROM ledger_meta WHERE name = 'kept?'")
     assert row == (0,)
 
