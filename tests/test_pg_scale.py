@@ -59,7 +59,7 @@ def test_literals_quote_text_and_refuse_what_text_cannot_hold() -> None:
     """Quotes are doubled, backslashes stay; NUL and lone surrogates are refused."""
     assert literal("it's") == "'it''s'"
     assert literal("a\\'b") == "'a\\''b'"
-    assert literal(None) == "NULL" and literal(True) == "1" and literal(-7) == "-7"
+    assert literal(None) == "NULL" and literal(True) == "1" and literal(-7) == "(-7)"
     for bad in ("a\x00b", "\ud800"):
         with pytest.raises(Unrenderable):
             literal(bad)
@@ -106,6 +106,8 @@ async def test_every_value_a_literal_carries_comes_back_exactly(
         got = await conn.fetch(f"SELECT * FROM (VALUES {rows}) AS v(i, t) ORDER BY i")
         assert [r["t"] for r in got] == texts
         assert await conn.fetchval(f"SELECT {literal(number)}::bigint") == number
+        # after an operator a negative literal stays one value (``0 - -5`` would be a comment)
+        assert await conn.fetchval(f"SELECT 0 - {literal(number)}") == -number
         assert await conn.fetchval(f"SELECT {literal(real)}::float8") == real
     finally:
         await conn.close()

@@ -214,7 +214,7 @@ def literal(value: Any) -> str:
     if value is None:
         return "NULL"
     if isinstance(value, int):  # bool too: stored as 0/1, as on SQLite
-        return str(int(value))
+        return _number(str(int(value)))
     if isinstance(value, str):
         if "\x00" in value:
             raise Unrenderable("text holds a NUL character")
@@ -226,8 +226,15 @@ def literal(value: Any) -> str:
     if isinstance(value, float | Decimal):
         if not math.isfinite(value):
             raise Unrenderable(f"{value} is not a finite number")
-        return repr(value) if isinstance(value, float) else str(value)
+        return _number(repr(value) if isinstance(value, float) else str(value))
     raise Unrenderable(f"cannot render a {type(value).__name__} as SQL")
+
+
+def _number(text: str) -> str:
+    """A negative number in parentheses: after an operator (``x - $1``) a bare ``-5`` would
+    start a ``--`` comment, and ``-9223372036854775808::bigint`` would negate an out-of-range
+    literal; ``(-5)`` is one value wherever it stands."""
+    return f"({text})" if text.startswith("-") else text
 
 
 def inline(translated: str, params: Sequence[Any]) -> str:
