@@ -45,6 +45,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def named_cpu_seconds(name: str) -> float:
+    """User + system CPU time so far of every process called ``name`` (e.g. ``postgres``)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            comm, _, rest = stat.read_text().partition(") ")
+            if comm.split("(", 1)[-1] == name:
+                fields = rest.split()
+                total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """``(busy, all)`` CPU seconds of the machine so far, over every core (``/proc/stat``)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
 class Server(serverproc.Server):
     """A ``jobledger serve`` of the harness, measured: its memory and its CPU under a load."""
 

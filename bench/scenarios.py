@@ -617,15 +617,28 @@ def import_(
     return {"history": {k: history[k] for k in keep}, "raw_insert": raw}
 
 
+def _pg_cpu(started: tuple[Any, ...]) -> tuple[float, float, float, float]:
+    """CPU seconds so far: the servers', PostgreSQL's, the machine's busy and all cores'."""
+    servers = sum(procs.cpu_seconds(s.pid) for s in started)
+    return (servers, procs.named_cpu_seconds("postgres"), *procs.machine_cpu_seconds())
+
+
 def _pg_run(
     processes: int,
     loads: list[dict[str, Any]],
     before: list[dict[str, float]],
     after: list[dict[str, float]],
+    cpu: list[float],
 ) -> dict[str, Any]:
-    """One configuration's throughput and lock figures over the measured window."""
+    """One configuration's throughput, lock and CPU figures over the measured window.
+
+    CPU per append is what the servers, PostgreSQL and the whole machine (load generators
+    included) spent per request: if it stays flat while processes are added and the machine
+    is busy, the configuration is bound by cores, not by a lock.
+    """
     delta = {k: sum(a[k] - b[k] for a, b in zip(after, before, strict=True)) for k in after[0]}
     requests = sum(r["requests"] for r in loads)
+    servers, postgres, busy, every = cpu
     # the clients' time in all: each request's latency, summed
     latency_s = sum(r["requests"] * r["latency_mean_ms"] for r in loads) / 1000
     batches = delta["jobledger_batches_total"] or 1.0
@@ -646,6 +659,11 @@ def _pg_run(
             if latency_s
             else 0.0
         ),
+        "cpu_us": {
+            name: seconds / requests * 1e6 if requests else 0.0
+            for name, seconds in (("servers", servers), ("postgres", postgres), ("machine", busy))
+        },
+        "machine_busy": busy / every if every else 0.0,
         "per_tenant": [_slim(r) for r in loads],
     }
 
@@ -748,13 +766,17 @@ def postgres(tmp: Path, sizes: Sizes, log: Callable[[str], None]) -> dict[str, A
 
                 drive(sizes.warmup_s)
                 before = [_scrape(s.url) for s in started]
+                cpu0 = _pg_cpu(started)
                 loads = drive(sizes.duration_s)
+                cpu = [b - a for a, b in zip(cpu0, _pg_cpu(started), strict=True)]
                 after = [_scrape(s.url) for s in started]
-            runs[str(n)] = _pg_run(n, loads, before, after)
+            run = runs[str(n)] = _pg_run(n, loads, before, after, cpu)
             log(
-                f"  {n} process(es): {runs[str(n)]['rps']:,.0f} req/s, lock wait "
-                f"{runs[str(n)]['lock_wait_share']:.1%} of latency, hold "
-                f"{runs[str(n)]['lock_hold_ms']:.2f} ms/batch"
+                f"  {n} process(es): {run['rps']:,.0f} req/s, lock wait "
+                f"{run['lock_wait_share']:.1%} of latency, hold {run['lock_hold_ms']:.2f} ms/batch;"
+                f" CPU per append: servers {run['cpu_us']['servers']:.0f} us, PostgreSQL "
+                f"{run['cpu_us']['postgres']:.0f} us, machine {run['cpu_us']['machine']:.0f} us"
+                f" ({run['machine_busy']:.0%} busy)"
             )
         one = runs["1"]["rps"]
         result.update(
