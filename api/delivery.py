@@ -1,7 +1,8 @@
 """The webhook delivery worker: one per ``jobledger serve`` process, started with the app.
 
 It scans for enabled endpoints whose cursor is behind their tenant's head (woken by every commit,
-in any process, and by the next retry falling due), takes each one's lease in a write
+in any process, and by the next retry falling due; while no tenant has an enabled endpoint, once
+a second and when one is registered here), takes each one's lease in a write
 transaction, and sends its matching events one at a time in position order. Several processes
 over one database share the work: the lease makes each endpoint, hence each event, one process's
 at a time, and the cursor moves only after a 2xx. A process that dies holding a lease leaves it
@@ -217,8 +218,11 @@ class Dispatcher:
                 await asyncio.sleep(pause)
             last_scan = time.monotonic()
             seen = self.store.changes  # before the scan: events committed during it wake us
+            idle = False
             try:
-                wait = await self._scan()
+                found = await self._scan()
+                idle = found is None
+                wait = POLL_SECONDS if found is None else found
                 if time.monotonic() - self._last_prune > PRUNE_EVERY_SECONDS:
                     self._last_prune = time.monotonic()
                     await self._prune(now_us() - ATTEMPTS_KEPT_US)
@@ -226,8 +230,15 @@ class Dispatcher:
                 raise
             except Exception:
                 log.warning("webhooks.scan_failed", exc_info=True)
+            # No enabled endpoint anywhere: a commit cannot make work, so only a registration
+            # here (a kick) or the next poll (one elsewhere) is worth a scan. Else every commit
+            # would cost every process a scan, with nothing to send.
             kicked = asyncio.create_task(self._kick.wait())
-            changed = asyncio.create_task(self.store.wait_for_change(max(0.01, wait), seen=seen))
+            changed = asyncio.create_task(
+                asyncio.sleep(wait)
+                if idle
+                else self.store.wait_for_change(max(0.01, wait), seen=seen)
+            )
             try:
                 await asyncio.wait({kicked, changed}, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -241,10 +252,13 @@ class Dispatcher:
 
         await self.store.execute(prune, tenants=())
 
-    async def _scan(self) -> float:
-        """Start a task for each endpoint due now; seconds until the next one falls due."""
+    async def _scan(self) -> float | None:
+        """Start a task for each endpoint due now; seconds until the next one falls due, or
+        ``None`` when no tenant has an enabled endpoint."""
         now = now_us()
         async with self.store.backend.read() as conn:
+            if not await endpoints.any_enabled(conn):
+                return None
             due = await endpoints.due(conn, now=now, owner=self.owner)
             soonest = await endpoints.soonest(conn, now=now)
         for key in due:

@@ -132,8 +132,12 @@ class Backend(Protocol):
 
     async def ensure_schema(self, statements: Sequence[str]) -> None: ...
 
-    async def wait_for_signal(self, seconds: float) -> None:
-        """Sleep until another process signals new events, or ``seconds`` pass."""
+    async def wait_for_signal(self, seconds: float) -> bool:
+        """Sleep until another process signals new events, or ``seconds`` pass.
+
+        ``True``: another process said it committed events (no need to look); ``False``: the
+        time ran out, or the backend cannot tell, and the caller must look for itself.
+        """
         ...
 
     async def signal(self) -> None:

@@ -203,6 +203,11 @@ async def listing(conn: Conn, tenant: str, *, project: str | None = None) -> lis
     return [_endpoint(r) for r in rows]
 
 
+async def any_enabled(conn: Conn) -> bool:
+    """Whether any tenant has an enabled endpoint (else no commit can make work to send)."""
+    return await conn.fetchone("SELECT 1 FROM webhooks WHERE enabled = 1 LIMIT 1") is not None
+
+
 async def due(conn: Conn, *, now: int, owner: str, limit: int = 1000) -> list[tuple[str, str]]:
     """Enabled endpoints with events to send now, not leased by another process."""
     rows = await conn.fetchall(

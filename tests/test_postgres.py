@@ -13,12 +13,14 @@ import asyncio
 import contextlib
 import itertools
 import json
+import time
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
-from ledger.backends.postgres import PostgresBackend, translate
+from ledger.backends.postgres import CHANNEL, NOTIFY_SECONDS, PostgresBackend, translate
 from ledger.errors import CommitFailed, StoreConflict
 from tests.serverproc import Key, acreate_key, free_port, served
 from tests.waits import wait_until
@@ -102,10 +104,62 @@ async def test_signal_wakes_another_process(pg_url: str) -> None:
         await asyncio.sleep(0)
         await a.signal()
         await asyncio.wait_for(waiter, 60)
-        assert waiter.done() and waiter.exception() is None
+        assert waiter.result() is True
     finally:
         await a.close()
         await b.close()
+
+
+async def test_own_signal_does_not_wake_own_listener(pg_url: str) -> None:
+    """A process's NOTIFY carries its token: its own watcher is not woken (it woke its waiters
+    when it committed), another process's is."""
+    a, b = PostgresBackend(pg_url), PostgresBackend(pg_url)
+    await a.open()
+    await b.open()
+    try:
+        await a.wait_for_signal(0.01)  # connect both listeners
+        await b.wait_for_signal(0.01)
+        other = asyncio.create_task(b.wait_for_signal(600))
+        await a.signal()
+        assert await asyncio.wait_for(other, 60) is True
+        assert await a.wait_for_signal(0.5) is False  # our own NOTIFY came back: ignored
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_signals_collapse_into_few_notifies(pg_url: str) -> None:
+    """Signals while a NOTIFY is pending, or within NOTIFY_SECONDS of the last, collapse: a
+    burst of commits costs the database a few notifying transactions, not one per commit."""
+    heard: list[str] = []
+    listener = await asyncpg.connect(pg_url)
+    backend = PostgresBackend(pg_url)
+    await backend.open()
+
+    async def settled() -> int:
+        task = backend._notify_task
+        assert task is not None
+        await asyncio.wait_for(task, 60)
+        await listener.execute("SELECT 1")  # what was sent before it has been delivered
+        return len(heard)
+
+    try:
+        await listener.add_listener(CHANNEL, lambda *args: heard.append(args[3]))
+        for _ in range(50):  # all before the NOTIFY task first runs: one NOTIFY
+            await backend.signal()
+        assert await settled() == 1
+        started = time.monotonic()
+        for _ in range(50):
+            await backend.signal()
+            await asyncio.sleep(0.002)
+        sent = await settled() - 1
+        elapsed = time.monotonic() - started
+        # NOTIFYs start at least NOTIFY_SECONDS apart: at most one per period, plus the first.
+        assert 1 <= sent <= elapsed / (NOTIFY_SECONDS * 0.95) + 1
+        assert set(heard) == {backend._token}
+    finally:
+        await listener.close()
+        await backend.close()
 
 
 # -- two server processes over one database ----------------------------------------------------

@@ -372,9 +372,10 @@ class SqliteBackend(SqliteBulk):
             for sql in statements:
                 await conn.execute(sql)
 
-    async def wait_for_signal(self, seconds: float) -> None:
+    async def wait_for_signal(self, seconds: float) -> bool:
         # Other processes on one SQLite file are found by polling the head position.
         await asyncio.sleep(seconds)
+        return False
 
     async def signal(self) -> None:
         return None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -76,6 +77,7 @@ class EventStore:
         self.head_position = 0
         self.changes = 0  # moves on every commit this process learns of: a waiter's token
         self._events_seen = 0  # the ledger's event count as the watcher last read it
+        self._looked = 0.0  # when the watcher last read it (time.monotonic())
         self._tick = asyncio.Event()
 
     @property
@@ -172,9 +174,16 @@ class EventStore:
     async def _watch_loop(self) -> None:
         while self._watching:
             try:
-                await self.backend.wait_for_signal(WATCH_SECONDS)
+                if await self.backend.wait_for_signal(WATCH_SECONDS):
+                    # Another process committed events and said so: wake the waiters at once
+                    # (they read anyway), and look only every WATCH_SECONDS: with several busy
+                    # writers a read per signal would be a query per commit per process.
+                    self._wake()
+                    if time.monotonic() - self._looked < WATCH_SECONDS:
+                        continue
                 async with self.backend.read() as conn:
                     count, position = await tables.event_count(conn)
+                self._looked = time.monotonic()
                 # Something committed since the watcher last looked (ours too: counting our
                 # own commits here could overshoot a concurrent read and sleep through
                 # another process's next commit; an extra wake-up only costs a read).
