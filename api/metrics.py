@@ -220,6 +220,11 @@ class StoreCollector(Collector):
                 "jobledger_batches_failed",
                 "Batches whose transaction did not commit (every waiter got 503).",
             ),
+            (
+                "lingered",
+                "jobledger_batches_lingered",
+                "Batches that waited (at most 1 ms) for the writers recently seen to send again.",
+            ),
         ):
             count = getattr(stats, attr, None)
             if isinstance(count, int):

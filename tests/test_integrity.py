@@ -11,19 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ledger import commands
 from ledger.audit import verify_store
+from ledger.backends import backend_for
 from ledger.errors import JobNotFound, LedgerError
 from ledger.events import CreditsGranted, JobCompleted, JobQueued, JobStarted
 from ledger.rebuild import rebuild
 from ledger.store import EventStore, UnitOfWork
+from ledger.store import writer as writer_module
+from tests.waits import wait_until
 
 SETTINGS = settings(
     max_examples=12,
@@ -212,3 +217,39 @@ async def test_a_valid_command_alone_after_a_failed_flush_commits(store: EventSt
     events = await store.events("t2")
     assert [e.position for e in events] == [good]
     assert (await store.events("t1")) == []
+
+
+async def _nothing(uow: UnitOfWork) -> int:
+    return 1
+
+
+@pytest.fixture
+async def bare_store(db_url: str) -> AsyncIterator[EventStore]:
+    """A store with no server around it: nothing else submits commands."""
+    async with EventStore(backend_for(db_url), []).running() as running:
+        yield running
+
+
+async def test_a_lone_writer_never_lingers(bare_store: EventStore) -> None:
+    """One caller at a time: every batch starts at once (group commit waits for nobody)."""
+    for _ in range(5):
+        assert await bare_store.execute(_nothing, tenants=["t1"]) == 1
+    assert bare_store.stats.lingered == 0
+    assert bare_store.stats.batches == 5
+
+
+async def test_writers_recently_seen_are_waited_for(
+    bare_store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After 8 commands waited at once, a batch that starts with fewer waits for the others
+    (here as long as it takes), and starts as soon as they are there."""
+    store = bare_store
+    monkeypatch.setattr(writer_module, "LINGER_SECONDS", 60.0)
+    assert await asyncio.gather(*(store.execute(_nothing, tenants=["t1"]) for _ in range(8)))
+    first = asyncio.ensure_future(store.execute(_nothing, tenants=["t1"]))
+    await wait_until(lambda: store._writer._want > 0, 30, "the writer to linger")
+    rest = [store.execute(_nothing, tenants=["t2"]) for _ in range(7)]
+    results = await asyncio.wait_for(asyncio.gather(first, *rest), 30)  # not 60 s
+    assert results == [1] * 8
+    assert store.stats.last_batch_size == 8
+    assert store.stats.lingered >= 1

@@ -1,7 +1,8 @@
 """The writer: one task per process that runs commands in group-committed transactions.
 
-It takes every command waiting in its queue (up to ``MAX_BATCH``) and runs them in one
-transaction with one COMMIT, one fsync. Group commit shares a transaction, never a fate:
+It takes every command waiting in its queue (up to ``MAX_BATCH``; when fewer wait than recently
+waited at once, after up to ``LINGER_SECONDS`` for more) and runs them in one transaction with
+one COMMIT, one fsync. Group commit shares a transaction, never a fate:
 
 1. *Optimistic*: every command runs and stages its writes in memory (a command that raises has
    written nothing); the succeeded ones are flushed together and committed.
@@ -51,6 +52,12 @@ Command = Callable[[UnitOfWork], Awaitable[T]]
 log = structlog.get_logger(__name__)
 
 MAX_BATCH = 512
+# Group commit's patience: a batch smaller than the number of commands recently seen waiting
+# at once (their callers were just answered and are likely sending again) waits up to this
+# long for them, so that concurrent writers keep sharing a transaction instead of settling
+# into two half-size batches that alternate. A lone writer never waits.
+LINGER_SECONDS = 0.001
+PEAK_SECONDS = 1.0  # how long the recent peak of waiting commands is remembered
 
 
 class _Retry(Exception):
@@ -83,6 +90,7 @@ class WriterStats:
     lock_wait_weighted: float = 0.0  # wait x commands: the wait as the commands felt it
     command_seconds: float = 0.0  # batch time x commands: what the commands waited in all
     last_locked_round_trips: int = 0  # requests sent while the locks were held
+    lingered: int = 0  # batches that waited for more commands (``LINGER_SECONDS``)
 
 
 @dataclass(slots=True)
@@ -114,6 +122,11 @@ class Writer:
         self._task: asyncio.Task[None] | None = None
         self.stats = WriterStats()
         self._per_command = 1.0  # events per command, to size a batch's reservation
+        self._waiting = 0  # commands submitted and not answered yet
+        self._peak = 0  # the most that waited at once, lately
+        self._peak_at = 0.0
+        self._want = 0  # queued commands that end a linger early (0: nobody lingers)
+        self._arrived = asyncio.Event()
 
     @property
     def queue_depth(self) -> int:
@@ -136,9 +149,35 @@ class Writer:
     async def execute(self, command: Command[T], tenants: Sequence[str]) -> T:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Request(command, tenants, future))  # unbounded: never waits
+        self._waiting += 1
+        if self._waiting >= self._peak:
+            self._peak, self._peak_at = self._waiting, time.monotonic()
+        if self._want and self._queue.qsize() >= self._want:
+            self._arrived.set()
         # no shield: a caller cancelled while waiting cancels only its future, which the
         # writer then leaves unanswered; its command runs (or ran) all the same
-        return await future
+        try:
+            return await future
+        finally:
+            self._waiting -= 1
+
+    async def _linger(self, have: int) -> None:
+        """Wait up to ``LINGER_SECONDS`` for the writers recently seen to send again."""
+        if time.monotonic() - self._peak_at > PEAK_SECONDS:
+            self._peak, self._peak_at = self._waiting, time.monotonic()  # forget an old peak
+        want = min(self._peak, MAX_BATCH) - have
+        if want <= 0 or self._queue.qsize() >= want:
+            return
+        self._want = want
+        self._arrived.clear()
+        self.stats.lingered += 1
+        try:
+            async with asyncio.timeout(LINGER_SECONDS):
+                await self._arrived.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self._want = 0
 
     async def _loop(self) -> None:
         while True:
@@ -147,6 +186,8 @@ class Writer:
                 return
             requests = [first]
             stop = False
+            if self._peak > 1 and LINGER_SECONDS:
+                await self._linger(1)
             while len(requests) < MAX_BATCH and not self._queue.empty():
                 nxt = self._queue.get_nowait()
                 if nxt is None:
