@@ -232,11 +232,12 @@ async def export_chunks(
     """The export as encoded chunks with the last position each covers, in constant memory.
 
     NDJSON lines are rendered by the database (``_line_sql``) and, unless a set of streams
-    filters them here, joined by the backend into one block a chunk (``fetch_lines``: on
-    SQLite, bytes in a worker thread); CSV rows are encoded here. The next chunk is read (in
+    filters them here or the read must be one snapshot (``one_snapshot``), joined by the
+    backend into one block a chunk (``fetch_lines``: on SQLite, bytes in a worker thread, on a
+    connection per chunk); CSV rows are encoded here. The next chunk is read (in
     the database's thread) while this one is written.
     """
-    if fmt == "csv" or flt.streams is not None:
+    if fmt == "csv" or flt.streams is not None or one_snapshot(backend, flt):
         async for chunk in _row_chunks(backend, flt, fmt):
             yield chunk
         return

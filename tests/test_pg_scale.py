@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ledger import chain
+from ledger import audit, chain
 from ledger.backends import backend_for
 from ledger.backends.postgres import PostgresBackend, Unrenderable, inline, literal
 from ledger.errors import InvalidTransition, Rejected
@@ -267,3 +269,44 @@ async def test_a_value_the_script_cannot_carry_costs_only_its_command(pg_url: st
         assert isinstance(outcomes[1], JobState) and outcomes[1].status == "queued"
         assert await store.events("t1") == [] and len(await store.events("t2")) == 1
         assert store.stats.isolated_batches == 1 and store.stats.failed_commits == 0
+
+
+async def test_an_export_of_every_tenant_is_one_snapshot(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The all-tenant export, read a chunk at a time, is the ledger as of its start.
+
+    A transaction holds a lower position while other tenants commit higher ones; it commits
+    after the export has read past its position, and another event follows. Paging by
+    ``position > last`` on fresh connections would export that later event and never the
+    lower one: a cut of the ledger that never existed.
+    """
+    monkeypatch.setattr(audit, "EXPORT_CHUNK", 1)
+    async with stores(pg_url, 1) as (store,):
+        raw = await asyncpg.connect(pg_url)
+        try:
+            tx = raw.transaction()
+            await tx.start()
+            low = await raw.fetchval("SELECT nextval('event_positions')")
+            await store.execute(queue("b", "j1"), tenants=["b"])
+            await store.execute(queue("b", "j2"), tenants=["b"])
+            before = [e.position for e in await store.events("b")]
+            assert min(before) > low
+            chunks = audit.export_chunks(store.backend, audit.ExportFilter(), "ndjson")
+            first = await anext(chunks)
+            await raw.execute(  # the late, lower position: a copy of b's first event
+                "INSERT INTO events SELECT $1, 'late', stream, version, 'evt_late', type, "
+                "occurred_at, occurred_us, recorded_at, actor, data, data_hash, prev_hash, hash "
+                "FROM events WHERE position = $2",
+                low,
+                before[0],
+            )
+            await tx.commit()
+            await store.execute(queue("b", "j3"), tenants=["b"])
+            blocks = [first[0]] + [block async for block, _ in chunks]
+        finally:
+            await raw.close()
+    exported = [
+        json.loads(line)["position"] for block in blocks for line in block.decode().splitlines()
+    ]
+    assert exported == before
