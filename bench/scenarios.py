@@ -881,12 +881,17 @@ def _measure_replica_reads(
     list_page = {"method": "GET", "body": None, "headers": _auth(token)}
     list_path = "/v1/jobs?limit=50"
     runs: dict[str, list[float]] = {"get_one": [], "get_two": [], "list_one": [], "list_two": []}
+    cpu_us: dict[str, list[dict[str, float]]] = {key: [] for key in runs}
     non_2xx = 0
 
-    def on(urls: list[str], path: str, kind: dict[str, Any], duration: float) -> float:
+    def on(
+        started: tuple[Any, ...], path: str, kind: dict[str, Any], duration: float, tag: str = ""
+    ) -> float:
         nonlocal non_2xx
+        urls = [s.url for s in started]
         share = max(1, conns // len(urls))
         threads = 1 if len(urls) > 1 else sizes.threads
+        cpu0 = _pg_cpu(started)
         with ThreadPoolExecutor(len(urls)) as pool:
             futures = [
                 pool.submit(
@@ -900,23 +905,36 @@ def _measure_replica_reads(
                 for url in urls
             ]
             loads = [f.result() for f in futures]
+        servers, postgres, busy, every = (
+            b - a for a, b in zip(cpu0, _pg_cpu(started), strict=True)
+        )
         non_2xx += sum(r["non_2xx"] for r in loads)
+        requests = sum(r["requests"] for r in loads) or 1
+        if tag:  # CPU per read: the servers', PostgreSQL's (primary and standby), the machine's
+            cpu_us[tag].append(
+                {
+                    "servers": servers / requests * 1e6,
+                    "postgres": postgres / requests * 1e6,
+                    "machine": busy / requests * 1e6,
+                    "machine_busy": busy / every if every else 0.0,
+                }
+            )
         return float(sum(r["requests_per_s"] for r in loads))
 
-    def measure(urls: list[str], tag: str) -> None:
+    def measure(started: tuple[Any, ...], tag: str) -> None:
         for name, path, kind in (("get", "", get_job), ("list", list_path, list_page)):
-            on(urls, path, kind, sizes.warmup_s)
-            runs[f"{name}_{tag}"].append(on(urls, path, kind, sizes.duration_s))
+            on(started, path, kind, sizes.warmup_s)
+            runs[f"{name}_{tag}"].append(on(started, path, kind, sizes.duration_s, f"{name}_{tag}"))
 
     served: dict[str, float] = {}
     for round_ in range(sizes.rounds):
         with procs.ledger_server(db, tmp, name="pg-read-primary") as one:
-            measure([one.url], "one")
+            measure((one,), "one")
         with procs.servers(
             procs.ledger_server(db, tmp, "--replica", replica, name="pg-read-a"),
             procs.ledger_server(db, tmp, "--replica", replica, name="pg-read-b"),
         ) as (a, b):
-            measure([a.url, b.url], "two")
+            measure((a, b), "two")
             for server in (a, b):
                 for where, count in _replica_reads_served(server.url).items():
                     served[where] = served.get(where, 0.0) + count
@@ -925,6 +943,13 @@ def _measure_replica_reads(
             f"primary) vs {runs['get_two'][-1]:,.0f} (2 processes, standby); list page "
             f"{runs['list_one'][-1]:,.0f} vs {runs['list_two'][-1]:,.0f}"
         )
+        for key in runs:
+            c = cpu_us[key][-1]
+            log(
+                f"    {key}: CPU per read: servers {c['servers']:.0f} us, PostgreSQL "
+                f"{c['postgres']:.0f} us, machine {c['machine']:.0f} us "
+                f"({c['machine_busy']:.0%} busy)"
+            )
     get_ratio = _median([t / o for t, o in zip(runs["get_two"], runs["get_one"], strict=True)])
     list_ratio = _median([t / o for t, o in zip(runs["list_two"], runs["list_one"], strict=True)])
     return {
@@ -936,6 +961,7 @@ def _measure_replica_reads(
         "get_ratio": get_ratio,
         "list_ratio": list_ratio,
         "list_path": list_path,
+        "cpu_us": cpu_us,
         "answered_by": served,  # the replica servers' own count: standby vs primary
         "non_2xx": non_2xx,
     }
