@@ -153,8 +153,9 @@ class Backend(Protocol):
         """
         ...
 
-    async def erase_residue(self) -> None:
-        """Make erased bytes unreadable in the database files (after a redaction)."""
+    async def erase_residue(self, tables: Sequence[str]) -> None:
+        """Make erased bytes unreadable in the database files (after a redaction); ``tables``
+        are those that held them (the ledger's own and the read models' erasable ones)."""
         ...
 
     def json_text(self, expr: str) -> str:

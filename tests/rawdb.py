@@ -86,6 +86,18 @@ async def tamper(db: str, *statements: Statement) -> list[int]:
     return await asyncio.to_thread(run)
 
 
+async def vacuumed(db: str) -> set[str]:
+    """PostgreSQL: the tables a ``VACUUM`` has run on (``pg_stat_user_tables``)."""
+    conn = await _pg_connect(db)
+    try:
+        rows = await conn.fetch(
+            "SELECT relname FROM pg_stat_user_tables WHERE last_vacuum IS NOT NULL"
+        )
+        return {r[0] for r in rows}
+    finally:
+        await conn.close()
+
+
 async def stored_bytes(db: str) -> bytes:
     """Everything the database holds where a reader of its storage could find it.
 

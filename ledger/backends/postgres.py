@@ -70,7 +70,6 @@ SCHEMA_DIGEST = "pg_schema_digest"
 POOL_MIN = 1
 POOL_MAX = 10
 CONNECT_TIMEOUT = 10.0
-RESIDUE_TABLES = ("events", "results", "idempotency", "jobs")
 NOTIFY_SECONDS = 0.02  # one NOTIFY per process per 20 ms at most, however many batches commit
 STATEMENT_CACHE = 512
 PREPARED_MAX = 256  # write statements PREPAREd per connection, at most
@@ -761,6 +760,7 @@ class PostgresBackend(PostgresBulk):
         )
         self._vacuum_task: asyncio.Task[None] | None = None
         self._vacuum_again = False
+        self._vacuum_tables: set[str] = set()
 
     # -- life ------------------------------------------------------------------------------
 
@@ -1042,12 +1042,13 @@ class PostgresBackend(PostgresBulk):
     async def set_durable(self, durable: bool) -> None:
         return None  # each transaction's commit is cheap next to the work; nothing to relax
 
-    async def erase_residue(self) -> None:
-        """``VACUUM`` the tables that held erased data, in the background (best effort).
+    async def erase_residue(self, tables: Sequence[str]) -> None:
+        """``VACUUM`` ``tables``, which held erased data, in the background (best effort).
 
         This removes the old row versions, so no query can read them; reclaiming the very disk
         blocks takes ``VACUUM FULL``, which locks the tables and is left to maintenance.
         """
+        self._vacuum_tables.update(tables)
         if self._vacuum_task is not None and not self._vacuum_task.done():
             self._vacuum_again = True
             return
@@ -1056,7 +1057,7 @@ class PostgresBackend(PostgresBulk):
     async def _vacuum(self) -> None:
         while True:
             self._vacuum_again = False
-            for table in RESIDUE_TABLES:
+            for table in sorted(self._vacuum_tables):
                 try:
                     async with self._acquire() as conn:
                         await conn.execute(f"VACUUM {table}")

@@ -389,8 +389,9 @@ class SqliteBackend(SqliteBulk):
             await self._in_writer(self._writer.execute, f"PRAGMA synchronous = {level}")
             await self._in_writer(self._writer.execute, f"PRAGMA secure_delete = {secure}")
 
-    async def erase_residue(self) -> None:
-        """Checkpoint the WAL into the database file and truncate it (erased bytes go).
+    async def erase_residue(self, tables: Sequence[str]) -> None:
+        """Checkpoint the WAL into the database file and truncate it (erased bytes go, from
+        every table at once: ``secure_delete`` zeroed the freed pages already).
 
         A reader holding an older snapshot (a rebuild, an export) keeps the checkpoint from
         finishing; it is then retried in the background until it does.

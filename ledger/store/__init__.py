@@ -79,6 +79,11 @@ class EventStore:
         self._events_seen = 0  # the ledger's event count as the watcher last read it
         self._looked = 0.0  # when the watcher last read it (time.monotonic())
         self._tick = asyncio.Event()
+        # where a redaction leaves erased bytes: the ledger's tables and erasable read models
+        self._residue_tables = [
+            *tables.ERASED_TABLES,
+            *(spec.name for p in self.projectors for spec in p.specs if spec.erasable),
+        ]
 
     @property
     def stats(self) -> WriterStats:
@@ -148,7 +153,7 @@ class EventStore:
             self._wake()
             await self.backend.signal()
         if committed.erased:
-            await self.backend.erase_residue()
+            await self.backend.erase_residue(self._residue_tables)
 
     # -- change notification ---------------------------------------------------------------
 

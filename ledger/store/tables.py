@@ -15,6 +15,7 @@ from ledger.store.staging import IdempotentAnswer, Staged, StoredResult
 
 IDEMPOTENCY_WINDOW_US = 24 * 3600 * 1_000_000
 SELECT_EVENTS = f"SELECT {EVENT_COLUMNS} FROM events"
+ERASED_TABLES = ("events", "results", "idempotency")  # the ledger's tables a redaction edits
 _INSERT_EVENT = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES ({', '.join('?' * 15)})"
 _UPSERT_HEAD = (
     "INSERT INTO chain_heads (tenant, position, hash, count) VALUES (?, ?, ?, ?) "
