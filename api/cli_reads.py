@@ -99,15 +99,13 @@ async def _with_store(
 
 
 async def _tenant(store: EventStore, tenant: str | None) -> str:
-    async with store.backend.read() as conn:
-        rows = await conn.fetchall("SELECT tenant FROM chain_heads ORDER BY tenant")
-    known = [r[0] for r in rows]
+    known = await store.tenants()
     if tenant is not None:
         if tenant not in known:
             raise ReadError(f"unknown tenant {tenant!r}: it has no events")
         return tenant
     if len(known) == 1:
-        return str(known[0])
+        return known[0]
     if not known:
         raise ReadError("the database has no events yet")
     raise ReadError(f"name one with --tenant: {', '.join(known)}")

@@ -225,6 +225,11 @@ class EventStore:
         """The tenant's events in position order (``scans.events_page`` has the filters)."""
         return await scans.events_page(self.backend, tenant, **query)
 
+    async def tenants(self) -> list[str]:
+        """Every tenant with events, in order."""
+        async with self.backend.read() as conn:
+            return await reads.tenants(conn)
+
     async def head(self, tenant: str) -> ChainHead | None:
         async with self.backend.read() as conn:
             return await reads.head(conn, tenant)

@@ -56,3 +56,8 @@ async def head(conn: Conn, tenant: str) -> ChainHead | None:
         "SELECT position, hash, count FROM chain_heads WHERE tenant = ?", (tenant,)
     )
     return None if row is None else ChainHead(*row)
+
+
+async def tenants(conn: Conn) -> list[str]:
+    """Every tenant with events, in order."""
+    return [r[0] for r in await conn.fetchall("SELECT tenant FROM chain_heads ORDER BY tenant")]
