@@ -20,6 +20,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from ledger.backends import postgres
 from ledger.backends.postgres import CHANNEL, NOTIFY_SECONDS, PostgresBackend, translate
 from ledger.errors import CommitFailed, StoreConflict
 from tests.serverproc import Key, acreate_key, free_port, served
@@ -195,6 +196,32 @@ async def _writer(http: aiohttp.ClientSession, base: str, name: str, jobs: int) 
 
 
 @pytest.mark.slow
+async def test_prepare_refused_for_a_passing_reason_is_tried_again(pg_url: str) -> None:
+    """A write statement PREPARE refuses because its table is missing yet is PREPAREd once
+    the table exists; one whose parameter types cannot be inferred is sent as text for good."""
+    later = translate("INSERT INTO later_table (a) VALUES (?)")
+    untyped = translate("UPDATE later_table SET a = a WHERE ? IS NULL")
+    names = [postgres._statement_name(later), postgres._statement_name(untyped)]
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await postgres._prepare_known(conn)  # neither can be prepared: no table yet
+        assert later not in postgres._UNPREPARABLE and untyped not in postgres._UNPREPARABLE
+        await conn.execute("CREATE TABLE later_table (a bigint)")
+        await postgres._prepare_known(conn)
+        assert later not in postgres._UNPREPARABLE
+        assert untyped in postgres._UNPREPARABLE  # "could not determine data type": never
+        prepared = {r[0] for r in await conn.fetch("SELECT name FROM pg_prepared_statements")}
+        assert names[0] in prepared and names[1] not in prepared
+        await conn.execute(f"EXECUTE {names[0]}(7)")
+        assert await conn.fetchval("SELECT a FROM later_table") == 7
+    finally:
+        await conn.close()
+        for statement in (later, untyped):  # other tests' connections need not meet them
+            postgres._NAMES.pop(statement, None)
+            postgres._REFUSALS.pop(statement, None)
+            postgres._UNPREPARABLE.discard(statement)
+
+
 async def test_two_servers_append_while_a_reader_tails_the_feed(pg_url: str) -> None:
     """With two servers appending at once, a tailing reader sees every position once, in order."""
     async with served(pg_url) as a, served(pg_url) as b:

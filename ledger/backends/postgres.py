@@ -205,6 +205,10 @@ _PARAM = re.compile(
 _PREPARABLE = re.compile(r"\s*(INSERT|UPDATE|DELETE)\b", re.IGNORECASE)
 _NAMES: dict[str, str] = {}  # translated statement -> name, for every statement seen
 _UNPREPARABLE: set[str] = set()  # statements PREPARE refused: always sent as literal SQL
+_REFUSALS: dict[str, int] = {}  # PREPAREs refused for another reason, by statement
+REFUSALS_KEPT = 3  # then the statement is sent as literal SQL for good
+# What PREPARE says of a statement whose parameter types the server cannot infer: for good
+_NEVER_PREPARABLE = (asyncpg.IndeterminateDatatypeError, asyncpg.AmbiguousParameterError)
 _PREPARED: weakref.WeakKeyDictionary[asyncpg.Connection, set[str]] = weakref.WeakKeyDictionary()
 
 
@@ -693,8 +697,10 @@ class _ReplicaConn(PostgresConn):
 async def _prepare_known(conn: asyncpg.Connection) -> None:
     """PREPARE the write statements this connection has not met yet (outside any lock).
 
-    PREPARE outlives transactions and fails only for a statement whose parameter types the
-    server cannot infer: such a statement is sent as literal SQL from then on.
+    PREPARE outlives transactions. A statement whose parameter types the server cannot infer
+    is sent as literal SQL from then on; one refused for another reason (a table not created
+    yet, a statement timeout) is tried again by later transactions, up to ``REFUSALS_KEPT``
+    times. Either way the transaction goes on: the statement runs as literal SQL.
     """
     prepared = _prepared_on(conn)
     if len(prepared) + len(_UNPREPARABLE) >= len(_NAMES):
@@ -711,7 +717,9 @@ async def _prepare_known(conn: asyncpg.Connection) -> None:
             if isinstance(exc, _GONE):
                 raise
             log.warning("postgres.prepare_refused", statement=translated[:80], error=str(exc))
-            _UNPREPARABLE.add(translated)
+            refusals = _REFUSALS[translated] = _REFUSALS.get(translated, 0) + 1
+            if isinstance(exc, _NEVER_PREPARABLE) or refusals >= REFUSALS_KEPT:
+                _UNPREPARABLE.add(translated)
             continue
         prepared.add(name)
 
