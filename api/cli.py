@@ -13,19 +13,16 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, BinaryIO, NoReturn
 
-from api import cli_reads, logs
+from api import cli_reads_args, logs
 from api.settings import DEFAULT_DB, DEFAULT_MAX_BODY, DEFAULT_REPLICA_WAIT_S, Settings
-from ledger import audit, commands
+from ledger import commands
 from ledger.backends import backend_for, is_postgres
 from ledger.clock import parse_duration, parse_us
 from ledger.errors import LedgerError
-from ledger.importer import import_file
-from ledger.rebuild import rebuild
 from ledger.store import EventStore
 from projections import PROJECTORS, new_store
 from projections import keys as key_models
@@ -63,10 +60,25 @@ class Parser(argparse.ArgumentParser):
 
 
 def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("jobledger")
     except PackageNotFoundError:  # run from a source tree that is not installed
         return "unknown"
+
+
+class _Version(argparse.Action):
+    """``--version``: looks the version up only when asked (the lookup scans the installed
+    distributions, which every other command would pay for at start)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("help", "show program's version number and exit")
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> NoReturn:
+        sys.stdout.write(f"jobledger {_version()}\n")  # where argparse's own action writes it
+        parser.exit()
 
 
 def _db(parser: argparse.ArgumentParser) -> None:
@@ -142,7 +154,7 @@ def _seconds(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="jobledger", description=DESCRIPTION)
-    parser.add_argument("--version", action="version", version=f"jobledger {_version()}")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     serve = sub.add_parser("serve", help="run the HTTP API")
@@ -282,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     _db(verify)
     verify.add_argument("--tenant", help="one tenant's chain (each tenant's if unset)")
     verify.add_argument("--file", help="an NDJSON export to verify instead of the database")
-    cli_reads.add_parsers(sub)
+    cli_reads_args.add_parsers(sub)
     return parser
 
 
@@ -499,6 +511,8 @@ def _print_keys(found: list[key_models.ApiKey]) -> None:
 
 
 async def cmd_rebuild(args: argparse.Namespace) -> int:
+    from ledger.rebuild import rebuild
+
     store = await _open(args.db, writer=False)
     try:
         projectors = [p for p in store.projectors if args.projection in (None, p.name)]
@@ -530,6 +544,8 @@ async def _known_tenant(store: EventStore, tenant: str | None) -> None:
 
 
 async def cmd_export(args: argparse.Namespace) -> int:
+    from ledger import audit
+
     store = await _open(args.db, writer=False)
     try:
         await _known_tenant(store, args.tenant)
@@ -575,6 +591,8 @@ async def cmd_export(args: argparse.Namespace) -> int:
 async def cmd_import(args: argparse.Namespace) -> int:
     if not await asyncio.to_thread(os.path.isfile, args.file):
         raise CliError(f"cannot read {args.file}: no such file")
+    from ledger.importer import import_file
+
     store = await _open(args.db, create=True, writer=False)
     try:
         with _progress("importing") as progress:
@@ -595,6 +613,8 @@ async def cmd_import(args: argparse.Namespace) -> int:
 
 
 async def cmd_verify(args: argparse.Namespace) -> int:
+    from ledger import audit
+
     if args.file:
         try:
             verdict = audit.verify_lines(audit.read_lines(args.file))
@@ -621,6 +641,20 @@ async def cmd_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _runner(command: str) -> Callable[[argparse.Namespace], Coroutine[Any, Any, int]]:
+    if command in cli_reads_args.COMMANDS:
+        from api import cli_reads  # rich's tables and the API's schemas: only for these
+
+        return cli_reads.COMMANDS[command]
+    return {
+        "keys": cmd_keys,
+        "rebuild": cmd_rebuild,
+        "export": cmd_export,
+        "verify": cmd_verify,
+        "import": cmd_import,
+    }[command]
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -634,14 +668,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         if args.command == "serve":
             code = cmd_serve(args)
         else:
-            runner = {
-                "keys": cmd_keys,
-                "rebuild": cmd_rebuild,
-                "export": cmd_export,
-                "verify": cmd_verify,
-                **cli_reads.COMMANDS,
-                "import": cmd_import,
-            }[args.command]
+            runner = _runner(args.command)
             code = asyncio.run(runner(args))
     except CliError as exc:
         print(f"jobledger: {exc}", file=sys.stderr)

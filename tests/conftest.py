@@ -13,9 +13,9 @@ import json as json_module
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from aiohttp import web
@@ -31,6 +31,9 @@ from ledger.schema import LEDGER_SCHEMA
 from ledger.store import EventStore
 from projections import all_projectors
 from tests.openapi_check import Checker, checker
+
+if TYPE_CHECKING:
+    from tests.history import Templates
 
 PG_ENV = "JOBLEDGER_TEST_POSTGRES"
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,16 +59,17 @@ def pg_server_url() -> str | None:
     return os.environ.get(PG_ENV) or None
 
 
-async def create_pg_database() -> str:
-    """A new empty database on the test server; its URL."""
+async def create_pg_database(template: str | None = None) -> str:
+    """A new database on the test server, empty or a copy of ``template`` (a URL); its URL."""
     import asyncpg
 
     base = pg_server_url()
     assert base is not None
     name = f"jl_test_{uuid.uuid4().hex[:12]}"
+    copy = "" if template is None else f' TEMPLATE "{template.rsplit("/", 1)[1]}"'
     conn = await asyncpg.connect(_with_db(base, "postgres"))
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.execute(f'CREATE DATABASE "{name}"{copy}')
     finally:
         await conn.close()
     return _with_db(base, name)
@@ -159,13 +163,37 @@ def backend_name(request: pytest.FixtureRequest) -> str:
     return name
 
 
+@pytest.fixture(scope="session")
+def rich_templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Templates]:
+    """This worker's rich histories (``tests/history.py``), dropped at the end of the run."""
+    from tests.history import Templates
+
+    templates = Templates(tmp_path_factory.mktemp("rich-history"))
+    try:
+        yield templates
+    finally:
+        templates.drop()
+
+
 @pytest.fixture
-async def db_url(backend_name: str, tmp_path: Any) -> AsyncIterator[str]:
-    """A new, empty database of the test's own: a SQLite file or a PostgreSQL database."""
+async def db_url(
+    backend_name: str, tmp_path: Any, request: pytest.FixtureRequest
+) -> AsyncIterator[str]:
+    """A new database of the test's own: a SQLite file or a PostgreSQL database.
+
+    Empty, or for a test marked ``rich_history`` a copy of ``build_rich_history``'s history.
+    """
+    templates: Templates | None = None
+    if request.node.get_closest_marker("rich_history") is not None:
+        templates = request.getfixturevalue("rich_templates")
     if backend_name == "sqlite":
-        yield str(tmp_path / "ledger.db")
+        path = str(tmp_path / "ledger.db")
+        if templates is not None:
+            await templates.copy_into(path)
+        yield path
         return
-    url = await create_pg_database()
+    template = None if templates is None else await templates.postgres()
+    url = await create_pg_database(template)
     try:
         yield url
     finally:

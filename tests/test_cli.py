@@ -9,6 +9,7 @@ import pty
 import re
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -80,6 +81,31 @@ async def test_help_shows_defaults_and_version() -> None:
     assert "--tenant TENANT --role {" in usage and "[--role" not in usage  # required, no default
     done = await acli("--version")
     assert done.code == 0 and re.fullmatch(r"jobledger \d+\.\d+\.\d+\S*\n", done.out), done.out
+
+
+def test_the_command_starts_without_what_only_some_commands_use() -> None:
+    """Starting ``jobledger`` imports no aiohttp, no rich (structlog's pretty tracebacks
+    included), no tables of the read commands, no importer, rebuild or audit log: each command
+    imports what it runs (a few hundred CLI processes per test run pay for the rest)."""
+    unused = (
+        "aiohttp",
+        "rich",
+        "api.cli_reads",
+        "api.schemas",
+        "ledger.audit",
+        "ledger.importer",
+        "ledger.rebuild",
+        "importlib.metadata",
+    )
+    probe = (
+        "import sys; from api.cli import build_parser; build_parser(); "
+        f"print(' '.join(m for m in {unused!r} if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env(), timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == []
 
 
 async def test_serve_on_a_busy_port_is_one_line_and_creates_nothing(tmp_path: Path) -> None:

@@ -14,17 +14,16 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from api.app import create_app
-from api.context import STORE
 from api.settings import Settings
 from ledger import chain
 from ledger.backends import backend_for
 from ledger.store import EventStore
 from projections import all_projectors
 from tests.conftest import Api, create_pg_database, drop_pg_database, pg_server_url
+from tests.history import RICH_JOB_IDS
 from tests.serverproc import acli
-from tests.test_rebuild import build_rich_history, snapshot
+from tests.test_rebuild import snapshot
 
-MakeApi = Callable[..., Coroutine[Any, Any, Api]]
 AiohttpClient = Callable[[web.Application], Coroutine[Any, Any, TestClient[Any, Any]]]
 
 
@@ -60,18 +59,18 @@ async def export(db: str, out: Path, *tenant: str) -> bytes:
     return await asyncio.to_thread(out.read_bytes)
 
 
+@pytest.mark.rich_history
 async def test_export_import_export_is_byte_identical(
     db_url: str,
     other_db: str,
     client: TestClient[Any, Any],
     api: Api,
     app: web.Application,
-    make_api: MakeApi,
     aiohttp_client: AiohttpClient,
     tmp_path: Path,
 ) -> None:
     """SQLite to PostgreSQL (and back): the export of the import is the export, byte for byte."""
-    job_ids = await build_rich_history(api, app[STORE], make_api)
+    job_ids = list(RICH_JOB_IDS)
     before = await snapshot(api, job_ids)
     await client.close()
     every = await export(db_url, tmp_path / "all.ndjson")
@@ -128,6 +127,7 @@ def _tampered(lines: list[str], index: int, change: Callable[[dict[str, Any]], N
     return "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in events)
 
 
+@pytest.mark.rich_history
 @pytest.mark.parametrize("how", ["data", "header", "deleted", "swapped", "hash"])
 async def test_a_broken_chain_is_refused_with_its_position(
     db_url: str,
@@ -135,12 +135,10 @@ async def test_a_broken_chain_is_refused_with_its_position(
     client: TestClient[Any, Any],
     api: Api,
     app: web.Application,
-    make_api: MakeApi,
     tmp_path: Path,
     how: str,
 ) -> None:
     """An edited, deleted or moved event is refused at its position; nothing is imported."""
-    await build_rich_history(api, app[STORE], make_api)
     await client.close()
     lines = (await export(db_url, tmp_path / "all.ndjson")).decode().splitlines()
     victim = len(lines) // 2

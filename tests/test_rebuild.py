@@ -15,132 +15,17 @@ from aiohttp.test_utils import TestClient
 from api.app import create_app
 from api.context import STORE
 from api.settings import Settings
-from ledger import commands
 from ledger import rebuild as rebuild_module
 from ledger.rebuild import rebuild
-from ledger.store import EventStore, tables
+from ledger.store import tables
 from projections import counts as counts_model
 from projections import jobs as jobs_model
 from tests import rawdb
 from tests.conftest import Api
+from tests.history import RICH_JOB_IDS, job
 from tests.serverproc import acli
 
-MakeApi = Callable[..., Coroutine[Any, Any, Api]]
 AiohttpClient = Callable[[web.Application], Coroutine[Any, Any, TestClient[Any, Any]]]
-
-
-# -- a rich history ------------------------------------------------------------------------------
-
-
-async def event(api: Api, job: str, type_: str, at: str | None = None, **data: Any) -> None:
-    body: dict[str, Any] = {"type": type_, "data": data}
-    if at is not None:
-        body["occurred_at"] = at
-    await api.post(f"/v1/jobs/{job}/events", body)
-
-
-async def job(api: Api, job_id: str, agent: str, account: str, at: str, **extra: Any) -> None:
-    await api.post(
-        "/v1/jobs", {"id": job_id, "agent": agent, "account": account, "occurred_at": at, **extra}
-    )
-
-
-async def build_rich_history(api: Api, store: EventStore, make_api: MakeApi) -> list[str]:
-    """Every status, prices and price changes, grants, deletions, archive, redaction, links.
-
-    Returns every job id ever created in tenant acme.
-    """
-    await api.post(
-        "/v1/prices",
-        {"agent": "scraper/a", "per_job": "1.5", "per_row": "0.25", "per_second": "0.01"},
-    )
-    await api.post("/v1/prices", {"agent": "exec/b", "per_execution": 2, "per_job": 1})
-    await api.post("/v1/credits/grants", {"account": "acct-1", "amount": 500, "reason": "plan"})
-    await api.post("/v1/credits/grants", {"account": "acct-2", "amount": "12.3456"})
-    await api.post("/v1/credits/grants", {"account": "acct-1", "amount": -20, "reason": "fix"})
-
-    # completed with a result, charged by job, rows and seconds
-    await job(api, "done", "scraper/a", "acct-1", "2025-01-01T10:00:00Z", params={"q": "x"})
-    await event(api, "done", "job.started", "2025-01-01T10:00:01Z")
-    await event(api, "done", "job.progressed", "2025-01-01T10:00:02Z", row_count=1, message="m")
-    await event(api, "done", "job.completed", "2025-01-01T10:01:03.5Z", result=[1, 2, 3, 4])
-    # the price changes: later jobs pay the new one, the earlier one keeps its charge
-    await api.post("/v1/prices", {"agent": "scraper/a", "per_job": 3, "per_row": 1})
-    await job(api, "done2", "scraper/a", "acct-1", "2025-01-02T00:00:00Z", project="p1")
-    await event(api, "done2", "job.completed", "2025-01-02T00:00:09Z", row_count=5)
-    # still queued, running, progressing
-    await job(api, "queued", "scraper/a", "acct-2", "2025-01-03T00:00:00Z")
-    await job(api, "run", "scraper/a", "acct-2", "2025-01-03T00:00:01Z", project="p1")
-    await event(api, "run", "job.started", "2025-01-03T00:00:02Z")
-    await event(api, "run", "job.progressed", "2025-01-03T00:00:03Z", row_count=9)
-    # failed, cancelled from queued and from running
-    await job(api, "failed", "scraper/c", "acct-2", "2025-01-04T00:00:00Z")
-    await event(api, "failed", "job.started", "2025-01-04T00:00:01Z")
-    await event(
-        api, "failed", "job.failed", "2025-01-04T00:00:02Z", error={"code": "x", "message": "y"}
-    )
-    await job(api, "cancel-q", "scraper/c", "acct-1", "2025-01-05T00:00:00Z")
-    await api.post("/v1/jobs/cancel-q/cancel", {"reason": "dup"}, status=200)
-    await job(api, "cancel-r", "scraper/c", "acct-1", "2025-01-05T00:00:01Z")
-    await event(api, "cancel-r", "job.started", "2025-01-05T00:00:02Z")
-    await api.post("/v1/jobs/cancel-r/cancel", status=200)
-    # executions: partial_failed, all succeeded, all failed, one still retrying
-    await job(api, "partial", "exec/b", "acct-1", "2025-01-06T00:00:00Z", executions_total=3)
-    await event(api, "partial", "job.execution_succeeded", "2025-01-06T00:00:01Z", execution_id="1")
-    await event(api, "partial", "job.execution_retrying", "2025-01-06T00:00:02Z", execution_id="2")
-    await event(api, "partial", "job.execution_failed", "2025-01-06T00:00:03Z", execution_id="2")
-    await event(api, "partial", "job.execution_succeeded", "2025-01-06T00:00:04Z", execution_id="3")
-    await job(api, "all-ok", "exec/b", "acct-2", "2025-01-06T01:00:00Z")
-    await event(api, "all-ok", "job.executions_planned", "2025-01-06T01:00:01Z", total=2)
-    await event(api, "all-ok", "job.execution_succeeded", "2025-01-06T01:00:02Z", execution_id="a")
-    await event(api, "all-ok", "job.execution_succeeded", "2025-01-06T01:00:03Z", execution_id="b")
-    await job(api, "all-bad", "exec/b", "acct-2", "2025-01-06T02:00:00Z", executions_total=1)
-    await event(api, "all-bad", "job.execution_failed", "2025-01-06T02:00:01Z", execution_id="z")
-    await job(api, "retrying", "exec/b", "acct-1", "2025-01-06T03:00:00Z", executions_total=2)
-    await event(api, "retrying", "job.execution_retrying", "2025-01-06T03:00:01Z", execution_id="r")
-    # archive, pr link, deletion (single and bulk), redaction
-    await job(api, "archived", "docs/agent", "acct-1", "2025-01-07T00:00:00Z", project="p2")
-    await event(api, "archived", "job.completed", "2025-01-07T00:00:01Z", row_count=2)
-    await event(api, "archived", "job.pr_linked", None, pr_link="https://x/pr/1")
-    await api.post("/v1/jobs/archived/archive", status=200)
-    await job(api, "deleted", "scraper/a", "acct-1", "2025-01-08T00:00:00Z")
-    await event(api, "deleted", "job.completed", "2025-01-08T00:00:01Z", row_count=7)
-    await api.delete("/v1/jobs/deleted")
-    for i in range(3):
-        await job(api, f"bulk{i}", "bulk/agent", "acct-3", f"2025-01-09T00:00:0{i}Z")
-    await event(api, "bulk1", "job.completed", "2025-01-09T00:01:00Z", row_count=3)
-    assert (await api.delete("/v1/jobs", params={"agent": "bulk/agent"}))["deleted"] == 3
-    await job(
-        api,
-        "secret",
-        "scraper/a",
-        "acct-2",
-        "2025-01-10T00:00:00Z",
-        params={"email": "a@b.c"},
-        created_by={"email": "a@b.c", "first_name": "A"},
-    )
-    await event(api, "secret", "job.started", "2025-01-10T00:00:01Z")
-    await event(api, "secret", "job.completed", "2025-01-10T00:00:05Z", result=[{"a": 1}])
-    await api.post("/v1/jobs/secret/redact", {"reason": "erase"}, status=200)
-    await api.post("/v1/jobs/secret/archive", status=200)
-    # many plain jobs, so lists page
-    for i in range(12):
-        await job(api, f"plain{i:02d}", "plain/agent", f"acct-{i % 3}", "2025-01-11T00:00:00Z")
-    # keys: one revoked; another tenant with its own jobs
-    revoked = await store.execute(
-        lambda uow: commands.create_key(uow, "acme", "reader"), tenants=["acme"]
-    )
-    await store.execute(
-        lambda uow: commands.revoke_key(uow, "acme", revoked.key_id), tenants=["acme"]
-    )
-    globex = await make_api(tenant="globex")
-    await globex.post("/v1/jobs", {"id": "done", "agent": "g/agent", "account": "acct-1"})
-    await globex.post("/v1/jobs/done/events", {"type": "job.completed", "data": {"row_count": 1}})
-    return [
-        "done", "done2", "queued", "run", "failed", "cancel-q", "cancel-r", "partial",
-        "all-ok", "all-bad", "retrying", "archived", "deleted", "bulk0", "bulk1", "bulk2",
-        "secret", *(f"plain{i:02d}" for i in range(12)), "nope",
-    ]  # fmt: skip
 
 
 # -- every read-model answer ---------------------------------------------------------------------
@@ -238,18 +123,18 @@ def check_history(seen: dict[str, Any]) -> None:
 # -- the rebuilds --------------------------------------------------------------------------------
 
 
+@pytest.mark.rich_history
 async def test_rebuild_reproduces_every_answer(
     db_url: str,
     client: TestClient[Any, Any],
     app: web.Application,
     api: Api,
-    make_api: MakeApi,
     aiohttp_client: AiohttpClient,
 ) -> None:
     """In process and through the CLI, a rebuild leaves every read-model answer identical."""
     db = db_url
     store = app[STORE]
-    job_ids = await build_rich_history(api, store, make_api)
+    job_ids = list(RICH_JOB_IDS)
     before = await snapshot(api, job_ids)
     check_history(before)
     async with store.backend.read() as conn:
@@ -278,12 +163,12 @@ async def test_rebuild_reproduces_every_answer(
     assert_same(before, await snapshot(restarted, job_ids))
 
 
+@pytest.mark.rich_history
 async def test_verify_names_a_tampered_row(
-    db_url: str, client: TestClient[Any, Any], api: Api, app: web.Application, make_api: MakeApi
+    db_url: str, client: TestClient[Any, Any], api: Api, app: web.Application
 ) -> None:
     """``rebuild --verify`` exits 1 naming a tampered read model; a rebuild repairs it."""
     db = db_url
-    await build_rich_history(api, app[STORE], make_api)
     await client.close()
     await rawdb.tamper(db, ("UPDATE job_counts SET n = n + 1 WHERE status = 'failed'", ()))
 
@@ -301,6 +186,7 @@ async def test_verify_names_a_tampered_row(
     assert fixed.code == 0 and json.loads(fixed.last_line)["identical"] is True
 
 
+@pytest.mark.rich_history
 @pytest.mark.parametrize(
     ("table", "tamper"),
     [
@@ -316,25 +202,23 @@ async def test_verify_covers_every_read_model(
     client: TestClient[Any, Any],
     api: Api,
     app: web.Application,
-    make_api: MakeApi,
     table: str,
     tamper: str,
 ) -> None:
     """Each read model's table is compared by ``rebuild --verify``."""
     db = db_url
-    await build_rich_history(api, app[STORE], make_api)
     await client.close()
     assert (await rawdb.tamper(db, (tamper, ())))[0] > 0
     done = await acli("rebuild", "--db", db, "--verify")
     assert done.code == 1 and done.err.split()[1].startswith(f"{table}:"), done.err
 
 
+@pytest.mark.rich_history
 async def test_projection_option_rebuilds_only_one(
-    db_url: str, client: TestClient[Any, Any], api: Api, app: web.Application, make_api: MakeApi
+    db_url: str, client: TestClient[Any, Any], api: Api, app: web.Application
 ) -> None:
     """``--projection NAME`` replays and swaps that read model alone."""
     db = db_url
-    await build_rich_history(api, app[STORE], make_api)
     await client.close()
     await rawdb.tamper(
         db,
@@ -354,12 +238,12 @@ async def test_projection_option_rebuilds_only_one(
     assert bad.code == 2
 
 
+@pytest.mark.rich_history
 async def test_rebuild_while_appending_loses_nothing(
-    db_url: str, api: Api, app: web.Application, make_api: MakeApi
+    db_url: str, api: Api, app: web.Application
 ) -> None:
     """A rebuild racing appends through the API keeps every append; lists never shrink."""
     store = app[STORE]
-    await build_rich_history(api, store, make_api)
     for i in range(150):
         await job(api, f"pre{i:03d}", "load/agent", f"acct-{i % 4}", "2025-02-01T00:00:00Z")
     listed_before = len((await api.get("/v1/jobs", params={"limit": 1000}))["jobs"])
@@ -427,13 +311,12 @@ async def test_rebuild_while_appending_loses_nothing(
     assert all(p["updated_at"] and p["updated_at"].endswith("Z") for p in prices)
 
 
+@pytest.mark.rich_history
 async def test_cli_rebuild_beside_a_running_server(
-    db_url: str, api: Api, app: web.Application, make_api: MakeApi, tmp_path: Path
+    db_url: str, api: Api, app: web.Application, tmp_path: Path
 ) -> None:
     """``jobledger rebuild`` in another process, while this server appends, loses nothing."""
     db = db_url
-    store = app[STORE]
-    await build_rich_history(api, store, make_api)
     for i in range(300):
         await job(api, f"pre{i:03d}", "load/agent", "acct-1", "2025-02-01T00:00:00Z")
     stop = asyncio.Event()
@@ -474,8 +357,9 @@ async def test_cli_rebuild_beside_a_running_server(
     assert (await api.get("/v1/credits", params={"account": "b"}))["used"] == len(appended)
 
 
+@pytest.mark.rich_history
 async def test_a_reader_with_an_older_snapshot_sees_the_old_models_whole(
-    db_url: str, api: Api, app: web.Application, make_api: MakeApi
+    db_url: str, api: Api, app: web.Application
 ) -> None:
     """A snapshot taken before a swap reads the old read models, not the new ones half seen.
 
@@ -483,7 +367,6 @@ async def test_a_reader_with_an_older_snapshot_sees_the_old_models_whole(
     snapshot, which cannot see the rows of the transactions that filled it: its jobs vanish.
     """
     store = app[STORE]
-    await build_rich_history(api, store, make_api)
     before = await api.get("/v1/jobs/stats")
     async with store.backend.read(snapshot=True, bulk=True) as conn:
         # the snapshot starts here, touching only the events (no lock on the read models)
