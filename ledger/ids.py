@@ -48,10 +48,11 @@ def ulid() -> str:
     high = r >> 10
     head_ms, head_high, head = _head
     if head_ms != ms or head_high != high:
-        p = _PAIRS
-        head = "".join(
-            [p[(ms >> shift) & 1023] for shift in range(40, -10, -10)]
-            + [p[(high >> shift) & 1023] for shift in range(60, -10, -10)]
+        p = _PAIRS  # written out: a comprehension's frame and range cost more than the lookups
+        head = (
+            f"{p[ms >> 40 & 1023]}{p[ms >> 30 & 1023]}{p[ms >> 20 & 1023]}{p[ms >> 10 & 1023]}"
+            f"{p[ms & 1023]}{p[high >> 60 & 1023]}{p[high >> 50 & 1023]}{p[high >> 40 & 1023]}"
+            f"{p[high >> 30 & 1023]}{p[high >> 20 & 1023]}{p[high >> 10 & 1023]}{p[high & 1023]}"
         )
         _head = (ms, high, head)
     return head + _PAIRS[r & 1023]

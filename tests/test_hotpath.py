@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import json
 import re
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import structlog
 from api import logs
 from ledger.backends.sqlite import INLINE_BUSY_MS, InlineConn, SqliteConn
 from ledger.errors import StoreUnavailable
+from ledger.ids import ulid
 from ledger.sql import Conn
 from projections import jobs as jobs_model
 from tests.conftest import Api
@@ -187,3 +190,22 @@ async def test_an_inline_read_that_meets_a_lock_waits_on_a_reader_thread(tmp_pat
         await pooled.close()
         inline.close()
         holder.close()
+
+
+def test_ulids_are_time_ordered_and_strictly_increasing() -> None:
+    """Ids made back to back (many per millisecond, their shared characters reused) decode to
+    their millisecond and count up strictly, also where the reused characters change."""
+    digits = {c: i for i, c in enumerate("0123456789ABCDEFGHJKMNPQRSTVWXYZ")}
+    before = time.time_ns() // 1_000_000
+    made = [ulid() for _ in range(50_000)]
+    after = time.time_ns() // 1_000_000
+    values = []
+    for text in made:
+        assert len(text) == 26
+        value = 0
+        for c in text:
+            value = value * 32 + digits[c]
+        values.append(value)
+    assert all(a < b for a, b in itertools.pairwise(values))
+    assert before <= values[0] >> 80 and values[-1] >> 80 <= after
+    assert len({v >> 10 for v in values}) > len({v >> 80 for v in values})  # heads changed in a ms
