@@ -121,21 +121,27 @@ class InlineConn:
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         try:
             return self._conn.execute(sql, params).fetchall()
-        except sqlite3.OperationalError as exc:
-            if self._pooled is None or not is_busy(exc):
-                raise translate_error(exc) from exc
-        async with self._pooled() as conn:  # busy: wait on a reader thread instead
+        except Exception as exc:
+            pooled = self._pooled_for(exc)
+        async with pooled() as conn:  # busy: the statement waits on a reader thread instead
             return await conn.fetchall(sql, params)
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         try:
             row: Row | None = self._conn.execute(sql, params).fetchone()
             return row
-        except sqlite3.OperationalError as exc:
-            if self._pooled is None or not is_busy(exc):
-                raise translate_error(exc) from exc
-        async with self._pooled() as conn:
+        except Exception as exc:
+            pooled = self._pooled_for(exc)
+        async with pooled() as conn:
             return await conn.fetchone(sql, params)
+
+    def _pooled_for(self, exc: Exception) -> Pooled:
+        """Where a statement that raised ``exc`` runs again (busy, outside a snapshot); any
+        other error is raised as the ledger's own."""
+        pooled = self._pooled
+        if pooled is None or not isinstance(exc, sqlite3.OperationalError) or not is_busy(exc):
+            raise translate_error(exc) from exc
+        return pooled
 
 
 class BufferedWriteConn:
