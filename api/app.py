@@ -93,7 +93,7 @@ async def _on_shutdown(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[metrics.measure, handle], client_max_size=settings.max_body)
+    app = web.Application(middlewares=[handle], client_max_size=settings.max_body)
     app[SETTINGS] = settings
     app[STOPPING] = asyncio.Event()
     app[replicas.WRITTEN] = replicas.WrittenPositions()

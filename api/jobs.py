@@ -190,27 +190,41 @@ async def get_job(request: web.Request) -> web.Response:
     return json_response(s.job_view(job))
 
 
-# The answers of recent GETs, by job: (the stored state's text, the answer's body). The body is
-# a pure function of that text, so a job read again unchanged (a client polling it) is answered
-# without decoding and re-encoding it; any change to the job changes its text.
-_VIEWS: dict[tuple[str, str], tuple[str, bytes]] = {}
+# The answers of recent GETs, by job: (the database's committed version when the row was read,
+# the stored state's text, the job's project, the answer's body). The body is a pure function
+# of the text, so a job read again unchanged (a client polling it) is answered without
+# decoding and re-encoding it; any change to the job changes its text. Where the backend knows
+# that nothing has committed since the row was read (SQLite in WAL mode, from any process:
+# ``Backend.committed_version``), the row is not even read again.
+_VIEWS: dict[tuple[str, str], tuple[int | None, str, str | None, bytes]] = {}
 VIEWS_KEPT = 4096
 
 
 async def _view_body(request: web.Request, who: Caller, job_id: str) -> bytes:
     """The body of ``GET /v1/jobs/{id}`` for a live job of the caller's scope, or 404."""
-    async with store(request).backend.read() as conn:
-        text = await jobs.get_text(conn, who.tenant, job_id, project=who.project)
-    if text is None:
-        raise JobNotFound(f"no job {job_id}")
+    backend = store(request).backend
+    version = backend.committed_version()  # before the read: a commit after it changes it
     key = (who.tenant, job_id)
-    cached = _VIEWS.get(key)
-    if cached is not None and cached[0] == text:
-        return cached[1]
-    body = ENCODE(s.job_view(jobs.decode(text)))
-    if cached is None and len(_VIEWS) >= VIEWS_KEPT:
-        del _VIEWS[next(iter(_VIEWS))]  # the oldest entry
-    _VIEWS[key] = (text, body)
+    kept = _VIEWS.get(key)
+    if kept is not None and version is not None and kept[0] == version:
+        project, body = kept[2], kept[3]
+    else:
+        async with backend.read() as conn:
+            row = await jobs.get_text(conn, who.tenant, job_id)
+        if row is None:
+            if kept is not None:
+                del _VIEWS[key]
+            raise JobNotFound(f"no job {job_id}")
+        text, project = row
+        if kept is not None and kept[1] == text:
+            body = kept[3]
+        else:
+            body = ENCODE(s.job_view(jobs.decode(text)))
+            if kept is None and len(_VIEWS) >= VIEWS_KEPT:
+                del _VIEWS[next(iter(_VIEWS))]  # the oldest entry
+        _VIEWS[key] = (version, text, project, body)
+    if who.project is not None and project != who.project:
+        raise JobNotFound(f"no job {job_id}")
     return body
 
 

@@ -1,18 +1,17 @@
 """``GET /metrics``: the Prometheus text format, through the official ``prometheus-client``.
 
 Each server process has its own registry and exposes its own numbers (scrape every process;
-``docs/operations.md`` shows the scrape config). Request counts and latencies come from a
-middleware; the store's work (events appended, group-commit batch sizes, commit latency, the
-writer's queue) is read from the plain counters the store keeps (``EventStore.stats``,
-``WriterStats``) when the page is scraped, so the ledger never imports Prometheus. Without
-``--metrics-token`` only loopback clients may scrape; with it, a scraper sends
-``Authorization: Bearer <token>``.
+``docs/operations.md`` shows the scrape config). Request counts and latencies come from the
+API's middleware (``api/middleware.py`` calls ``Metrics.observe``); the store's work (events
+appended, group-commit batch sizes, commit latency, the writer's queue) is read from the plain
+counters the store keeps (``EventStore.stats``, ``WriterStats``) when the page is scraped, so
+the ledger never imports Prometheus. Without ``--metrics-token`` only loopback clients may
+scrape; with it, a scraper sends ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
 
 import hmac
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from prometheus_client.registry import Collector
 
 from api.context import SETTINGS, STORE
 from api.delivery import WEBHOOKS
-from api.http import OPERATIONS, Handler
+from api.http import OPERATIONS
 from ledger.errors import Forbidden, Unauthorized
 
 if TYPE_CHECKING:  # the PostgreSQL driver is imported only by a server that uses it
@@ -374,40 +373,6 @@ def rebuild_exporter(port: int | None, host: str = "127.0.0.1") -> Iterator[Rebu
         server.shutdown()
         server.server_close()
         thread.join()
-
-
-def _route_of(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else UNMATCHED
-
-
-@web.middleware
-async def measure(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count and time every request by route template and status (outermost middleware)."""
-    metrics = request.app.get(METRICS)
-    if metrics is None:
-        return await handler(request)
-    route = _route_of(request)
-    stream = metrics.is_stream(route)
-    if stream:
-        metrics.streams.inc()
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    except BaseException:
-        status = 499  # the client went away mid-request (nginx's name for it)
-        raise
-    finally:
-        if stream:
-            metrics.streams.dec()
-        method = request.method if request.method in METHODS else "other"
-        metrics.observe(method, route, status, time.perf_counter() - started)
 
 
 def _allowed(request: web.Request) -> None:

@@ -130,6 +130,15 @@ class Backend(Protocol):
         """
         ...
 
+    def committed_version(self) -> int | None:
+        """A number that changes whenever a transaction commits to the database, from any
+        connection of any process, known without a query; ``None`` when the backend cannot
+        tell that way (then only a read says what is current).
+
+        Taken before a read, an equal number later means the read's answer still stands.
+        """
+        ...
+
     async def ensure_schema(self, statements: Sequence[str]) -> None: ...
 
     async def wait_for_signal(self, seconds: float) -> bool:

@@ -138,18 +138,14 @@ async def get(
     return _DECODE(row_[0])
 
 
-async def get_text(
-    conn: Conn, tenant: str, job_id: str, *, project: str | None = None
-) -> str | None:
-    """A live job's stored state as its JSON text (``get`` without the decoding)."""
+async def get_text(conn: Conn, tenant: str, job_id: str) -> tuple[str, str | None] | None:
+    """A live job's stored state as its JSON text (``get`` without the decoding), and its
+    project (the caller checks it)."""
     row_ = await conn.fetchone(
         "SELECT state, project FROM jobs WHERE tenant = ? AND id = ? AND deleted = 0",
         (tenant, job_id),
     )
-    if row_ is None or (project is not None and row_[1] != project):
-        return None
-    text: str = row_[0]
-    return text
+    return None if row_ is None else (row_[0], row_[1])
 
 
 def decode(text: str) -> JobState:

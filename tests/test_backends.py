@@ -9,6 +9,7 @@ across processes) is in tests/test_postgres.py.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from ledger.backends import backend_for
 from ledger.errors import StoreConflict, StoreUnavailable
 from ledger.sql import Backend
 from tests.conftest import all_statements, pg_server_url
-from tests.serverproc import free_port
+from tests.serverproc import acli, free_port
 
 
 @pytest.fixture
@@ -147,6 +148,43 @@ async def test_writes_from_several_processes_are_serialised(db_url: str) -> None
         await a.close()
         await b.close()
     assert names == [f"n{i:04d}" for i in range(1, 51)]  # no lost update, no conflict
+
+
+async def test_committed_version_moves_with_every_commit_from_anywhere(
+    backend: Backend, db_url: str
+) -> None:
+    """Where a backend knows its committed version, reads leave it as it is and a commit from
+    another connection or another process changes it; PostgreSQL never claims to know."""
+    if backend.dialect == "postgres":
+        assert backend.committed_version() is None
+        return
+    other = await opened(db_url)
+    try:
+        seen = [backend.committed_version()]
+        for n in range(3):
+            assert await meta(backend, "v") == [(f"v{i}", "x") for i in range(n)]
+            assert backend.committed_version() == seen[-1]  # reads commit nothing
+            async with other.write() as conn:  # another connection
+                await conn.execute(META, (f"v{n}", "x"))
+            seen.append(backend.committed_version())
+        async with backend.write() as conn:  # this backend's own writer
+            await conn.execute(META, ("own", "x"))
+        seen.append(backend.committed_version())
+        made = await acli("keys", "create", "--db", db_url, "--tenant", "t", "--role", "reader")
+        assert made.code == 0, made.err  # another process
+        seen.append(backend.committed_version())
+        raw = sqlite3.connect(db_url)  # the WAL starts over after a full checkpoint
+        try:
+            busy = raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        finally:
+            raw.close()
+        assert busy == 0
+        async with other.write() as conn:
+            await conn.execute(META, ("after", "x"))
+        assert backend.committed_version() not in seen
+        assert None not in seen and len(set(seen)) == len(seen)
+    finally:
+        await other.close()
 
 
 async def test_snapshot_reads_hold_one_view(backend: Backend) -> None:

@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
+import itertools
 import json
 import re
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
+import aiosqlite
+import pytest
 import structlog
 
 from api import logs
+from ledger.backends.sqlite import INLINE_BUSY_MS, InlineConn, SqliteConn
+from ledger.errors import StoreUnavailable
+from ledger.ids import ulid
+from ledger.sql import Conn
 from projections import jobs as jobs_model
 from tests.conftest import Api
+from tests.serverproc import acreate_key, served
 
 
 def test_every_column_of_the_jobs_table_is_indexed_or_listed_as_unindexed() -> None:
@@ -93,3 +108,104 @@ def test_access_line_is_the_structlog_line() -> None:
         assert last["request_id"] == "r-2" and "tenant" not in last  # nothing carried over
     finally:
         logs.configure()
+
+
+async def test_get_after_a_write_through_another_server_is_never_stale(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Two servers over one database: whatever one acknowledges, the other's next GET shows,
+    although it answered the same job just before (from its kept body)."""
+    key = await acreate_key(db_url, "acme")
+    async with (
+        served(db_url, log_dir=tmp_path) as reader,
+        served(db_url, log_dir=tmp_path) as writer,
+        aiohttp.ClientSession(headers=key.headers) as http,
+    ):
+        job = f"{writer.base}/v1/jobs/hp-x"
+        seen = f"{reader.base}/v1/jobs/hp-x"
+        async with http.post(f"{writer.base}/v1/jobs", json={"id": "hp-x", "agent": "a/b"}) as r:
+            assert r.status == 201
+        async with http.post(f"{job}/events", json={"type": "job.started"}) as r:
+            assert r.status == 201
+        for n in range(1, 21):
+            for _ in range(2):  # the second answer comes from what the first kept
+                async with http.get(seen) as r:
+                    assert r.status == 200
+                    assert (await r.json())["row_count"] == n - 1
+            progressed = {"type": "job.progressed", "data": {"row_count": n}}
+            async with http.post(f"{job}/events", json=progressed) as r:
+                assert r.status == 201
+                version = (await r.json())["job"]["version"]
+            async with http.get(seen) as r:
+                got = await r.json()
+                assert (got["row_count"], got["version"]) == (n, version)
+        async with http.delete(job) as r:
+            assert r.status == 200
+        async with http.get(seen) as r:
+            assert r.status == 404
+
+
+def _locked_elsewhere(path: Path) -> sqlite3.Connection:
+    """A database in rollback-journal mode, with a row, locked by another connection."""
+    setup = sqlite3.connect(path, isolation_level=None)
+    setup.execute("CREATE TABLE t (x)")
+    setup.execute("INSERT INTO t VALUES (1)")
+    setup.close()
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("INSERT INTO t VALUES (2)")
+    return holder
+
+
+async def test_an_inline_read_that_meets_a_lock_waits_on_a_reader_thread(tmp_path: Path) -> None:
+    """SQLite: a point read on the loop's thread that finds the file locked gives up within
+    INLINE_BUSY_MS and waits on a reader thread instead, so the loop runs on meanwhile (here,
+    the task that releases the lock) and the read answers what was committed."""
+    path = tmp_path / "locked.db"
+    holder = _locked_elsewhere(path)
+    inline = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    inline.execute(f"PRAGMA busy_timeout = {INLINE_BUSY_MS}")
+    pooled = await aiosqlite.connect(path, isolation_level=None)
+    await pooled.execute("PRAGMA busy_timeout = 30000")
+
+    @contextlib.asynccontextmanager
+    async def reader() -> AsyncIterator[Conn]:
+        yield SqliteConn(pooled)
+
+    async def release() -> None:
+        holder.execute("COMMIT")
+
+    try:
+        # the read runs first, meets the lock and moves to the reader thread; then the loop
+        # runs the task that releases the lock (it could not, were the loop held by the read)
+        read = asyncio.create_task(InlineConn(inline, reader).fetchall("SELECT x FROM t"))
+        released = asyncio.create_task(release())
+        assert sorted(await read) == [(1,), (2,)]
+        await released
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(StoreUnavailable):  # inside a snapshot there is nowhere to move
+            await InlineConn(inline, None).fetchall("SELECT x FROM t")
+        holder.execute("COMMIT")
+    finally:
+        await pooled.close()
+        inline.close()
+        holder.close()
+
+
+def test_ulids_are_time_ordered_and_strictly_increasing() -> None:
+    """Ids made back to back (many per millisecond, their shared characters reused) decode to
+    their millisecond and count up strictly, also where the reused characters change."""
+    digits = {c: i for i, c in enumerate("0123456789ABCDEFGHJKMNPQRSTVWXYZ")}
+    before = time.time_ns() // 1_000_000
+    made = [ulid() for _ in range(50_000)]
+    after = time.time_ns() // 1_000_000
+    values = []
+    for text in made:
+        assert len(text) == 26
+        value = 0
+        for c in text:
+            value = value * 32 + digits[c]
+        values.append(value)
+    assert all(a < b for a, b in itertools.pairwise(values))
+    assert before <= values[0] >> 80 and values[-1] >> 80 <= after
+    assert len({v >> 10 for v in values}) > len({v >> 80 for v in values})  # heads changed in a ms

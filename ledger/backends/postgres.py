@@ -907,6 +907,9 @@ class PostgresBackend(PostgresBulk):
                         await conn.execute("ROLLBACK")
                 raise
 
+    def committed_version(self) -> None:
+        return None  # no cheap way to know: every read asks the server
+
     @asynccontextmanager
     async def read(self, *, snapshot: bool = False, bulk: bool = False) -> AsyncIterator[Conn]:
         route = READ_ROUTE.get()
