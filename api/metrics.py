@@ -222,7 +222,7 @@ class StoreCollector(Collector):
             (
                 "lingered",
                 "jobledger_batches_lingered",
-                "Batches that waited (at most 1 ms) for the writers recently seen to send again.",
+                "Batches that waited (at most 2 ms) for the writers recently seen to send again.",
             ),
         ):
             count = getattr(stats, attr, None)

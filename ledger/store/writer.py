@@ -56,7 +56,7 @@ MAX_BATCH = 512
 # at once (their callers were just answered and are likely sending again) waits up to this
 # long for them, so that concurrent writers keep sharing a transaction instead of settling
 # into two half-size batches that alternate. A lone writer never waits.
-LINGER_SECONDS = 0.001
+LINGER_SECONDS = 0.002
 PEAK_SECONDS = 1.0  # how long the recent peak of waiting commands is remembered
 
 
