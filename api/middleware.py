@@ -150,7 +150,7 @@ def guarded(render: ErrorRenderer, credential: Credential, *, root: bool) -> Mid
                         )
                     settings = app.get(SETTINGS) or request.config_dict[SETTINGS]
                     if settings.replicas or replicas.POSITION_HEADER in headers:
-                        with replicas.Routed(request):  # reads a standby may answer
+                        with replicas.Routed(request, caller, settings):  # a standby may answer
                             response = await handler(request)
                     else:  # no standby to route to, no position to check
                         response = await handler(request)

@@ -24,6 +24,7 @@ from aiohttp import web
 from api.auth import Caller
 from api.context import CALLER, SETTINGS
 from api.http import MAX_INT, Handler
+from api.settings import Settings
 from ledger.errors import Invalid
 from ledger.routing import READ_ROUTE, ReadRoute
 
@@ -80,19 +81,31 @@ def wrote(request: web.Request, response: web.StreamResponse, position: int) -> 
         written.wrote(who.key_id, position)
 
 
-def route_for(request: web.Request) -> ReadRoute | None:
-    """The replica route of a request, or ``None`` when only the primary may answer it."""
-    who: Caller | None = request.get(CALLER)
+def route_for(
+    request: web.Request, who: Caller | None = None, settings: Settings | None = None
+) -> ReadRoute | None:
+    """The replica route of a request, or ``None`` when only the primary may answer it.
+
+    ``who`` and ``settings``: the request's caller and settings where the caller has them at
+    hand (every request pays for this; ``config_dict`` is a chain of mappings, not a dict).
+    """
     if who is None:
-        return None  # a public route: it reads nothing of a tenant's
+        who = request.get(CALLER)
+        if who is None:
+            return None  # a public route: it reads nothing of a tenant's
     position = presented_position(request)  # checked on every backend alike
-    settings = request.config_dict[SETTINGS]
+    config = None
+    if settings is None:
+        config = request.config_dict
+        settings = config[SETTINGS]
     if not settings.replicas or request.method not in READ_METHODS:
         return None
     handler = request.match_info.handler
-    if getattr(handler, "__primary__", False) or request.query.get("wait", "0") not in ("", "0"):
+    if getattr(handler, "__primary__", False) or (
+        request.query_string and request.query.get("wait", "0") not in ("", "0")
+    ):
         return None
-    written = request.config_dict.get(WRITTEN)
+    written = (config or request.config_dict).get(WRITTEN)
     if written is not None:
         position = max(position, written.last(who.key_id))
     return ReadRoute(tenant=who.tenant, position=position, wait_s=settings.replica_wait_s)
@@ -104,13 +117,17 @@ class Routed:
     A class rather than a generator: it wraps every request.
     """
 
-    __slots__ = ("_request", "_token")
+    __slots__ = ("_request", "_settings", "_token", "_who")
 
-    def __init__(self, request: web.Request) -> None:
+    def __init__(
+        self, request: web.Request, who: Caller | None = None, settings: Settings | None = None
+    ) -> None:
         self._request = request
+        self._who = who
+        self._settings = settings
 
     def __enter__(self) -> None:
-        self._token = READ_ROUTE.set(route_for(self._request))
+        self._token = READ_ROUTE.set(route_for(self._request, self._who, self._settings))
 
     def __exit__(self, *exc: object) -> None:
         READ_ROUTE.reset(self._token)
