@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import compileall
+import contextlib
 import json as json_module
 import os
 import sys
@@ -28,6 +29,7 @@ from ledger import commands
 from ledger.backends import backend_for
 from ledger.backends.postgres import PostgresBackend
 from ledger.schema import LEDGER_SCHEMA
+from ledger.sql import Backend
 from ledger.store import EventStore
 from projections import all_projectors
 from tests.openapi_check import Checker, checker
@@ -109,17 +111,24 @@ def all_statements() -> list[str]:
     return statements
 
 
-@pytest.fixture
-async def pg_backend(pg_url: str) -> AsyncIterator[PostgresBackend]:
-    """An open PostgreSQL backend over a fresh database, with the whole schema."""
-    made = backend_for(pg_url)
-    assert isinstance(made, PostgresBackend)
+@contextlib.asynccontextmanager
+async def schema_backend(url: str) -> AsyncIterator[Backend]:
+    """An open backend over ``url`` with the whole schema, closed at the end."""
+    made = backend_for(url)
     await made.open()
     try:
         await made.ensure_schema(all_statements())
         yield made
     finally:
         await made.close()
+
+
+@pytest.fixture
+async def pg_backend(pg_url: str) -> AsyncIterator[PostgresBackend]:
+    """An open PostgreSQL backend over a fresh database, with the whole schema."""
+    async with schema_backend(pg_url) as made:
+        assert isinstance(made, PostgresBackend)
+        yield made
 
 
 def _with_db(url: str, name: str) -> str:

@@ -18,20 +18,15 @@ import pytest
 from ledger.backends import backend_for
 from ledger.errors import StoreConflict, StoreUnavailable
 from ledger.sql import Backend
-from tests.conftest import all_statements, pg_server_url
+from tests.conftest import all_statements, pg_server_url, schema_backend
 from tests.serverproc import acli, free_port
 
 
 @pytest.fixture
 async def backend(db_url: str) -> AsyncIterator[Backend]:
     """An open backend over the test's own database, with the whole schema."""
-    made = backend_for(db_url)
-    await made.open()
-    try:
-        await made.ensure_schema(all_statements())
+    async with schema_backend(db_url) as made:
         yield made
-    finally:
-        await made.close()
 
 
 async def opened(db_url: str) -> Backend:
