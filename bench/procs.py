@@ -25,6 +25,7 @@ __all__ = ["HOST", "JOBLEDGER", "ROOT", "free_port", "stop_all", "track", "untra
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO_SERVER = ROOT / "bench" / "baselines" / "echo_server.py"
+FLOOR_SERVER = ROOT / "bench" / "baselines" / "floor_server.py"
 STARTUP_TIMEOUT = 60.0
 
 
@@ -95,6 +96,35 @@ class EchoServer(Server):
 
     def command(self, port: int) -> list[str]:
         return [sys.executable, str(ECHO_SERVER), "--host", HOST, "--port", str(port)]
+
+
+class FloorServer(Server):
+    """The bare aiohttp + sqlite3 baseline (bench/baselines/floor_server.py): a durable append
+    and a read by key, nothing else."""
+
+    probe = "/ping"
+
+    def __init__(self, log_dir: Path, append_db: Path, read_db: str | None) -> None:
+        super().__init__("", log_dir=log_dir, name="floor")
+        self.append_db, self.read_db = append_db, read_db
+
+    def command(self, port: int) -> list[str]:
+        read = [] if self.read_db is None else ["--read-db", self.read_db]
+        return [
+            sys.executable,
+            str(FLOOR_SERVER),
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--append-db",
+            str(self.append_db),
+            *read,
+        ]
+
+
+def floor_server(log_dir: Path, append_db: Path, read_db: str | None = None) -> Server:
+    return FloorServer(log_dir, append_db, read_db)
 
 
 def ledger_server(db: str, log_dir: Path, *extra: str, name: str = "ledger") -> Server:

@@ -155,6 +155,19 @@ def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
                 check=lambda r: r >= 0.6,
             )
         )
+        if "floor_ratio_vs_echo" in a:
+            out.append(
+                figure(
+                    "append",
+                    "floor: bare aiohttp + durable SQLite insert, same load",
+                    a["floor_rps"],
+                    "req/s",
+                    baseline=a["echo_rps"],
+                    baseline_name="echo POST /echo",
+                    ratio=a["floor_ratio_vs_echo"],
+                    target="reported (the ceiling)",
+                )
+            )
         if "ratio_vs_eventsourcing" in a:
             out.append(
                 figure(
@@ -169,6 +182,19 @@ def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
                     check=lambda r: r >= 3,
                 )
             )
+            if "floor_ratio_vs_eventsourcing" in a:
+                out.append(
+                    figure(
+                        "append",
+                        "floor's appends vs pyeventsourcing save()",
+                        a["floor_rps"],
+                        "req/s",
+                        baseline=a["eventsourcing_events_per_s"],
+                        baseline_name="eventsourcing events/s",
+                        ratio=a["floor_ratio_vs_eventsourcing"],
+                        target="reported (the ceiling)",
+                    )
+                )
     b = results.get("rebuild")
     if b and "error" not in b:
         rb, raw = b["rebuild"], b["raw_fold"]
@@ -196,6 +222,19 @@ def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
                 on="value",
             )
         )
+        if "floor_seconds" in b:
+            out.append(
+                figure(
+                    "rebuild",
+                    "floor: raw fold + raw write of the jobs read model",
+                    b["floor_seconds"],
+                    "s",
+                    baseline=raw["seconds"],
+                    baseline_name="raw sqlite3 fold alone",
+                    ratio=raw["seconds"] / b["floor_seconds"],
+                    target="reported (the ceiling)",
+                )
+            )
     c = results.get("reads")
     if c and "error" not in c:
         out.append(
@@ -211,6 +250,19 @@ def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
                 check=lambda r: r >= 0.7,
             )
         )
+        if "floor_get_ratio" in c:
+            out.append(
+                figure(
+                    "reads",
+                    "floor: bare aiohttp + SQLite read by key, same load",
+                    c["floor_get_rps"],
+                    "req/s",
+                    baseline=c["ping_rps"],
+                    baseline_name="echo GET /ping",
+                    ratio=c["floor_get_ratio"],
+                    target="reported (the ceiling)",
+                )
+            )
         out.append(
             figure(
                 "reads",
@@ -431,10 +483,14 @@ def diagnostics(results: dict[str, Any]) -> list[str]:
             f"append {a['ledger_cpu_us_per_request']:,.0f} us vs echo POST "
             f"{a['echo_cpu_us_per_request']:,.0f} us"
         )
+    if "floor_cpu_us_per_request" in a:
+        cpu.append(f"append floor {a['floor_cpu_us_per_request']:,.0f} us")
     if c.get("get_job"):
         cpu.append(
             f"GET job {_median_cpu(c['get_job'])} us vs ping {_median_cpu(c.get('ping'))} us"
         )
+    if c.get("floor_get"):
+        cpu.append(f"GET floor {_median_cpu(c['floor_get'])} us")
     if cpu:
         out.append("server CPU per request (all threads): " + "; ".join(cpu))
     for name, d in (results.get("datagen") or {}).items():

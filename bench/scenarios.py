@@ -243,6 +243,7 @@ def append(tmp: Path, sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any
         **load,
     }
     echo_runs: list[dict[str, Any]] = []
+    floor_runs: list[dict[str, Any]] = []
     ledger_runs: list[dict[str, Any]] = []
     es_rates: list[float] = []
     es_dir = tmp / "eventsourcing"
@@ -253,6 +254,15 @@ def append(tmp: Path, sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any
             _load(echo.url + "/echo", duration_s=sizes.warmup_s, **body)
             echo_runs.append(
                 echo.measure(lambda: _load(echo.url + "/echo", duration_s=sizes.duration_s, **body))
+            )
+        with procs.floor_server(tmp, tmp / f"floor-append-{round_}.db") as floor:
+            run_append_load(floor.url, job_ids, token, duration_s=sizes.warmup_s, **load)
+            floor_runs.append(
+                floor.measure(
+                    lambda: run_append_load(
+                        floor.url, job_ids, token, duration_s=sizes.duration_s, **load
+                    )
+                )
             )
         with procs.ledger_server(db, tmp, name="append") as server:
             run_append_load(server.url, job_ids, token, duration_s=sizes.warmup_s, **load)
@@ -276,10 +286,12 @@ def append(tmp: Path, sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any
         es_rate = _eventsourcing_rate(es_dir, sizes.es_events)
         if es_rate is not None:
             es_rates.append(es_rate)
-        e, lr = echo_runs[-1], ledger_runs[-1]
+        e, f, lr = echo_runs[-1], floor_runs[-1], ledger_runs[-1]
         log(
             f"  round {round_ + 1}: echo {e['requests_per_s']:,.0f} req/s "
-            f"({e['server_cpu_us_per_request']} us CPU/req), ledger "
+            f"({e['server_cpu_us_per_request']} us CPU/req), floor "
+            f"{f['requests_per_s']:,.0f} req/s ({f['server_cpu_us_per_request']} us CPU/req), "
+            "ledger "
             f"{lr['requests_per_s']:,.0f} req/s ({lr['server_cpu_us_per_request']} us CPU/req, "
             f"non-2xx {lr['non_2xx']}), eventsourcing "
             + (f"{es_rate:,.0f} saves/s" if es_rate is not None else "not installed")
@@ -293,6 +305,15 @@ def append(tmp: Path, sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any
             lr["requests_per_s"] / er["requests_per_s"]
             for lr, er in zip(ledger_runs, echo_runs, strict=True)
         ],
+        floor=[_slim(r) for r in floor_runs],
+        floor_rps=_median([r["requests_per_s"] for r in floor_runs]),
+        floor_ratio_vs_echo=_median(
+            [
+                f["requests_per_s"] / er["requests_per_s"]
+                for f, er in zip(floor_runs, echo_runs, strict=True)
+            ]
+        ),
+        floor_cpu_us_per_request=_median([r["server_cpu_us_per_request"] or 0 for r in floor_runs]),
         non_2xx=sum(r["non_2xx"] for r in ledger_runs),
         eventsourcing_runs=es_rates,
         echo_cpu_us_per_request=_median([r["server_cpu_us_per_request"] or 0 for r in echo_runs]),
@@ -307,6 +328,9 @@ def append(tmp: Path, sizes: Sizes, log: Callable[[str], None]) -> dict[str, Any
             lr["requests_per_s"] / es for lr, es in zip(ledger_runs, es_rates, strict=True)
         ]
         result["ratio_vs_eventsourcing"] = _median(result["es_ratios"])
+        result["floor_ratio_vs_eventsourcing"] = _median(
+            [f["requests_per_s"] / es for f, es in zip(floor_runs, es_rates, strict=True)]
+        )
     else:
         result["eventsourcing_skipped"] = (
             "pyeventsourcing is not installed (pip install eventsourcing)"
@@ -338,8 +362,17 @@ def rebuild(
         f"  jobledger rebuild: {summary['events']:,} events in {summary['seconds']} s "
         f"(process {summary['wall_seconds']} s, CPU {summary['cpu_seconds']} s)"
     )
+    written = raw_write(db, tmp)
+    log(
+        f"  raw write of the jobs read model: {written['rows']:,} rows in "
+        f"{written['insert_seconds']:.2f} s, its indexes in {written['index_seconds']:.2f} s "
+        f"(CPU {written['cpu_seconds']:.2f} s); floor (raw fold + raw write) "
+        f"{seconds + written['seconds']:.2f} s"
+    )
     result: dict[str, Any] = {
         "raw_fold": raw,
+        "raw_write": written,
+        "floor_seconds": round(seconds + written["seconds"], 3),
         "rebuild": summary,
         "ratio": summary["events_per_second"] / raw["events_per_second"],
     }
@@ -352,6 +385,50 @@ def rebuild(
     return result
 
 
+def raw_write(db: str, tmp: Path) -> dict[str, Any]:
+    """Baseline: stdlib sqlite3 writes the rebuilt ``jobs`` rows of ``db`` into a new file
+    (the read model's own table and indexes, one transaction, no waiting for the disk, the
+    rebuild's page cache): what writing the biggest read model costs the database alone.
+    With the raw fold it is the floor of a rebuild: reading, decoding, writing, indexing."""
+    from projections.jobs import JobsProjector
+
+    projector = JobsProjector()
+    source = sqlite3.connect(db)
+    rows = source.execute(f"SELECT {', '.join(projector.specs[0].columns)} FROM jobs").fetchall()
+    source.close()
+    target = tmp / "raw-write.db"
+    conn = sqlite3.connect(target, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = OFF")
+        conn.execute("PRAGMA cache_size = -262144")
+        conn.execute("PRAGMA temp_store = MEMORY")
+        started, cpu = time.perf_counter(), time.process_time()
+        conn.execute("BEGIN IMMEDIATE")
+        for sql in projector.ddl():
+            conn.execute(sql)
+        insert = f"INSERT INTO jobs VALUES ({', '.join('?' * len(rows[0]))})"
+        for i in range(0, len(rows), 50_000):
+            conn.executemany(insert, rows[i : i + 50_000])
+        inserted = time.perf_counter()
+        for sql in projector.indexes():
+            conn.execute(sql)
+        conn.execute("COMMIT")
+        seconds = time.perf_counter() - started
+        cpu = time.process_time() - cpu
+    finally:
+        conn.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{target}{suffix}").unlink(missing_ok=True)
+    return {
+        "rows": len(rows),
+        "seconds": round(seconds, 3),
+        "insert_seconds": round(inserted - started, 3),
+        "index_seconds": round(started + seconds - inserted, 3),
+        "cpu_seconds": round(cpu, 3),
+    }
+
+
 # -- (c) reads and (e) memory -------------------------------------------------------------------
 
 
@@ -362,7 +439,9 @@ def reads(
     load = {"connections": sizes.connections, "threads": sizes.threads}
     one = {"connections": 1, "threads": 1, "duration_s": sizes.latency_duration_s}
     result: dict[str, Any] = {}
-    ping_runs, get_runs = [], []
+    ping_runs: list[dict[str, Any]] = []
+    floor_runs: list[dict[str, Any]] = []
+    get_runs: list[dict[str, Any]] = []
     with procs.ledger_server(large["db"], tmp, name="reads-large") as server:
         headers = _auth(large["token"])
         env = {"JOB_IDS": ",".join(large["job_ids_sample"]), "TOKEN": large["token"]}
@@ -387,14 +466,21 @@ def reads(
                 if round_ == 0:  # the machine's own tail latency, for the list p99 figures
                     fixed_ping = {"method": "GET", "body": None, "headers": None, **one}
                     result["ping_one_connection"] = _slim(_load(echo.url + "/ping", **fixed_ping))
+            with procs.floor_server(tmp, tmp / "floor-reads.db", large["db"]) as floor:
+                _load(floor.url, duration_s=sizes.warmup_s, **get)
+                floor_runs.append(
+                    floor.measure(lambda: _load(floor.url, duration_s=sizes.duration_s, **get))
+                )
             _load(server.url, duration_s=sizes.warmup_s, **get)
             get_runs.append(
                 server.measure(lambda: _load(server.url, duration_s=sizes.duration_s, **get))
             )
-            p, g = ping_runs[-1], get_runs[-1]
+            p, f, g = ping_runs[-1], floor_runs[-1], get_runs[-1]
             log(
                 f"  round {round_ + 1}: ping {p['requests_per_s']:,.0f} req/s "
-                f"({p['server_cpu_us_per_request']} us CPU/req), GET job "
+                f"({p['server_cpu_us_per_request']} us CPU/req), floor GET "
+                f"{f['requests_per_s']:,.0f} req/s ({f['server_cpu_us_per_request']} us CPU/req, "
+                f"non-2xx {f['non_2xx']}), GET job "
                 f"{g['requests_per_s']:,.0f} req/s ({g['server_cpu_us_per_request']} us CPU/req, "
                 f"non-2xx {g['non_2xx']})"
             )
@@ -436,6 +522,14 @@ def reads(
             [
                 g["requests_per_s"] / p["requests_per_s"]
                 for g, p in zip(get_runs, ping_runs, strict=True)
+            ]
+        ),
+        floor_get=[_slim(r) for r in floor_runs],
+        floor_get_rps=_median([r["requests_per_s"] for r in floor_runs]),
+        floor_get_ratio=_median(
+            [
+                f["requests_per_s"] / p["requests_per_s"]
+                for f, p in zip(floor_runs, ping_runs, strict=True)
             ]
         ),
         stats_ratio=result["stats_large"]["latency_p50_ms"]
