@@ -14,8 +14,8 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any, BinaryIO, NoReturn
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from api import cli_reads_args, logs
 from api.settings import DEFAULT_DB, DEFAULT_MAX_BODY, DEFAULT_REPLICA_WAIT_S, Settings
@@ -27,6 +27,9 @@ from ledger.store import EventStore
 from projections import PROJECTORS, new_store
 from projections import keys as key_models
 from projections.jobs import account_job_ids
+
+if TYPE_CHECKING:
+    from api.metrics import RebuildProgress
 
 DESCRIPTION = (
     "jobledger: an event-sourced job ledger. Serve the HTTP API, manage API keys, rebuild "
@@ -516,9 +519,14 @@ async def cmd_rebuild(args: argparse.Namespace) -> int:
     store = await _open(args.db, writer=False)
     try:
         projectors = [p for p in store.projectors if args.projection in (None, p.name)]
-        from api.metrics import rebuild_exporter
+        exporter: AbstractContextManager[RebuildProgress | None]
+        if args.metrics_port is None:  # the exporter's module imports aiohttp: ~0.1 s
+            exporter = nullcontext()
+        else:
+            from api.metrics import rebuild_exporter
 
-        with _progress("rebuilding") as bar, rebuild_exporter(args.metrics_port) as watched:
+            exporter = rebuild_exporter(args.metrics_port)
+        with _progress("rebuilding") as bar, exporter as watched:
             progress = bar
             if watched is not None:
                 progress = watched.update if bar is None else _both(bar, watched.update)
