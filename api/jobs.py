@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from aiohttp import web
 
@@ -149,7 +150,10 @@ async def delete_jobs(request: web.Request) -> web.Response:
         ids = await jobs.ids_matching(conn, who.tenant, query)
 
     async def write(uow: UnitOfWork) -> Written[int]:
-        return Written(200, await commands.delete_many(uow, who.tenant, ids, actor=who.key_id))
+        deleted = await commands.delete_many(
+            uow, who.tenant, ids, actor=who.key_id, still=partial(jobs.matches, query=query)
+        )
+        return Written(200, deleted)
 
     return await run_command(request, write, _deleted, int)
 

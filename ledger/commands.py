@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -256,12 +256,20 @@ async def delete(
     return await transition(uow, tenant, job_id, JobDeleted(), actor=actor, project=project)
 
 
-async def delete_many(uow: UnitOfWork, tenant: str, job_ids: Sequence[str], *, actor: str) -> int:
-    """Delete every listed job still live now; the count deleted."""
+async def delete_many(
+    uow: UnitOfWork,
+    tenant: str,
+    job_ids: Sequence[str],
+    *,
+    actor: str,
+    still: Callable[[JobState], bool],
+) -> int:
+    """Delete every listed job that is live and ``still`` matches the filter it was found by
+    (it may have changed since the ids were read); the count deleted."""
     deleted = 0
     for job_id in job_ids:
         job = await uow.job(tenant, job_id)
-        if job is not None and not job.deleted:
+        if job is not None and not job.deleted and still(job):
             await uow.apply(tenant, job_id, JobDeleted(), actor=actor)
             deleted += 1
     return deleted

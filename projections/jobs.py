@@ -292,8 +292,40 @@ def project_streams(tenant: str, project: str) -> tuple[str, list[Any]]:
     return "SELECT id FROM jobs WHERE tenant = ? AND project = ?", [tenant, project]
 
 
+def matches(job: JobState, query: ListQuery) -> bool:
+    """Whether a live ``job`` matches ``query``'s filters, as ``_where`` reads them (the
+    substring filter ``q`` and the order and paging fields aside).
+
+    A bulk delete reads the matching ids first, then deletes in a write transaction; a job
+    that changed in between (completed, say, while ``status=queued`` was asked for) is checked
+    again there with this, so a delete never removes a job that no longer matches.
+    """
+    if query.q:
+        raise ValueError("matches() does not read the substring filter q")
+    if job.deleted or (query.statuses and job.status not in query.statuses):
+        return False
+    if query.ids is not None and job.id not in query.ids:
+        return False
+    if query.agent is not None and job.agent != query.agent:
+        return False
+    if query.account is not None and job.account != query.account:
+        return False
+    if query.project is not None and job.project != query.project:
+        return False
+    if query.created_after is not None and not job.created_at > query.created_after:
+        return False
+    if query.created_before is not None and not job.created_at < query.created_before:
+        return False
+    if query.finished_before is not None and (
+        job.finished_at is None or not job.finished_at < query.finished_before
+    ):
+        return False
+    return query.archived is None or (job.archived_at is not None) == query.archived
+
+
 async def ids_matching(conn: Conn, tenant: str, query: ListQuery) -> list[str]:
-    """Every live job id matching ``query`` (for bulk deletes)."""
+    """Every live job id matching ``query`` (for bulk deletes; check each again with
+    ``matches`` where it is deleted)."""
     where, params = _where(tenant, query)
     rows = await conn.fetchall(f"SELECT id FROM jobs WHERE {where} ORDER BY seq", params)
     return [r[0] for r in rows]

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Any
 
 import pytest
 
+from ledger import commands
+from ledger.store import EventStore
+from projections import jobs
 from tests.conftest import Api, requests_started
 from tests.waits import wait_until
 
@@ -397,6 +401,31 @@ async def test_bulk_delete_needs_a_filter_and_admin(api: Api, make_api: Any) -> 
     await writer.delete("/v1/jobs", params={"agent": "gone"}, status=403)
     assert await api.delete("/v1/jobs", params={"agent": "gone"}) == {"deleted": 2}
     assert [j["id"] for j in (await api.get("/v1/jobs"))["jobs"]] == ["k1"]
+
+
+async def test_a_bulk_delete_spares_a_job_that_no_longer_matches(
+    api: Api, store: EventStore
+) -> None:
+    """The ids are read before the delete's write transaction; a job that changed in between
+    (here completed while ``status=queued`` was asked for) is checked again and kept."""
+    await new_job(api, "q1", agent="sweep")
+    await new_job(api, "q2", agent="sweep")
+    query = jobs.ListQuery(statuses=("queued",), agent="sweep")
+    async with store.backend.read() as conn:
+        ids = await jobs.ids_matching(conn, "acme", query)
+    assert sorted(ids) == ["q1", "q2"]
+    await event(api, "q2", "job.completed", data={"row_count": 1})  # between read and write
+    deleted = await store.execute(
+        lambda uow: commands.delete_many(
+            uow, "acme", ids, actor="test", still=partial(jobs.matches, query=query)
+        ),
+        tenants=["acme"],
+    )
+    assert deleted == 1
+    await api.get("/v1/jobs/q1", status=404)
+    assert (await api.get("/v1/jobs/q2"))["status"] == "completed"
+    # and through the API, what matches now is what goes
+    assert await api.delete("/v1/jobs", params={"status": "completed"}) == {"deleted": 1}
 
 
 async def test_stats_count_by_status_and_agent(api: Api) -> None:

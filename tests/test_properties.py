@@ -14,8 +14,11 @@ from hypothesis import strategies as st
 
 from api.http import ENCODE
 from api.schemas import job_view
+from ledger.jobs import JobState
 from ledger.rebuild import rebuild
+from ledger.records import Batch, Change
 from ledger.store import EventStore
+from projections import jobs
 from tests.conftest import Api
 
 SETTINGS = settings(
@@ -219,3 +222,87 @@ async def test_balances_equal_an_independent_fold(api: Api, steps: list[tuple[An
     for account, balance in expected.items():
         live = await api.get("/v1/credits", params={"account": account})
         assert Decimal(str(live["balance"])) == balance, account
+
+
+STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+JOB_ROWS = st.lists(
+    st.builds(
+        lambda status, agent, account, project, created, finished, archived, deleted: (
+            status,
+            agent,
+            account,
+            project,
+            created,
+            finished if status in ("completed", "failed", "cancelled") else None,
+            archived,
+            deleted,
+        ),
+        st.sampled_from(STATUSES),
+        st.sampled_from(["a", "b"]),
+        st.sampled_from(["x", "y"]),
+        st.sampled_from([None, "p"]),
+        st.integers(1, 6),
+        st.integers(1, 6),
+        st.booleans(),
+        st.booleans(),
+    ),
+    max_size=12,
+)
+
+
+def _sometimes(*values: Any) -> st.SearchStrategy[Any]:
+    """Mostly no filter: a query with every filter set matches nothing worth comparing."""
+    return st.one_of(st.none(), st.none(), st.none(), st.sampled_from(values))
+
+
+LIST_QUERIES = st.builds(
+    jobs.ListQuery,
+    statuses=st.one_of(
+        st.just(()), st.lists(st.sampled_from(STATUSES), min_size=1, max_size=2, unique=True)
+    ).map(tuple),
+    agent=_sometimes("a", "b"),
+    account=_sometimes("x"),
+    project=_sometimes("p"),
+    created_after=_sometimes(2, 4),
+    created_before=_sometimes(3, 5),
+    finished_before=_sometimes(2, 5),
+    archived=_sometimes(True, False),
+    ids=_sometimes((), ("j0", "j3", "j5")),
+)
+
+
+@settings(SETTINGS, max_examples=60)
+@given(rows=JOB_ROWS, queries=st.lists(LIST_QUERIES, min_size=1, max_size=8))
+async def test_matches_agrees_with_the_list_query(
+    store: EventStore, rows: list[tuple[Any, ...]], queries: list[jobs.ListQuery]
+) -> None:
+    """A bulk delete checks each job again with ``jobs.matches``: it must select exactly the
+    jobs the SQL filter of the same query selects, whatever the jobs and the filters."""
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    states = []
+    for i, (status, agent, account, project, created, finished, archived, deleted) in enumerate(
+        rows
+    ):
+        states.append(
+            JobState(
+                id=f"j{i}",
+                status=status,
+                agent=agent,
+                account=account,
+                project=project,
+                created_at=created,
+                finished_at=finished,
+                archived_at=1 if archived else None,
+                deleted=deleted,
+                queued_position=i + 1,
+            )
+        )
+    batch = Batch()
+    for state in states:
+        batch.changes[(tenant, state.id)] = Change(tenant, None, state)
+    async with store.backend.write() as conn:
+        await jobs.JobsProjector().apply(conn, batch)
+    for query in queries:
+        async with store.backend.read() as conn:
+            found = await jobs.ids_matching(conn, tenant, query)
+        assert sorted(found) == sorted(s.id for s in states if jobs.matches(s, query)), query

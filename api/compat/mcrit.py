@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 from typing import Annotated, Any
 
 import msgspec
@@ -318,7 +319,10 @@ async def delete_many(request: web.Request) -> web.Response:
         ids = await jobs.ids_matching(conn, who.tenant, query)
 
     async def write(uow: UnitOfWork) -> Written[int]:
-        return Written(200, await commands.delete_many(uow, who.tenant, ids, actor=who.key_id))
+        deleted = await commands.delete_many(
+            uow, who.tenant, ids, actor=who.key_id, still=partial(jobs.matches, query=query)
+        )
+        return Written(200, deleted)
 
     return await run_command(request, write, _deleted, int)
 
