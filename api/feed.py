@@ -138,7 +138,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
                 await response.write(b": the API key was revoked\n\n")
                 break
             key_checked = time.monotonic()
-        seen = ledger.changes  # read first: a commit after it counts again
+        seen = ledger.change_token(who.tenant)  # read first: a commit after it counts again
         if seen != read_at:  # waking for the key check alone costs no read
             events = await _events(request, who, after=cursor, limit=STREAM_BATCH)
             if events:
@@ -158,7 +158,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
             last_sent = time.monotonic()
             continue
         wait = min(HEARTBEAT_SECONDS - idle, KEY_CHECK_SECONDS)
-        waiter = asyncio.ensure_future(ledger.wait_for_change(wait, seen=seen))
+        waiter = asyncio.ensure_future(ledger.wait_for_change(wait, seen=seen, tenant=who.tenant))
         stop = asyncio.ensure_future(stopping.wait())
         await asyncio.wait({waiter, stop}, return_when=asyncio.FIRST_COMPLETED)
         for task in (waiter, stop):

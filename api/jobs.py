@@ -180,7 +180,8 @@ async def get_job(request: web.Request) -> web.Response:
         return json_response(s.job_view(past))
     if not (q.wait and q.after_version is not None):
         return raw_json(await _view_body(request, who, job_id))
-    seen = store(request).changes  # before the read: a commit during it must wake us
+    ledger = store(request)
+    seen = ledger.change_token(who.tenant)  # before the read: a commit during it must wake us
     job = await read_job(request, job_id)  # a long poll: wait for a version after this one
     stopping = request.app[STOPPING]
     deadline = time.monotonic() + q.wait
@@ -188,8 +189,8 @@ async def get_job(request: web.Request) -> web.Response:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
-        await _change_or_stop(request, remaining, seen)
-        seen = store(request).changes
+        await _change_or_stop(request, remaining, seen, who.tenant)
+        seen = ledger.change_token(who.tenant)
         job = await read_job(request, job_id)
     return json_response(s.job_view(job))
 
@@ -232,13 +233,16 @@ async def _view_body(request: web.Request, who: Caller, job_id: str) -> bytes:
     return body
 
 
-async def _change_or_stop(request: web.Request, seconds: float, seen: int) -> None:
-    """Sleep until new events are committed, the server begins to stop, or ``seconds`` pass.
+async def _change_or_stop(request: web.Request, seconds: float, seen: int, tenant: str) -> None:
+    """Sleep until events that may be ``tenant``'s are committed, the server begins to stop,
+    or ``seconds`` pass (``seen``: ``EventStore.change_token(tenant)`` before the last read).
 
     On SIGTERM a long poll answers the job as it stands at once, instead of holding the
     shutdown until its wait runs out (or aiohttp's shutdown timeout cuts the connection).
     """
-    change = asyncio.ensure_future(store(request).wait_for_change(seconds, seen=seen))
+    change = asyncio.ensure_future(
+        store(request).wait_for_change(seconds, seen=seen, tenant=tenant)
+    )
     stop = asyncio.ensure_future(request.app[STOPPING].wait())
     try:
         await asyncio.wait({change, stop}, return_when=asyncio.FIRST_COMPLETED)

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from decimal import Decimal
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 from ledger import commands
 from ledger.errors import CommitFailed, StoreUnavailable
 from ledger.events import CreditsGranted
-from ledger.store import EventStore
+from ledger.store import WATCH_SECONDS, EventStore
 from ledger.store.tables import IDEMPOTENCY_WINDOW_US
 from tests.conftest import Api
 from tests.waits import wait_until
@@ -400,3 +401,50 @@ async def test_a_commit_during_a_read_still_wakes_the_waiter(api: Api, store: Ev
     waiter = store.wait_for_change(60.0, seen=seen)
     with pytest.raises(StopIteration):  # it returned without waiting for anything
         waiter.send(None)
+
+
+async def test_a_tenants_commits_wake_its_waiters_and_not_the_others(
+    api: Api, make_api: Callable[..., Coroutine[Any, Any, Api]], store: EventStore
+) -> None:
+    """A stream or long poll of one tenant is not woken by every commit of another.
+
+    Each commit through this process moves the tokens of its own tenants; the other tenants'
+    move only when the watcher sees the event count change (every ``WATCH_SECONDS`` at most),
+    as they must for commits of other processes, whose tenants this one does not learn.
+    """
+    other = await make_api(tenant="quiet")
+    await other.post("/v1/jobs", {"id": "q", "agent": "a"})
+    seen = store.change_token("acme")
+    quiet = store.change_token("quiet")
+    waiter = asyncio.ensure_future(store.wait_for_change(60.0, seen=seen, tenant="acme"))
+    started = time.monotonic()
+    for i in range(60):
+        await api.post("/v1/jobs", {"id": f"j{i}", "agent": "a"})
+    elapsed = time.monotonic() - started
+    assert store.change_token("acme") - seen >= 60
+    await asyncio.wait_for(waiter, 10)  # its tenant's first commit woke it
+    # the watcher's looks (with a margin of two) are all that moved the quiet tenant's token
+    assert store.change_token("quiet") - quiet <= elapsed / WATCH_SECONDS + 2, elapsed
+    quiet = store.change_token("quiet")
+    sleeper = asyncio.ensure_future(store.wait_for_change(60.0, seen=quiet, tenant="quiet"))
+    await other.post("/v1/jobs/q/events", {"type": "job.started"})
+    await asyncio.wait_for(sleeper, 10)  # and its own commit wakes it at once
+
+
+async def test_another_process_commit_wakes_every_tenants_waiter(db_url: str) -> None:
+    """A commit of another process (its tenants unknown here) wakes the waiters of every
+    tenant: the watcher sees the event count move (SQLite) or the NOTIFY (PostgreSQL)."""
+    from ledger.backends import backend_for
+    from projections import new_store
+
+    async with (
+        new_store(backend_for(db_url)).running() as here,
+        new_store(backend_for(db_url)).running() as elsewhere,
+    ):
+        seen = here.change_token("anyone")
+        waiter = asyncio.ensure_future(here.wait_for_change(60.0, seen=seen, tenant="anyone"))
+        await elsewhere.execute(
+            lambda uow: commands.create_key(uow, "someone-else", "admin"), tenants=["someone-else"]
+        )
+        await asyncio.wait_for(waiter, 30)
+        assert here.change_token("anyone") != seen

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import structlog
@@ -76,6 +76,11 @@ class EventStore:
         self._watching = False
         self.head_position = 0
         self.changes = 0  # moves on every commit this process learns of: a waiter's token
+        # per tenant: its commits through this process, plus every commit whose tenants are
+        # not known here (another process's, or seen only as a new event count)
+        self._tenant_changes: dict[str, int] = {}
+        self._unattributed = 0
+        self._tenant_ticks: dict[str, asyncio.Event] = {}
         self._events_seen = 0  # the ledger's event count as the watcher last read it
         self._looked = 0.0  # when the watcher last read it (time.monotonic())
         self._tick = asyncio.Event()
@@ -150,27 +155,59 @@ class EventStore:
         # batch took later ones and committed first): every commit with events wakes.
         if committed.events:
             self.head_position = max(self.head_position, committed.last_position)
-            self._wake()
+            self._wake(committed.tenants)
             await self.backend.signal()
         if committed.erased:
             await self.backend.erase_residue(self._residue_tables)
 
     # -- change notification ---------------------------------------------------------------
 
-    def _wake(self) -> None:
+    def _wake(self, tenants: Iterable[str] | None = None) -> None:
+        """Wake the waiters of every tenant, or (``tenants``) of those tenants only."""
         self.changes += 1
         tick, self._tick = self._tick, asyncio.Event()
         tick.set()
+        if tenants is None:
+            self._unattributed += 1
+            ticks, self._tenant_ticks = self._tenant_ticks, {}
+            for waiting in ticks.values():
+                waiting.set()
+            return
+        for tenant in tenants:
+            self._tenant_changes[tenant] = self._tenant_changes.get(tenant, 0) + 1
+            if tenant in self._tenant_ticks:
+                self._tenant_ticks.pop(tenant).set()
 
-    async def wait_for_change(self, seconds: float, *, seen: int | None = None) -> None:
-        """Sleep until new events are committed (by any process) or ``seconds`` pass.
+    def change_token(self, tenant: str | None = None) -> int:
+        """A token that moves when events are committed: any (no ``tenant``), or events that
+        may be ``tenant``'s: its own commits through this process and every commit whose
+        tenants this process does not learn (another process's). Read it *before* reading
+        the ledger and hand it to ``wait_for_change`` with the same ``tenant``.
 
-        ``seen`` is ``changes`` as the caller read it *before* it last read the ledger: if a
-        commit came in since, this returns at once. Without it, a commit that lands while the
-        caller reads would wake nobody, and the caller would sleep through it.
+        One tenant's stream of writes then wakes the other tenants' waiters only when the
+        watcher sees the event count move (at most every ``WATCH_SECONDS``), not per commit.
         """
-        tick = self._tick
-        if seen is not None and seen != self.changes:
+        if tenant is None:
+            return self.changes
+        return self._unattributed + self._tenant_changes.get(tenant, 0)
+
+    async def wait_for_change(
+        self, seconds: float, *, seen: int | None = None, tenant: str | None = None
+    ) -> None:
+        """Sleep until new events are committed (by any process; with ``tenant``, events that
+        may be that tenant's) or ``seconds`` pass.
+
+        ``seen`` is ``change_token(tenant)`` as the caller read it *before* it last read the
+        ledger: if a commit came in since, this returns at once. Without it, a commit that
+        lands while the caller reads would wake nobody, and the caller would sleep through it.
+        """
+        if tenant is None:
+            tick = self._tick
+        else:
+            tick = self._tenant_ticks.get(tenant) or self._tenant_ticks.setdefault(
+                tenant, asyncio.Event()
+            )
+        if seen is not None and seen != self.change_token(tenant):
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):

@@ -95,12 +95,13 @@ class WriterStats:
 
 @dataclass(slots=True)
 class Committed:
-    """What a committed batch tells the store: its last position, whether it erased and how
-    many events it appended."""
+    """What a committed batch tells the store: its last position, whether it erased, how
+    many events it appended and the tenants they belong to."""
 
     last_position: int
     erased: bool
     events: int = 0
+    tenants: frozenset[str] = frozenset()
 
 
 class Writer:
@@ -290,7 +291,9 @@ class Writer:
         self._per_command = 0.8 * self._per_command + 0.2 * events / len(requests)
         self._cache.learn(uow.batch.learned(), uow.last_position)
         self.stats.events += events
-        await self._on_commit(Committed(uow.last_position, bool(uow.batch.erasures), events))
+        appended_by = frozenset(recorded.tenant for recorded, _ in uow.batch.events)
+        committed = Committed(uow.last_position, bool(uow.batch.erasures), events, appended_by)
+        await self._on_commit(committed)
         return outcomes
 
     async def _reserve(
