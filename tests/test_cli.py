@@ -108,6 +108,31 @@ def test_the_command_starts_without_what_only_some_commands_use() -> None:
     assert done.stdout.split() == []
 
 
+async def test_rebuild_without_a_metrics_port_imports_no_web_code(tmp_path: Path) -> None:
+    """``jobledger rebuild`` imports its metrics exporter (and aiohttp) only for
+    ``--metrics-port``: an operator's rebuild starts without the web stack."""
+    db = tmp_path / "ledger.db"
+    await acreate_key(str(db), "acme", "admin")  # a ledger with an event to replay
+    probe = (
+        "import sys; from api.cli import main\n"
+        "try:\n"
+        f"    main(['rebuild', '--db', {str(db)!r}])\n"
+        "except SystemExit as exit:\n"
+        "    assert not exit.code, exit.code\n"
+        "print(' '.join(m for m in ('aiohttp', 'api.metrics') if m in sys.modules))"
+    )
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].split() == []  # the summary's line, then the probe's
+
+
 async def test_serve_on_a_busy_port_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
     """``serve`` on a port in use exits 1 with one line, before it creates a database."""
     db = tmp_path / "ledger.db"
