@@ -385,6 +385,19 @@ def rebuild(
     return result
 
 
+def _insert_all(conn: sqlite3.Connection, table: str, rows: list[Any]) -> None:
+    """Every row into ``table``, 50,000 to an ``executemany``, in the caller's transaction."""
+    insert = f"INSERT INTO {table} VALUES ({', '.join('?' * len(rows[0]))})"
+    for i in range(0, len(rows), 50_000):
+        conn.executemany(insert, rows[i : i + 50_000])
+
+
+def _remove(target: Path) -> None:
+    """A SQLite file of a baseline, with its WAL and shared-memory files."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{target}{suffix}").unlink(missing_ok=True)
+
+
 def raw_write(db: str, tmp: Path) -> dict[str, Any]:
     """Baseline: stdlib sqlite3 writes the rebuilt ``jobs`` rows of ``db`` into a new file
     (the read model's own table and indexes, one transaction, no waiting for the disk, the
@@ -407,9 +420,7 @@ def raw_write(db: str, tmp: Path) -> dict[str, Any]:
         conn.execute("BEGIN IMMEDIATE")
         for sql in projector.ddl():
             conn.execute(sql)
-        insert = f"INSERT INTO jobs VALUES ({', '.join('?' * len(rows[0]))})"
-        for i in range(0, len(rows), 50_000):
-            conn.executemany(insert, rows[i : i + 50_000])
+        _insert_all(conn, "jobs", rows)
         inserted = time.perf_counter()
         for sql in projector.indexes():
             conn.execute(sql)
@@ -418,8 +429,7 @@ def raw_write(db: str, tmp: Path) -> dict[str, Any]:
         cpu = time.process_time() - cpu
     finally:
         conn.close()
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{target}{suffix}").unlink(missing_ok=True)
+        _remove(target)
     return {
         "rows": len(rows),
         "seconds": round(seconds, 3),
@@ -677,16 +687,13 @@ def raw_insert(db: str, tmp: Path) -> dict[str, Any]:
         started = time.perf_counter()
         conn.execute("BEGIN IMMEDIATE")
         cpu = time.process_time()
-        insert = f"INSERT INTO events VALUES ({', '.join('?' * len(rows[0]))})"
-        for i in range(0, len(rows), 50_000):
-            conn.executemany(insert, rows[i : i + 50_000])
+        _insert_all(conn, "events", rows)
         conn.execute("COMMIT")
         seconds = time.perf_counter() - started
         cpu = time.process_time() - cpu
     finally:
         conn.close()
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{target}{suffix}").unlink(missing_ok=True)
+        _remove(target)
     return {
         "events": len(rows),
         "seconds": seconds,
