@@ -202,6 +202,41 @@ async def test_register_answers_the_secret_once_and_no_event_holds_it(api: Api) 
     assert len(events[0]["data"]["secret_sha256"]) == 64
 
 
+async def test_readers_and_writers_never_see_webhook_events(
+    client: TestClient[Any, Any], api: Api, make_api: MakeApi
+) -> None:
+    """Webhook events (URLs, filters, secret hashes) reach admins' feeds, never readers' or
+    writers', paged or streamed; the admin-only audit export keeps them."""
+    hook = await api.post("/v1/webhooks", {"url": "https://example.com/hook"})
+    await api.call("PATCH", f"/v1/webhooks/{hook['id']}", json={"description": "d"})
+    await api.post(f"/v1/webhooks/{hook['id']}/rotate", status=200)
+    await api.delete(f"/v1/webhooks/{hook['id']}")
+    reader = await make_api(role="reader")
+    writer = await make_api(role="writer")
+    await writer.post("/v1/jobs", {"id": "seen", "agent": "a"})
+    admin_types = {e["type"] for e in (await api.get("/v1/events"))["events"]}
+    webhook_types = {
+        "webhook.registered",
+        "webhook.updated",
+        "webhook.secret_rotated",
+        "webhook.deleted",
+    }
+    assert webhook_types <= admin_types
+    for who in (reader, writer):
+        events = (await who.get("/v1/events"))["events"]
+        assert [e["type"] for e in events] == ["job.queued"]
+        asked = await who.get("/v1/events", params={"types": ",".join(sorted(webhook_types))})
+        assert asked["events"] == []
+        async with client.get("/v1/events/stream", headers=who.headers) as resp:
+            received = b""
+            async with asyncio.timeout(DEADLINE):
+                while b"job.queued" not in received:
+                    received += await resp.content.readany()
+        assert b"webhook." not in received and b"example.com" not in received
+    export = await api.get("/v1/audit/export")
+    assert all(f'"{t}"' in export for t in webhook_types)
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
