@@ -56,7 +56,13 @@ import structlog
 
 from ledger.backends.bulk import PostgresBulk
 from ledger.backends.replicas import CHECK_TIMEOUT, Replica, ReplicaSet
-from ledger.errors import CommitFailed, Rejected, StoreConflict, StoreUnavailable
+from ledger.errors import (
+    CommitFailed,
+    Rejected,
+    StoreConflict,
+    StoreUnavailable,
+    total_out_of_range,
+)
 from ledger.routing import READ_ROUTE
 from ledger.sql import Conn, Reservation, Row, WriteConn
 
@@ -727,7 +733,7 @@ async def _prepare_known(conn: asyncpg.Connection) -> None:
 def translate_error(exc: Exception) -> Exception:
     """The ledger's error for what PostgreSQL (or asyncpg) refused."""
     if isinstance(exc, asyncpg.CheckViolationError):
-        return Rejected("a total would leave the ledger's range; nothing was written")
+        return total_out_of_range(exc.constraint_name or "")
     if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
         return StoreConflict(exc.args[0] if exc.args else type(exc).__name__)
     if isinstance(exc, asyncpg.DataError | UnicodeError | OverflowError):
