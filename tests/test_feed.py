@@ -342,7 +342,9 @@ async def test_a_client_that_drops_its_stream_is_no_error(db_url: str) -> None:
                     assert b"200 OK" in await reader.readuntil(b"retry: 1000")
                 else:
                     await wait_until(
-                        lambda: server.has_read_request_from(local_port), 10.0, "the long poll"
+                        lambda port=local_port: server.has_read_request_from(port),
+                        10.0,
+                        "the long poll",
                     )
                 writer.close()
                 await writer.wait_closed()
