@@ -19,6 +19,7 @@ from api.lookups import job_id_of, read_job, time_param
 from api.replicas import primary_only
 from ledger import audit, commands, scans
 from ledger.errors import Forbidden, Invalid
+from ledger.events import EVENT_TYPES
 from ledger.jobs import JobState
 from ledger.records import Recorded
 from ledger.store import UnitOfWork
@@ -29,9 +30,10 @@ routes = web.RouteTableDef()
 HEARTBEAT_SECONDS = 15.0
 STREAM_BATCH = 500
 KEY_CHECK_SECONDS = 0.5  # an open stream ends within about a second of its key's revocation
-# Key events carry key names, roles, projects and secret hashes: for admins, not for every
-# reader of the feed (the audit export, admin-only, keeps them).
-ADMIN_ONLY_TYPES = ("key.created", "key.revoked")
+# Key events carry key names, roles, projects and secret hashes, webhook events the endpoints'
+# URLs, filters and secret hashes: for admins, not for every reader of the feed (the audit
+# export, admin-only, keeps them). Every type of both families, today's and any added later.
+ADMIN_ONLY_TYPES = tuple(sorted(t for t in EVENT_TYPES if t.startswith(("key.", "webhook."))))
 
 
 @endpoint(

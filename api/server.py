@@ -76,6 +76,14 @@ class JsonErrorHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,  # aiohttp's text, which quotes the request: never used
     ) -> web.StreamResponse:
+        if isinstance(exc, ConnectionResetError) and (
+            request.transport is None or request.transport.is_closing()
+        ):
+            # The client left mid-answer (an event stream, a long poll): the middleware logged
+            # it at info (``http.client_gone``) and re-raised it to end the handler. Nobody is
+            # left to answer and nothing went wrong: a ConnectionError is how aiohttp's
+            # connection loop learns that the client disconnected (it closes quietly).
+            raise exc
         answer_status, code, text = answer_for(status, exc)
         fields: dict[str, Any] = {"status": answer_status, "code": code, "remote": request.remote}
         if exc is not None:

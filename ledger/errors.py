@@ -5,6 +5,7 @@ Each carries the contract's error ``code``; the API maps classes to HTTP statuse
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -88,6 +89,27 @@ class Rejected(Invalid):
     """The database refused a value (out of its range, a character it cannot store)."""
 
     code = "invalid"
+
+
+# The read-model totals the database bounds with a CHECK to +-2^62 units (ledger/limits.py's
+# MAX_TOTAL_UNITS; 4,611,686,018,427,387,904 ten-thousandths), by column: what each one sums.
+_TOTALS = {
+    "credits": "the credits of one account's jobs of one agent, project and status",
+    "used": "the credits one account has used on one agent in one project",
+    "granted": "the credits granted to one account",
+}
+
+
+def total_out_of_range(detail: str) -> Rejected:
+    """The error for a CHECK a read-model total broke; ``detail`` is the database's text (the
+    constraint's name or expression), which names the column."""
+    for column, what in _TOTALS.items():
+        if re.search(rf"(?<![a-z]){column}(?![a-z])", detail):
+            return Rejected(
+                f"{what} would pass 2^62 ten-thousandths (461,168,601,842,738.7904 credits), "
+                "the most one stored total holds; nothing was written"
+            )
+    return Rejected("a total would leave the ledger's range; nothing was written")
 
 
 class StoreConflict(LedgerError):

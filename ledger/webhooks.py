@@ -101,14 +101,45 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# IPv6 prefixes that reach IPv4 hosts: the well-known NAT64 prefix translates the low 32 bits,
+# the deprecated IPv4-compatible ``::a.b.c.d`` carries them. 6to4, Teredo and IPv4-mapped
+# addresses are read by ``ipaddress`` itself.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+# The local-use NAT64 prefix (RFC 8215): translated by the operator's own gateway, into its own
+# network, with an embedding we cannot know. Never a delivery address, unless allowed by name.
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+def _ipv4_behind(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...]:
+    """The IPv4 addresses a connection to ``ip`` reaches or passes through, if it embeds any
+    (IPv4-mapped addresses are the caller's: they are IPv4 addresses)."""
+    if ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):  # not ``::`` nor ``::1``
+        return (ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF),)
+    if ip.sixtofour is not None:
+        return (ip.sixtofour,)
+    if ip.teredo is not None:
+        return ip.teredo  # the relay server and the client behind it
+    return ()
+
+
+def _ip_allowed(host: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if ip.is_loopback:
+        return is_loopback(host)
+    return ip.is_global and not ip.is_multicast
+
+
 def address_allowed(host: str, address: str, allow_hosts: Collection[str] = ()) -> bool:
     """May a delivery for ``host`` connect to ``address`` (one of the addresses it resolved to)?
 
     Public addresses, yes. Loopback only when the URL names loopback itself (``localhost``,
     ``127.0.0.1``), so a public name that resolves to ``127.0.0.1`` (DNS rebinding) is refused.
-    Private, link-local (the cloud metadata service at 169.254.169.254), shared, multicast and
-    reserved addresses only for hosts the operator named with ``--webhook-allow-host``: a
-    tenant must not reach the operator's internal network through the deliveries.
+    Private, link-local (the cloud metadata service at 169.254.169.254), shared, multicast,
+    site-local and reserved addresses only for hosts the operator named with
+    ``--webhook-allow-host``: a tenant must not reach the operator's internal network through
+    the deliveries. An IPv6 address that embeds an IPv4 one (IPv4-compatible, NAT64, 6to4,
+    Teredo) must pass for itself and for every IPv4 address it reaches; an IPv4-mapped one is
+    that IPv4 address.
     """
     if host.lower() in {h.lower() for h in allow_hosts}:
         return True
@@ -116,11 +147,14 @@ def address_allowed(host: str, address: str, allow_hosts: Collection[str] = ()) 
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip.is_loopback:
-        return is_loopback(host)
-    return ip.is_global and not ip.is_multicast
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # the IPv4 address itself, written as IPv6
+        elif ip in _NAT64_LOCAL or ip.is_site_local:
+            return False
+        elif not all(_ip_allowed(host, v4) for v4 in _ipv4_behind(ip)):
+            return False
+    return _ip_allowed(host, ip)
 
 
 def check_url(url: str, allow_hosts: Collection[str] = ()) -> str:

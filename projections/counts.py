@@ -2,6 +2,7 @@
 
 Stats and account summaries sum these few rows, so they answer in time that grows with the
 number of accounts and agents, never with the number of jobs. Deleted jobs leave the counts.
+The sums are made in Python, exact whatever the backend (one row's credits reach 2^62 units).
 """
 
 from __future__ import annotations
@@ -114,10 +115,10 @@ class JobTotals:
 async def stats(conn: Conn, tenant: str, *, project: str | None = None) -> JobTotals:
     """Totals by status and by agent, archived count and live credits (in units)."""
     where, params = _scope(tenant, project)
+    # Summed here, with Python's unbounded ints: each row holds up to 2^62 units, and SQLite's
+    # sum() of a few such rows overflows (PostgreSQL's numeric sum would not). The rows are few.
     rows = await conn.fetchall(
-        f"SELECT agent, status, archived, sum(n), sum(credits) FROM job_counts WHERE {where} "
-        "GROUP BY agent, status, archived",
-        params,
+        f"SELECT agent, status, archived, n, credits FROM job_counts WHERE {where}", params
     )
     by_status = empty_by_status()
     agents: dict[str, dict[str, int]] = {}

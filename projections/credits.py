@@ -176,20 +176,22 @@ async def balance(
     if account is not None:
         where += " AND account = ?"
         params.append(account)
-    granted_row = await conn.fetchone(
-        f"SELECT sum(granted) FROM credit_grants WHERE {where}", params
+    # Every sum is made here, with Python's unbounded ints: a row holds up to 2^62 units, and
+    # SQLite's sum() of a few such rows overflows. An account's rows are few.
+    granted = sum(
+        int(g)
+        for (g,) in await conn.fetchall(f"SELECT granted FROM credit_grants WHERE {where}", params)
     )
     usage_where, usage_params = where, list(params)
     if project is not None:
         usage_where += " AND project = ?"
         usage_params.append(project)
-    rows = await conn.fetchall(
-        f"SELECT agent, sum(used) FROM credit_usage WHERE {usage_where} GROUP BY agent "
-        "ORDER BY agent",
-        usage_params,
-    )
-    by_agent = {agent: int(used) for agent, used in rows if int(used)}
-    granted = int(granted_row[0] or 0) if granted_row else 0
+    sums: dict[str, int] = defaultdict(int)
+    for agent, used in await conn.fetchall(
+        f"SELECT agent, used FROM credit_usage WHERE {usage_where}", usage_params
+    ):
+        sums[agent] += int(used)
+    by_agent = {agent: sums[agent] for agent in sorted(sums) if sums[agent]}
     used = sum(by_agent.values())
     return Balance(granted, used, by_agent)
 
@@ -203,10 +205,10 @@ async def accounts_usage(
         "SELECT account, granted FROM credit_grants WHERE tenant = ?", (tenant,)
     ):
         out[account][0] += int(granted)
-    sql, params = "SELECT account, sum(used) FROM credit_usage WHERE tenant = ?", [tenant]
+    sql, params = "SELECT account, used FROM credit_usage WHERE tenant = ?", [tenant]
     if project is not None:
         sql += " AND project = ?"
         params.append(project)
-    for account, used in await conn.fetchall(sql + " GROUP BY account", params):
+    for account, used in await conn.fetchall(sql, params):  # summed exactly, as in balance
         out[account][1] += int(used)
     return {a: (g, u) for a, (g, u) in out.items()}

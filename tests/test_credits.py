@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Callable, Coroutine
 from decimal import Decimal
 from typing import Any
@@ -17,6 +19,7 @@ from ledger.credits import charge, from_units, to_units
 from ledger.errors import Invalid
 from ledger.events import Price
 from tests.conftest import Api, new_key
+from tests.serverproc import acli
 
 S = 1_000_000  # microseconds per second
 
@@ -240,3 +243,57 @@ async def test_readers_and_writers_cannot_grant(make_api: Any) -> None:
         await other.post("/v1/prices", {"agent": "a"}, status=403)
         await other.post("/v1/credits/grants", {"account": "a", "amount": 1}, status=403)
         await other.get("/v1/credits")
+
+
+async def _charged_jobs(api: Api, account: str, count: int, first: int = 0) -> None:
+    """``count`` jobs of agent ``big`` in ``account``, each completed with 1,000 rows."""
+
+    async def one(i: int) -> None:
+        await api.post("/v1/jobs", {"id": f"{account}-{i}", "agent": "big", "account": account})
+        await api.post(
+            f"/v1/jobs/{account}-{i}/events", {"type": "job.completed", "data": {"row_count": 1000}}
+        )
+
+    for start in range(first, first + count, 100):  # concurrent: they share commits
+        await asyncio.gather(*(one(i) for i in range(start, min(start + 100, first + count))))
+
+
+async def test_tenant_totals_past_2_63_are_exact(db_url: str, api: Api) -> None:
+    """Totals summed over rows that each hold up to 2^62 units pass 2^63 exactly, on both
+    backends, in every read that sums them: the API, the dialects and the CLI; one row's own
+    bound is a 422 that names the total it would pass."""
+    await api.post("/v1/prices", {"agent": "big", "per_row": 10**9})  # 10^12 credits per job
+    per_account = 308  # 3.08e18 units per account, 9.24e18 in all: past 2^63 = 9.22e18
+    for account in ("a0", "a1", "a2"):
+        await _charged_jobs(api, account, per_account)
+    expected = 3 * per_account * 10**12
+    assert expected * 10**4 > 2**63
+    stats = await api.get("/v1/jobs/stats")
+    assert stats["total_jobs"] == 3 * per_account
+    assert Decimal(str(stats["credits_used"])) == expected
+    credits = await api.get("/v1/credits")
+    assert Decimal(str(credits["used"])) == expected
+    assert Decimal(str(credits["by_agent"]["big"])) == expected
+    one = await api.get("/v1/credits", params={"account": "a0"})
+    assert Decimal(str(one["used"])) == per_account * 10**12
+    accounts = (await api.get("/v1/accounts"))["accounts"]
+    assert [Decimal(str(a["credits"]["used"])) for a in accounts] == [per_account * 10**12] * 3
+    mcrit = await api.get("/compat/mcrit/jobs/stats")
+    assert mcrit["status"] == "successful" and mcrit["data"]["total_jobs"] == 3 * per_account
+    mindcase = await api.get("/compat/mindcase/api/v1/credits")
+    assert Decimal(str(mindcase["credits_remaining"])) == -expected
+    done = await acli("credits", "--db", db_url, "--tenant", "acme", "--json")
+    assert done.code == 0, done.err
+    assert Decimal(str(json.loads(done.out)["totals"]["used"])) == expected
+    # one row (account a0's completed jobs of agent big) holds at most 2^62 units: 461 jobs
+    await _charged_jobs(api, "a0", 461 - per_account, first=per_account)
+    await api.post("/v1/jobs", {"id": "a0-461", "agent": "big", "account": "a0"})
+    refused = await api.post(
+        "/v1/jobs/a0-461/events",
+        {"type": "job.completed", "data": {"row_count": 1000}},
+        status=422,
+    )
+    message = refused["error"]["message"]
+    assert "2^62" in message and "one account" in message and "agent" in message, message
+    assert (await api.get("/v1/jobs/a0-461"))["status"] == "queued"
+    assert Decimal(str((await api.get("/v1/credits"))["used"])) == (3 * per_account + 153) * 10**12

@@ -12,7 +12,8 @@ import aiohttp
 
 from api import feed
 from tests.conftest import Api
-from tests.serverproc import acli
+from tests.serverproc import acli, acreate_key, served
+from tests.waits import wait_until
 
 MakeApi = Callable[..., Coroutine[Any, Any, Api]]
 GUARD_SECONDS = 30.0  # a stream that stalls fails the test instead of hanging it
@@ -314,3 +315,52 @@ async def test_stream_sees_events_of_another_process(db_url: str, api: Api) -> N
         event = (await sse.events(1))[0]
     assert event["type"] == "key.created" and event["actor"] == "cli"
     assert done.last_line not in json.dumps(event)  # the secret itself is never an event
+
+
+async def test_a_client_that_drops_its_stream_is_no_error(db_url: str) -> None:
+    """A client that closes an event stream or a long poll before its answer is no error in a
+    real server's log: the stream is ``http.client_gone`` at info, no error line, no traceback,
+    no 500."""
+    async with served(db_url) as server:
+        key = await acreate_key(db_url, "acme")
+        async with aiohttp.ClientSession(server.base, headers=key.headers) as http:
+            async with http.post("/v1/jobs", json={"id": "j", "agent": "a"}) as resp:
+                assert resp.status == 201
+            # (the request, the log line that says the server is done with it)
+            for path, done in (
+                ("/v1/events/stream", '"event":"http.client_gone"'),
+                ("/v1/jobs/j?wait=30&after_version=1", '"path":"/v1/jobs/j","key_id"'),
+            ):
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                writer.write(
+                    f"GET {path} HTTP/1.1\r\nHost: x\r\n"
+                    f"Authorization: Bearer {key.secret}\r\n\r\n".encode()
+                )
+                await writer.drain()
+                local_port = writer.get_extra_info("sockname")[1]
+                if "stream" in path:
+                    assert b"200 OK" in await reader.readuntil(b"retry: 1000")
+                else:
+                    await wait_until(
+                        lambda port=local_port: server.has_read_request_from(port),
+                        10.0,
+                        "the long poll",
+                    )
+                writer.close()
+                await writer.wait_closed()
+                before = server.log_text().count(done)
+
+                async def noticed(done: str = done, before: int = before) -> bool:
+                    # every commit wakes the waiting request, which then writes to no one
+                    async with http.post("/v1/jobs/j/events", json={"type": "job.progressed"}):
+                        pass
+                    return server.log_text().count(done) > before
+
+                await wait_until(noticed, 20.0, f"the server done with {path}")
+        log = server.log_text()  # the log goes with the server
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert [e for e in lines if e.get("level") in ("error", "critical")] == []
+    assert "Traceback" not in log
+    assert [e for e in lines if e.get("status") == 500] == []
+    gone = [e for e in lines if e.get("event") == "http.client_gone"]
+    assert [(e["path"], e["level"]) for e in gone] == [("/v1/events/stream", "info")]

@@ -202,6 +202,41 @@ async def test_register_answers_the_secret_once_and_no_event_holds_it(api: Api) 
     assert len(events[0]["data"]["secret_sha256"]) == 64
 
 
+async def test_readers_and_writers_never_see_webhook_events(
+    client: TestClient[Any, Any], api: Api, make_api: MakeApi
+) -> None:
+    """Webhook events (URLs, filters, secret hashes) reach admins' feeds, never readers' or
+    writers', paged or streamed; the admin-only audit export keeps them."""
+    hook = await api.post("/v1/webhooks", {"url": "https://example.com/hook"})
+    await api.call("PATCH", f"/v1/webhooks/{hook['id']}", json={"description": "d"})
+    await api.post(f"/v1/webhooks/{hook['id']}/rotate", status=200)
+    await api.delete(f"/v1/webhooks/{hook['id']}")
+    reader = await make_api(role="reader")
+    writer = await make_api(role="writer")
+    await writer.post("/v1/jobs", {"id": "seen", "agent": "a"})
+    admin_types = {e["type"] for e in (await api.get("/v1/events"))["events"]}
+    webhook_types = {
+        "webhook.registered",
+        "webhook.updated",
+        "webhook.secret_rotated",
+        "webhook.deleted",
+    }
+    assert webhook_types <= admin_types
+    for who in (reader, writer):
+        events = (await who.get("/v1/events"))["events"]
+        assert [e["type"] for e in events] == ["job.queued"]
+        asked = await who.get("/v1/events", params={"types": ",".join(sorted(webhook_types))})
+        assert asked["events"] == []
+        async with client.get("/v1/events/stream", headers=who.headers) as resp:
+            received = b""
+            async with asyncio.timeout(DEADLINE):
+                while b"job.queued" not in received:
+                    received += await resp.content.readany()
+        assert b"webhook." not in received and b"example.com" not in received
+    export = await api.get("/v1/audit/export")
+    assert all(f'"{t}"' in export for t in webhook_types)
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
@@ -609,6 +644,31 @@ async def test_private_addresses_are_refused_unless_allowed(
     await api.post("/v1/webhooks", {"url": "https://127.0.0.1:9/hook"})  # loopback by name
 
 
+EMBEDDED_IPV4_URLS = (
+    "https://[64:ff9b::a00:1]/hook",
+    "https://[64:ff9b::a9fe:a9fe]/hook",
+    "https://[64:ff9b:1::a00:1]/hook",
+    "https://[2002:a9fe:a9fe::1]/hook",
+    "https://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/hook",
+    "https://[::a9fe:a9fe]/hook",
+    "https://[fec0::1]/hook",
+)
+
+
+async def test_ipv6_that_reaches_internal_ipv4_is_refused(api: Api) -> None:
+    """NAT64, 6to4, Teredo, IPv4-compatible and site-local addresses are 422 at registration
+    and on PATCH; an endpoint's URL keeps its last allowed value."""
+    hook = await api.post("/v1/webhooks", {"url": "https://example.com/hook"})
+    for url in EMBEDDED_IPV4_URLS:
+        got = await api.post("/v1/webhooks", {"url": url}, status=422)
+        assert got["error"]["field"] == "url" and "private" in got["error"]["message"], url
+        got = await api.call("PATCH", f"/v1/webhooks/{hook['id']}", json={"url": url}, status=422)
+        assert got["error"]["field"] == "url", url
+    assert (await api.get(f"/v1/webhooks/{hook['id']}"))["url"] == "https://example.com/hook"
+    assert [w["id"] for w in (await api.get("/v1/webhooks"))["webhooks"]] == [hook["id"]]
+    await api.post("/v1/webhooks", {"url": "https://[64:ff9b::808:808]/hook"})  # public behind
+
+
 @pytest.mark.parametrize(
     ("host", "address", "allowed"),
     [
@@ -625,6 +685,20 @@ async def test_private_addresses_are_refused_unless_allowed(
         ("example.com", "224.0.0.1", False),
         ("example.com", "not an address", False),
         ("hooks.internal", "10.0.0.1", True),  # allowed by name
+        # IPv6 that reaches IPv4: judged by the IPv4 address behind it
+        ("example.com", "64:ff9b::a00:1", False),  # NAT64 to 10.0.0.1
+        ("example.com", "64:ff9b::a9fe:a9fe", False),  # NAT64 to the metadata service
+        ("example.com", "64:ff9b::7f00:1", False),  # NAT64 to loopback
+        ("example.com", "64:ff9b::808:808", True),  # NAT64 to a public address
+        ("example.com", "64:ff9b:1::808:808", False),  # local-use NAT64: the operator's own
+        ("example.com", "2002:a9fe:a9fe::1", False),  # 6to4 of 169.254.169.254
+        ("example.com", "2002:c0a8:101::1", False),  # 6to4 of 192.168.1.1
+        ("example.com", "2001:0:4136:e378:8000:63bf:3fff:fdd2", False),  # Teredo
+        ("example.com", "::a9fe:a9fe", False),  # IPv4-compatible 169.254.169.254
+        ("example.com", "::a00:1", False),  # IPv4-compatible 10.0.0.1
+        ("example.com", "fec0::1", False),  # site-local (deprecated, still routed inside)
+        ("example.com", "fec0:1::a", False),
+        ("hooks.internal", "64:ff9b::a00:1", True),  # allowed by name
     ],
 )
 def test_the_address_rule(host: str, address: str, allowed: bool) -> None:

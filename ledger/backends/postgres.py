@@ -56,7 +56,13 @@ import structlog
 
 from ledger.backends.bulk import PostgresBulk
 from ledger.backends.replicas import CHECK_TIMEOUT, Replica, ReplicaSet
-from ledger.errors import CommitFailed, Rejected, StoreConflict, StoreUnavailable
+from ledger.errors import (
+    CommitFailed,
+    Rejected,
+    StoreConflict,
+    StoreUnavailable,
+    total_out_of_range,
+)
 from ledger.routing import READ_ROUTE
 from ledger.sql import Conn, Reservation, Row, WriteConn
 
@@ -124,15 +130,38 @@ _BEGIN_APPEND = "SELECT * FROM jobledger_begin_append($1::text[], $2::bigint[], 
 _LOCK_ALL = f"SELECT pg_advisory_xact_lock({WRITE_LOCK})"
 _MORE_POSITIONS = "SELECT nextval('event_positions') FROM generate_series(1, $1::bigint)"
 
-# Errors that mean the server went away (restart, network), not that the SQL was wrong.
+# Errors that mean the server went away (restart, network, pg_terminate_backend), not that the
+# SQL was wrong. asyncpg's client-side errors belong here: when the server ends a session, it
+# sends an ErrorResponse (FATAL, 57P01) and then closes the socket. A pooled connection idle at
+# that moment parses the message in a state that expects none and puts its protocol into
+# ``ERROR_CONSUME`` (waiting for a ReadyForQuery that never comes); until the end of the socket
+# is read in a later turn of the event loop the connection is not ``is_closed()``, so the pool
+# hands it out, and its first query fails before sending anything: InternalClientError "cannot
+# switch to state 12; another operation (2) is in progress". InterfaceError is asyncpg's
+# "connection is closed" (and "another operation is in progress"). A connection that raised any of
+# these is terminated, never put back in the pool (``PostgresBackend._acquire``).
 _GONE: tuple[type[Exception], ...] = (
     OSError,
     asyncpg.PostgresConnectionError,
-    asyncpg.ConnectionDoesNotExistError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
 )
+
+
+def _lost_connection(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it was raised from, says the connection is gone."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # the ledger's error, raised from (or while handling) asyncpg's
+        if seen is None:
+            return False
+        if isinstance(seen, _GONE):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
 
 # One token the translation cares about: a literal, a quoted name, a comment, ``?`` or a word.
 _TOKEN = re.compile(
@@ -547,9 +576,7 @@ _BEGIN_SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 # What a standby may answer instead of rows: it went away, or it cancelled the query because
 # replay needed what the query held (a recovery conflict, SQLSTATE 40001).
 _REPLICA_FAILED: tuple[type[Exception], ...] = (
-    *_GONE,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,  # a connection the server cut while idle, used next
+    *_GONE,  # InternalClientError among them: a connection the server cut while idle, used next
     asyncpg.TransactionRollbackError,
 )
 
@@ -727,7 +754,7 @@ async def _prepare_known(conn: asyncpg.Connection) -> None:
 def translate_error(exc: Exception) -> Exception:
     """The ledger's error for what PostgreSQL (or asyncpg) refused."""
     if isinstance(exc, asyncpg.CheckViolationError):
-        return Rejected("a total would leave the ledger's range; nothing was written")
+        return total_out_of_range(exc.constraint_name or "")
     if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
         return StoreConflict(exc.args[0] if exc.args else type(exc).__name__)
     if isinstance(exc, asyncpg.DataError | UnicodeError | OverflowError):
@@ -873,6 +900,16 @@ class PostgresBackend(PostgresBulk):
             raise StoreUnavailable("no PostgreSQL connection free within 60 s") from None
         try:
             yield conn
+        except BaseException as exc:
+            if not _lost_connection(exc):
+                raise
+            # its protocol may be stuck mid-operation (see _GONE): never hand it out again
+            # (asyncpg refuses to terminate it when it detached it from the pool already)
+            with contextlib.suppress(asyncpg.InterfaceError):
+                conn.terminate()
+            if isinstance(exc, _GONE):  # raised by asyncpg itself, e.g. opening a transaction
+                raise translate_error(exc) from exc
+            raise
         finally:
             await self._pool.release(conn)
 

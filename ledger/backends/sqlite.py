@@ -28,7 +28,13 @@ import aiosqlite
 
 from ledger.backends.bulk import SqliteBulk
 from ledger.backends.walindex import WalIndex
-from ledger.errors import CommitFailed, Rejected, StoreConflict, StoreUnavailable
+from ledger.errors import (
+    CommitFailed,
+    Rejected,
+    StoreConflict,
+    StoreUnavailable,
+    total_out_of_range,
+)
 from ledger.sql import Conn, Reservation, Row, WriteConn
 
 READERS = 3
@@ -245,7 +251,7 @@ def translate_error(exc: Exception) -> Exception:
     """The ledger's error for what SQLite (or its driver) refused."""
     if isinstance(exc, sqlite3.IntegrityError):
         if "CHECK constraint" in str(exc):
-            return Rejected("a total would leave the ledger's range; nothing was written")
+            return total_out_of_range(str(exc))
         return StoreConflict(str(exc))
     if isinstance(exc, OverflowError | sqlite3.DataError | UnicodeError | ValueError):
         return Rejected(f"the database refused a value ({exc}); nothing was written")
