@@ -400,6 +400,53 @@ async def test_edited_data_is_detected(
     assert (await acli("verify", "--db", db, "--tenant", "globex")).code == 0
 
 
+@pytest.mark.parametrize("how", ["repeated key", "spaces"])
+async def test_stored_non_canonical_data_is_detected(
+    db_url: str, client: TestClient[Any, Any], api: Api, make_api: MakeApi, how: str
+) -> None:
+    """Stored data that is not canonical text fails verify, even with ``data_hash`` taken over
+    its own bytes and the chain and head recomputed: the hash is over the canonical form."""
+    db = db_url
+    await closed_history(client, api, make_api)
+    target = (await positions(db, "acme"))[-1]
+    (
+        (stored, prev, event_id, stream, version, type_, occurred, recorded, actor),
+    ) = await rawdb.rows(
+        db,
+        "SELECT data, prev_hash, event_id, stream, version, type, occurred_at, recorded_at, "
+        "actor FROM events WHERE position = ?",
+        target,
+    )
+    data = json.loads(stored)
+    assert canon(data).decode() == stored and "agent" in data
+    raw = stored[:-1] + ',"agent":"evil"}' if how == "repeated key" else json.dumps(data)
+    data_hash = sha256_hex(raw.encode())
+    header = {
+        "position": target,
+        "event_id": event_id,
+        "stream": stream,
+        "version": version,
+        "type": type_,
+        "occurred_at": occurred,
+        "recorded_at": recorded,
+        "actor": actor,
+        "data_hash": data_hash,
+    }
+    digest = sha256_hex(prev.encode() + b"\n" + canon(header))
+    await rawdb.tamper(
+        db,
+        (
+            "UPDATE events SET data = ?, data_hash = ?, hash = ? WHERE position = ?",
+            (raw, data_hash, digest, target),
+        ),
+        ("UPDATE chain_heads SET hash = ? WHERE tenant = 'acme'", (digest,)),
+    )
+    done = await acli("verify", "--db", db)
+    expect_failure_at(done, target)
+    assert "data does not match data_hash" in done.out
+    assert (await acli("verify", "--db", db, "--tenant", "globex")).code == 0
+
+
 @pytest.mark.parametrize("column", ["actor", "occurred_at", "type", "stream", "event_id"])
 async def test_edited_header_is_detected(
     db_url: str, client: TestClient[Any, Any], api: Api, make_api: MakeApi, column: str
