@@ -769,6 +769,37 @@ async def test_redact_needs_a_live_job(api: Api) -> None:
     verify_chain(await export(api))
 
 
+async def test_a_second_redaction_keeps_the_first_ones_record(
+    db_url: str, client: TestClient[Any, Any], api: Api
+) -> None:
+    """Redacting again erases nothing new of the first ``job.redacted``: both records stay,
+    with their reasons and kept state, in the API, the export and after a rebuild."""
+    await api.post("/v1/jobs", {"id": "r", "agent": "a", "params": {"note": MARKER}})
+    await api.post("/v1/jobs/r/events", {"type": "job.completed", "data": {"row_count": 4}})
+    await api.post("/v1/jobs/r/redact", {"reason": "first: ticket 123"}, status=200)
+    await api.post(
+        "/v1/jobs/r/events", {"type": "job.pr_linked", "data": {"pr_link": f"https://x/{MARKER}"}}
+    )
+    await api.post("/v1/jobs/r/redact", {"reason": "second"}, status=200)
+
+    events = (await api.get("/v1/jobs/r/events"))["events"]
+    types = [e["type"] for e in events]
+    assert types == ["job.queued", "job.completed", "job.redacted", "job.pr_linked", "job.redacted"]
+    first, second = events[2], events[4]
+    assert "redacted" not in first and first["data"]["reason"] == "first: ticket 123"
+    assert first["data"]["state"]["status"] == "completed"
+    assert second["data"]["reason"] == "second"
+    assert [e["data"] for e in (events[0], events[1], events[3])] == [None, None, None]
+    assert MARKER not in json.dumps(events)
+    exported = [e for e in await export(api) if e["stream"] == "r"]
+    assert exported == events
+    verify_chain(await export(api))
+    await client.close()
+    assert (await acli("verify", "--db", db_url)).code == 0
+    done = await acli("rebuild", "--db", db_url, "--verify")
+    assert done.code == 0, done.err
+
+
 # -- time travel ---------------------------------------------------------------------------------
 
 
