@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -145,6 +146,23 @@ async def test_per_second_rounds_up(api: Api) -> None:
         api, "t1", agent="t", start="2026-01-01T00:00:00Z", end="2026-01-01T00:00:01.5Z"
     )
     assert job["credits_used"] == 6
+
+
+async def test_per_second_rounds_up_exactly_over_centuries(api: Api) -> None:
+    """The seconds are rounded up exactly, in integers: one microsecond past whole seconds is
+    one second more, even where the microseconds pass 2^53 (a float would lose it)."""
+    await api.post("/v1/prices", {"agent": "t", "per_row": 0, "per_second": 1})
+    start, end = datetime(1000, 1, 1, tzinfo=UTC), datetime(1999, 1, 1, tzinfo=UTC)
+    whole = (end - start) // timedelta(seconds=1)
+    assert whole * S > 2**53
+    job = await complete(
+        api, "t1", agent="t", start="1000-01-01T00:00:00Z", end="1999-01-01T00:00:00.000001Z"
+    )
+    assert job["credits_used"] == whole + 1
+    job = await complete(
+        api, "t2", agent="t", start="1000-01-01T00:00:00Z", end="1999-01-01T00:00:00Z"
+    )
+    assert job["credits_used"] == whole
 
 
 async def test_failed_and_cancelled_jobs_are_free(api: Api) -> None:
