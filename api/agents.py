@@ -15,11 +15,11 @@ from msgspec import Meta
 from api import schemas as s
 from api.context import caller, store
 from api.credits import price_view
-from api.http import endpoint, json_response, read_body, read_query
+from api.http import endpoint, json_response, plain_amount, read_body, read_query
 from api.idempotency import Written, run_command
 from ledger import agents as catalog
 from ledger.commands import price_in_force
-from ledger.credits import validate_price
+from ledger.credits import PRICE_FIELDS, validate_price
 from ledger.errors import Invalid
 from ledger.events import DEFAULT_PRICE, AgentDefined, Price
 from ledger.records import Recorded
@@ -144,6 +144,12 @@ def _price(body: AgentBody) -> Price | None:
 async def define_agent(request: web.Request) -> web.Response:
     who = caller(request)
     body = await read_body(request, AgentBody)
+    sent = msgspec.json.decode(await request.read()).get("price")  # read_body decoded it
+    if isinstance(sent, dict):
+        for name in PRICE_FIELDS:
+            plain_amount(sent.get(name), f"price.{name}")
+    else:
+        plain_amount(sent, "price")
     name = _name(body)
     price = _price(body)
     schema = _schema(body)

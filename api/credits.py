@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+import msgspec
 from aiohttp import web
 
 from api import schemas as s
 from api.context import caller, store
-from api.http import endpoint, json_response, read_body, read_query
+from api.http import endpoint, json_response, plain_amount, read_body, read_query
 from api.idempotency import Written, run_command
 from api.lookups import time_param
 from api.views import account_views, credits_view
 from ledger import commands, csvcells
 from ledger.clock import format_opt
-from ledger.credits import from_units, to_units, validate_price
+from ledger.credits import PRICE_FIELDS, from_units, to_units, validate_price
 from ledger.errors import NotFound
 from ledger.events import CreditsGranted, Price
 from ledger.records import Recorded
@@ -33,6 +36,18 @@ def price_view(agent: str, price: Price, updated_at: str | None) -> s.PriceView:
     )
 
 
+T = TypeVar("T")
+
+
+async def read_amounts(request: web.Request, type_: type[T], fields: tuple[str, ...]) -> T:
+    """``read_body``, and each of ``fields`` sent as a string must be a plain decimal."""
+    body = await read_body(request, type_)
+    value = msgspec.json.decode(await request.read())  # read_body decoded it: an object
+    for name in fields:
+        plain_amount(value.get(name), name)
+    return body
+
+
 @endpoint(
     routes,
     "POST",
@@ -47,7 +62,7 @@ def price_view(agent: str, price: Price, updated_at: str | None) -> s.PriceView:
 )
 async def set_price(request: web.Request) -> web.Response:
     who = caller(request)
-    body = await read_body(request, s.PriceBody)
+    body = await read_amounts(request, s.PriceBody, PRICE_FIELDS)
     price = Price(
         per_job=body.per_job,
         per_row=body.per_row,
@@ -96,7 +111,7 @@ async def list_prices(request: web.Request) -> web.Response:
 )
 async def grant(request: web.Request) -> web.Response:
     who = caller(request)
-    body = await read_body(request, s.GrantBody)
+    body = await read_amounts(request, s.GrantBody, ("amount",))
     units = to_units(body.amount, field="amount", allow_negative=True)
     event = CreditsGranted(account=body.account, amount=body.amount, reason=body.reason)
 

@@ -7,6 +7,7 @@ answer; the auth middleware reads the role, and ``api/openapi.py`` reads the typ
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -161,6 +162,20 @@ async def read_optional_body(request: web.Request, type_: type[T]) -> T:
     if not isinstance(value, dict):
         raise Invalid("the request body must be a JSON object", field="$")
     return convert(value, type_)
+
+
+# an amount sent as a string: plain ASCII decimal digits, an optional minus and fraction (no
+# spaces, underscores, exponent, "+", or the non-ASCII digits Python's Decimal would also read)
+_PLAIN_DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?").fullmatch
+
+
+def plain_amount(value: Any, field: str) -> None:
+    """``Invalid`` if ``value``, an amount as the request sent it, is a string that is not a
+    plain decimal (a JSON number is checked by its type)."""
+    if isinstance(value, str) and _PLAIN_DECIMAL(value) is None:
+        raise Invalid(
+            f'{field} must be a number or a plain decimal string such as "0.25"', field=field
+        )
 
 
 def read_query(request: web.Request, type_: type[T]) -> T:

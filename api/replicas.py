@@ -64,7 +64,8 @@ def presented_position(request: web.Request) -> int:
     if text is None or not text.strip():
         return 0
     text = text.strip()
-    if not text.isdigit() or int(text) > MAX_INT:
+    # ASCII digits only: str.isdigit also takes "²" and "١", which int() reads or refuses
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_INT:
         raise Invalid(
             f"{POSITION_HEADER} must be an event position (a whole number, as a write answered)",
             field=POSITION_HEADER,

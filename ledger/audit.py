@@ -1,6 +1,7 @@
 """The audit log: exporting events (NDJSON, CSV) in constant memory and verifying the chain.
 
-Verification recomputes, for every event, ``data_hash`` from the stored data and ``hash`` from
+Verification recomputes, for every event, ``data_hash`` from the canonical form of the stored
+data (which must be the stored text itself) and ``hash`` from
 the previous hash and the header, checks each tenant's chain links, and checks the chain's end
 against the stored head, so an edited, deleted or reordered row is found (section 7).
 """
@@ -336,7 +337,11 @@ def check_event(e: dict[str, Any], prev_hash: str) -> str | None:
         return "prev_hash does not link to the previous event (a row is missing or moved)"
     data = e.get("data")
     if data is not None:
-        if chain.sha256_hex(chain.canonical(data)) != e.get("data_hash"):
+        try:
+            text = chain.canonical(data)
+        except ValueError:  # a lone surrogate cannot be UTF-8, NaN is no JSON
+            text = b""
+        if chain.sha256_hex(text) != e.get("data_hash"):
             return "data does not match data_hash (the data was edited)"
     try:
         expected = chain.header_hash(prev_hash, _header(e))
@@ -409,8 +414,16 @@ def _row_problem(e: Recorded, prev: str, redacted_before: int) -> str | None:
     if e.data is None:
         if redacted_before <= e.position:
             return "data was removed without a later job.redacted event"
-    elif chain.sha256_hex(e.data.encode()) != e.data_hash:
-        return "data does not match data_hash (the data was edited)"
+    else:
+        stored = e.data.encode()
+        try:
+            text = chain.canonical_text(stored)
+        except ValueError:
+            text = b""
+        if chain.sha256_hex(text) != e.data_hash:
+            return "data does not match data_hash (the data was edited)"
+        if text != stored:
+            return "the stored data is not its canonical text (the row was edited)"
     if e.redacted != (e.data is None):
         return "the redacted flag does not match the stored data (the row was edited)"
     if chain.header_hash(prev, _row_event(e)) != e.hash:

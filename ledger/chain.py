@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from decimal import Decimal
 from typing import Any
 
 import msgspec
@@ -78,6 +79,33 @@ def canonical(value: Any) -> bytes:
     return json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode()
+
+
+_DECODE = msgspec.json.Decoder().decode
+# floats decode as ``Decimal``, which msgspec writes as a quoted string: a text holding a float
+# can never equal the sorted re-encoding of what this decodes
+_DECODE_NO_FLOAT = msgspec.json.Decoder(float_hook=Decimal).decode
+
+
+def canonical_text(raw: bytes) -> bytes:
+    """``canonical`` of the JSON value ``raw`` encodes (decoded as a verifier decodes it: a
+    repeated key keeps its last value); ``ValueError`` when ``raw`` is not such a value.
+
+    The shortcut returns ``raw`` itself when it is byte for byte msgspec's sorted encoding of a
+    value without floats: such a value holds only strings, integers, booleans, ``None``,
+    lists and dicts, so that encoding is ``canonical`` of it (see above), and decoding it
+    without the float hook gives the same value. Anything else (a repeated key, spaces, an
+    escape, a float, unsorted keys) takes the long way: decode, then ``canonical``.
+    """
+    try:
+        if _ENCODE_SORTED(_DECODE_NO_FLOAT(raw)) == raw:
+            return raw
+    except (msgspec.DecodeError, TypeError, ValueError, OverflowError):
+        pass
+    try:
+        return canonical(_DECODE(raw))
+    except (msgspec.DecodeError, TypeError, OverflowError) as exc:  # DecodeError: ValueError
+        raise ValueError(str(exc)) from None
 
 
 def sha256_hex(data: bytes) -> str:

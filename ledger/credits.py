@@ -7,7 +7,6 @@ count, so every amount is a whole number of units and sums never drift.
 from __future__ import annotations
 
 import functools
-import math
 from decimal import Decimal
 
 from ledger.errors import Invalid
@@ -76,7 +75,7 @@ def charge(
     """The charge of a finished, billable job in units (section 5 of the contract)."""
     seconds = 0
     if started_us is not None and finished_us is not None and finished_us > started_us:
-        seconds = math.ceil((finished_us - started_us) / 1_000_000)
+        seconds = -((started_us - finished_us) // 1_000_000)  # exact ceil, no float
     per_job, per_row, per_execution, per_second = price_units(price)
     units = per_job + per_row * row_count + per_execution * succeeded + per_second * seconds
     if not 0 <= units <= MAX_CHARGE_UNITS:

@@ -3,8 +3,9 @@
 ``import_file`` reads an NDJSON export (``jobledger export`` or ``GET /v1/audit/export``) into
 an empty database, in one transaction:
 
-- every event's hashes are recomputed as it passes (``data_hash`` from the bytes of its data,
-  ``hash`` from ``prev_hash`` and the header) and it must extend its tenant's chain, which
+- every event's hashes are recomputed as it passes (``data_hash`` from the canonical form of
+  its data, the same rule as ``jobledger verify --file``; ``hash`` from ``prev_hash`` and the
+  header) and it must extend its tenant's chain, which
   starts at 64 zeros; positions increase and each stream's versions count up from 1;
 - events keep their positions, ids, times and hashes, and are written in large batches
   (``COPY`` on PostgreSQL) while the next batch is checked, into the events table without its
@@ -28,7 +29,6 @@ import asyncio
 import contextlib
 import gc
 import hashlib
-import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -354,15 +354,19 @@ class _Data:
 
 
 def _data_text(raw: bytes, data_hash: str, position: int) -> str:
-    """The stored text of ``data``: its exact bytes when they hash right (an export writes
-    the canonical text as it is), else its canonical form if that does."""
-    if hashlib.sha256(raw).hexdigest() == data_hash:
-        return raw.decode()
+    """The stored text of ``data``: its canonical form, which must hash to ``data_hash``.
+
+    This is ``jobledger verify --file``'s rule: the hash is over the canonical form of the
+    decoded value, never over the line's bytes, so a text whose own bytes hash right but which
+    is not canonical (a repeated key, spaces, escapes) is refused like any edit, and what is
+    stored is always the canonical text. An export writes the canonical text as it is, so
+    ``chain.canonical_text`` mostly returns ``raw`` itself (its shortcut).
+    """
     try:
-        text = chain.canonical(json.loads(raw))
+        text = chain.canonical_text(raw)
     except ValueError:
         text = b""
-    if chain.sha256_hex(text) != data_hash:
+    if hashlib.sha256(text).hexdigest() != data_hash:
         raise ImportRefused(
             "data does not match data_hash (the data was edited)", position=position
         )

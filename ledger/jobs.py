@@ -38,6 +38,7 @@ from ledger.events import (
     Source,
     is_job_event,
 )
+from ledger.limits import MAX_COUNT, MAX_EXECUTIONS
 
 STATUSES = ("queued", "running", "completed", "partial_failed", "failed", "cancelled")
 OPEN = frozenset({"queued", "running"})
@@ -184,10 +185,16 @@ def _apply(job: JobState, event: JobEvent, at: int, check: bool) -> None:
         case ExecutionsPlanned():
             if check and event.total < 0:
                 raise Invalid("total must not be negative", field="data.total")
+            if check and job.exec_total + event.total > MAX_COUNT:
+                raise Invalid(
+                    f"total would bring the job's planned executions to "
+                    f"{job.exec_total + event.total}, over the limit of {MAX_COUNT}",
+                    field="data.total",
+                )
             job.exec_total += event.total
             job.exec_pending += event.total
         case ExecutionRetrying() | ExecutionSucceeded() | ExecutionFailed():
-            _execution(job, event, at)
+            _execution(job, event, at, check)
         case _:
             assert_never(event)
 
@@ -232,12 +239,20 @@ _EXEC_STATE = {
 
 
 def _execution(
-    job: JobState, event: ExecutionRetrying | ExecutionSucceeded | ExecutionFailed, at: int
+    job: JobState,
+    event: ExecutionRetrying | ExecutionSucceeded | ExecutionFailed,
+    at: int,
+    check: bool,
 ) -> None:
     new = _EXEC_STATE[type(event)]
     old = job.executions.get(event.execution_id)
     if old in ("succeeded", "failed") or old == new:
         return  # each execution is counted once; a repeat changes nothing
+    if check and old is None and len(job.executions) >= MAX_EXECUTIONS:
+        raise Invalid(
+            f"the job already has {MAX_EXECUTIONS} executions, the most one job may have",
+            field="data.execution_id",
+        )
     job.executions = {**job.executions, event.execution_id: new}
     if old is None:
         if job.exec_pending > 0:

@@ -17,7 +17,10 @@ from msgspec import Meta
 NAME_PATTERN = r"^[^\x00-\x1f\x7f]*$(?!\n)"
 TEXT_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
 
-MAX_COUNT = 1_000_000_000  # rows, executions: per job
+MAX_COUNT = 1_000_000_000  # rows, executions (planned, in all): per job
+# distinct execution ids per job: the job's state holds each one's status, and the whole state
+# is written again with every event of the job
+MAX_EXECUTIONS = 10_000
 MAX_AMOUNT = 1_000_000_000  # credits: a price field or one grant, either sign
 MAX_CHARGE_UNITS = 10**16  # one job's charge, in ten-thousandths (10^12 credits)
 MAX_TOTAL_UNITS = 2**62  # any stored total; the database refuses more (CHECK constraints)

@@ -400,6 +400,53 @@ async def test_edited_data_is_detected(
     assert (await acli("verify", "--db", db, "--tenant", "globex")).code == 0
 
 
+@pytest.mark.parametrize("how", ["repeated key", "spaces"])
+async def test_stored_non_canonical_data_is_detected(
+    db_url: str, client: TestClient[Any, Any], api: Api, make_api: MakeApi, how: str
+) -> None:
+    """Stored data that is not canonical text fails verify, even with ``data_hash`` taken over
+    its own bytes and the chain and head recomputed: the hash is over the canonical form."""
+    db = db_url
+    await closed_history(client, api, make_api)
+    target = (await positions(db, "acme"))[-1]
+    (
+        (stored, prev, event_id, stream, version, type_, occurred, recorded, actor),
+    ) = await rawdb.rows(
+        db,
+        "SELECT data, prev_hash, event_id, stream, version, type, occurred_at, recorded_at, "
+        "actor FROM events WHERE position = ?",
+        target,
+    )
+    data = json.loads(stored)
+    assert canon(data).decode() == stored and "agent" in data
+    raw = stored[:-1] + ',"agent":"evil"}' if how == "repeated key" else json.dumps(data)
+    data_hash = sha256_hex(raw.encode())
+    header = {
+        "position": target,
+        "event_id": event_id,
+        "stream": stream,
+        "version": version,
+        "type": type_,
+        "occurred_at": occurred,
+        "recorded_at": recorded,
+        "actor": actor,
+        "data_hash": data_hash,
+    }
+    digest = sha256_hex(prev.encode() + b"\n" + canon(header))
+    await rawdb.tamper(
+        db,
+        (
+            "UPDATE events SET data = ?, data_hash = ?, hash = ? WHERE position = ?",
+            (raw, data_hash, digest, target),
+        ),
+        ("UPDATE chain_heads SET hash = ? WHERE tenant = 'acme'", (digest,)),
+    )
+    done = await acli("verify", "--db", db)
+    expect_failure_at(done, target)
+    assert "data does not match data_hash" in done.out
+    assert (await acli("verify", "--db", db, "--tenant", "globex")).code == 0
+
+
 @pytest.mark.parametrize("column", ["actor", "occurred_at", "type", "stream", "event_id"])
 async def test_edited_header_is_detected(
     db_url: str, client: TestClient[Any, Any], api: Api, make_api: MakeApi, column: str
@@ -720,6 +767,37 @@ async def test_redact_needs_a_live_job(api: Api) -> None:
     assert first["credits_used"] == second["credits_used"] == 4
     await api.post("/v1/jobs/r/archive", status=200)
     verify_chain(await export(api))
+
+
+async def test_a_second_redaction_keeps_the_first_ones_record(
+    db_url: str, client: TestClient[Any, Any], api: Api
+) -> None:
+    """Redacting again erases nothing new of the first ``job.redacted``: both records stay,
+    with their reasons and kept state, in the API, the export and after a rebuild."""
+    await api.post("/v1/jobs", {"id": "r", "agent": "a", "params": {"note": MARKER}})
+    await api.post("/v1/jobs/r/events", {"type": "job.completed", "data": {"row_count": 4}})
+    await api.post("/v1/jobs/r/redact", {"reason": "first: ticket 123"}, status=200)
+    await api.post(
+        "/v1/jobs/r/events", {"type": "job.pr_linked", "data": {"pr_link": f"https://x/{MARKER}"}}
+    )
+    await api.post("/v1/jobs/r/redact", {"reason": "second"}, status=200)
+
+    events = (await api.get("/v1/jobs/r/events"))["events"]
+    types = [e["type"] for e in events]
+    assert types == ["job.queued", "job.completed", "job.redacted", "job.pr_linked", "job.redacted"]
+    first, second = events[2], events[4]
+    assert "redacted" not in first and first["data"]["reason"] == "first: ticket 123"
+    assert first["data"]["state"]["status"] == "completed"
+    assert second["data"]["reason"] == "second"
+    assert [e["data"] for e in (events[0], events[1], events[3])] == [None, None, None]
+    assert MARKER not in json.dumps(events)
+    exported = [e for e in await export(api) if e["stream"] == "r"]
+    assert exported == events
+    verify_chain(await export(api))
+    await client.close()
+    assert (await acli("verify", "--db", db_url)).code == 0
+    done = await acli("rebuild", "--db", db_url, "--verify")
+    assert done.code == 0, done.err
 
 
 # -- time travel ---------------------------------------------------------------------------------

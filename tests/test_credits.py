@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -117,6 +118,32 @@ async def test_price_validation(api: Api) -> None:
     await api.post("/v1/prices", {"agent": "a", "per_row": "NaN"}, status=422)
 
 
+NOT_PLAIN = ["1_000", "\uff11", " 1", "1 ", "1E+3", "1e3", "+1", "1.", ".5", "\u0661", "0x10"]
+
+
+async def test_amount_strings_are_plain_ascii_decimals(api: Api) -> None:
+    """An amount sent as a string is plain ASCII decimal digits (a minus, a fraction): no
+    underscores, spaces, exponent or other digits; ``422`` naming the field, nothing written."""
+    for text in NOT_PLAIN:
+        body = await api.post("/v1/prices", {"agent": "a", "per_row": text}, status=422)
+        assert body["error"]["field"] == "per_row", (text, body)
+        body = await api.post("/v1/credits/grants", {"account": "x", "amount": text}, status=422)
+        assert body["error"]["field"] == "amount", (text, body)
+        body = await api.post("/v1/agents", {"name": "demo/agent", "price": text}, status=422)
+        assert body["error"]["field"] == "price", (text, body)
+        body = await api.post(
+            "/v1/agents", {"name": "demo/agent", "price": {"per_second": text}}, status=422
+        )
+        assert body["error"]["field"] == "price.per_second", (text, body)
+    assert (await api.get("/v1/prices"))["prices"] == []
+    assert (await api.get("/v1/credits", params={"account": "x"}))["granted"] == 0
+    price = await api.post("/v1/prices", {"agent": "a", "per_row": "0.25", "per_job": "-0"})
+    assert price["per_row"] == 0.25
+    granted = await api.post("/v1/credits/grants", {"account": "x", "amount": "-12.5"})
+    assert granted["amount"] == -12.5
+    await api.post("/v1/prices", {"agent": "b", "per_row": 1e3})  # a JSON number is a number
+
+
 async def test_price_in_force_at_queue_time_applies(api: Api) -> None:
     """A later price change never alters a job queued before it."""
     await api.post("/v1/prices", {"agent": "a", "per_row": 2})
@@ -149,6 +176,23 @@ async def test_per_second_rounds_up(api: Api) -> None:
         api, "t1", agent="t", start="2026-01-01T00:00:00Z", end="2026-01-01T00:00:01.5Z"
     )
     assert job["credits_used"] == 6
+
+
+async def test_per_second_rounds_up_exactly_over_centuries(api: Api) -> None:
+    """The seconds are rounded up exactly, in integers: one microsecond past whole seconds is
+    one second more, even where the microseconds pass 2^53 (a float would lose it)."""
+    await api.post("/v1/prices", {"agent": "t", "per_row": 0, "per_second": 1})
+    start, end = datetime(1000, 1, 1, tzinfo=UTC), datetime(1999, 1, 1, tzinfo=UTC)
+    whole = (end - start) // timedelta(seconds=1)
+    assert whole * S > 2**53
+    job = await complete(
+        api, "t1", agent="t", start="1000-01-01T00:00:00Z", end="1999-01-01T00:00:00.000001Z"
+    )
+    assert job["credits_used"] == whole + 1
+    job = await complete(
+        api, "t2", agent="t", start="1000-01-01T00:00:00Z", end="1999-01-01T00:00:00Z"
+    )
+    assert job["credits_used"] == whole
 
 
 async def test_failed_and_cancelled_jobs_are_free(api: Api) -> None:

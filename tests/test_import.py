@@ -241,6 +241,87 @@ async def test_two_events_with_one_event_id_are_refused(
     assert await counts(other_db) == (len(lines), len({e["tenant"] for e in events}), 1)
 
 
+def _forged(lines: list[str], index: int, raw: str, *, hash_raw: bool) -> str:
+    """The export with event ``index``'s data replaced by the text ``raw``, written as is; its
+    ``data_hash`` over ``raw``'s own bytes (``hash_raw``) or over its canonical form, and
+    every tenant's chain recomputed (a forger's file)."""
+    events = [json.loads(line) for line in lines]
+    victim = events[index]
+    data_hash = chain.sha256_hex(raw.encode() if hash_raw else chain.canonical(json.loads(raw)))
+    victim["data"] = "RAW-DATA-HERE"
+    victim["data_hash"] = data_hash
+    text = _rechained(events)
+    return text.replace('"RAW-DATA-HERE"', raw, 1)
+
+
+def _canonical_text(data: dict[str, Any]) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+NON_CANONICAL: dict[str, Callable[[dict[str, Any]], str]] = {
+    # a repeated key: a verifier (and the fold) keeps the last value, 1000 times the rows
+    "repeated key": lambda d: _canonical_text(d)[:-1] + f',"row_count":{d["row_count"] * 1000}}}',
+    "spaces": lambda d: json.dumps(d, sort_keys=True),
+    "an escape": lambda d: _canonical_text(d).replace('"row_count"', '"\\u0072ow_count"'),
+}
+
+
+@pytest.mark.parametrize("how", sorted(NON_CANONICAL))
+async def test_non_canonical_data_hashed_as_it_is_written_is_refused(
+    db_url: str, other_db: str, client: TestClient[Any, Any], api: Api, tmp_path: Path, how: str
+) -> None:
+    """Data whose own bytes hash to ``data_hash`` but which is not canonical: ``verify --file``
+    and ``import`` refuse it at the same position, and nothing is imported."""
+    await api.post("/v1/jobs", {"id": "j1", "agent": "a", "account": "x"})
+    await api.post("/v1/jobs/j1/events", {"type": "job.started"})
+    await api.post("/v1/jobs/j1/events", {"type": "job.completed", "data": {"row_count": 5}})
+    await api.post("/v1/jobs", {"id": "j2", "agent": "a", "account": "x"})
+    await client.close()
+    lines = (await export(db_url, tmp_path / "all.ndjson")).decode().splitlines()
+    index = next(i for i, line in enumerate(lines) if '"job.completed"' in line)
+    data = json.loads(lines[index])["data"]
+    assert data["row_count"] == 5
+    position = json.loads(lines[index])["position"]
+    raw = NON_CANONICAL[how](data)
+    assert raw != _canonical_text(data) and json.loads(raw)["row_count"] in (5, 5000)
+    bad = tmp_path / "bad.ndjson"
+    bad.write_text(_forged(lines, index, raw, hash_raw=True), encoding="utf-8")
+    assert f'"data": {raw}' in bad.read_text(encoding="utf-8")
+
+    verified = await acli("verify", "--file", str(bad))
+    assert verified.code == 1 and verified.out.split()[:2] == ["FAILED", str(position)]
+    assert "data does not match data_hash" in verified.out
+    done = await acli("import", "--db", other_db, str(bad))
+    assert done.code == 1 and "Traceback" not in done.err
+    assert f"import refused at position {position}: data does not match data_hash" in done.err
+    assert await counts(other_db) == (0, 0, 0)
+
+
+async def test_non_canonical_data_that_verifies_is_stored_canonical(
+    db_url: str, other_db: str, client: TestClient[Any, Any], api: Api, tmp_path: Path
+) -> None:
+    """Data written non-canonically but hashed canonically verifies, so it imports: as its
+    canonical text (the export of the import is the original export), which verify --db
+    accepts."""
+    await api.post("/v1/jobs", {"id": "j1", "agent": "a", "account": "x"})
+    await api.post("/v1/jobs/j1/events", {"type": "job.completed", "data": {"row_count": 5}})
+    await client.close()
+    original = await export(db_url, tmp_path / "all.ndjson")
+    lines = original.decode().splitlines()
+    index = next(i for i, line in enumerate(lines) if '"job.completed"' in line)
+    data = json.loads(lines[index])["data"]
+    raw = '{"row_count": 7, ' + json.dumps(data)[1:]  # spaces, unsorted, a repeated key
+    assert chain.canonical(json.loads(raw)).decode() == _canonical_text(data) != raw
+    forged = tmp_path / "spaced.ndjson"
+    forged.write_text(_forged(lines, index, raw, hash_raw=False), encoding="utf-8")
+    assert (await acli("verify", "--file", str(forged))).code == 0
+
+    done = await acli("import", "--db", other_db, str(forged))
+    assert done.code == 0, done.err
+    assert await export(other_db, tmp_path / "again.ndjson") == original
+    assert (await acli("verify", "--db", other_db)).code == 0
+
+
 def _journal_mode(path: Path) -> str:
     with sqlite3.connect(path) as conn:
         mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0])

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from ledger import commands
+from ledger.limits import MAX_COUNT, MAX_EXECUTIONS
 from ledger.store import EventStore
 from projections import jobs
 from tests.conftest import Api, requests_started
@@ -198,6 +199,49 @@ async def test_batch_is_all_or_nothing(api: Api) -> None:
         {"events": [{"type": "job.started"}, {"type": "job.completed", "data": {"row_count": 3}}]},
     )
     assert [e["version"] for e in ok["events"]] == [2, 3]
+
+
+async def test_planned_executions_stay_within_max_count(api: Api) -> None:
+    """``job.executions_planned`` cannot bring a job's planned total past ``MAX_COUNT``:
+    ``422`` naming ``data.total``, nothing written; up to the limit it is accepted."""
+    await new_job(api, "p", executions_total=1_000_000)
+    await event(api, "p", "job.executions_planned", data={"total": MAX_COUNT - 1_000_001})
+    before = await api.get("/v1/jobs/p")
+    assert before["executions"]["total"] == MAX_COUNT - 1
+    for total in (2, MAX_COUNT):
+        body = await event(api, "p", "job.executions_planned", status=422, data={"total": total})
+        assert body["error"]["field"] == "data.total", body
+    body = await api.post(
+        "/v1/jobs/p/events",
+        {"events": [{"type": "job.executions_planned", "data": {"total": 1}}] * 2},
+        status=422,
+    )
+    assert body["error"]["field"] == "data.total", body
+    assert await api.get("/v1/jobs/p") == before
+    await event(api, "p", "job.executions_planned", data={"total": 1})
+    assert (await api.get("/v1/jobs/p"))["executions"]["total"] == MAX_COUNT
+
+
+async def test_a_job_holds_at_most_max_executions(api: Api) -> None:
+    """A job tracks at most ``MAX_EXECUTIONS`` distinct execution ids: one more is ``422``
+    naming ``data.execution_id`` and writes nothing; known ids still move."""
+    await new_job(api, "e", executions_total=MAX_EXECUTIONS + 5)
+    for start in range(0, MAX_EXECUTIONS, 1000):
+        batch = [
+            {"type": "job.execution_retrying", "data": {"execution_id": f"x{i}"}}
+            for i in range(start, min(start + 1000, MAX_EXECUTIONS))
+        ]
+        await api.post("/v1/jobs/e/events", {"events": batch})
+    before = await api.get("/v1/jobs/e")
+    assert before["executions"]["retrying"] == MAX_EXECUTIONS
+    body = await event(
+        api, "e", "job.execution_succeeded", status=422, data={"execution_id": "one-more"}
+    )
+    assert body["error"]["field"] == "data.execution_id", body
+    assert await api.get("/v1/jobs/e") == before
+    await event(api, "e", "job.execution_succeeded", data={"execution_id": "x0"})
+    after = await api.get("/v1/jobs/e")
+    assert after["executions"]["succeeded"] == 1 and after["version"] == before["version"] + 1
 
 
 async def test_event_id_appends_once(api: Api) -> None:

@@ -309,7 +309,8 @@ async def test_writes_answer_the_position_they_committed(api: Api) -> None:
 
 
 async def test_a_read_presenting_a_malformed_position_is_refused(api: Api) -> None:
-    for bad in ("abc", "-1", "1.5", str(2**63)):
+    """Only ASCII digits are a position: ``422`` naming the header, never a 500."""
+    for bad in ("abc", "-1", "1.5", str(2**63), "\u00b2", "\u0661\u0662", "1_0", "\uff11"):
         answer = await api.get("/v1/jobs", status=422, headers={POSITION: bad})
         assert answer["error"]["field"] == POSITION
     await api.get("/v1/jobs", headers={POSITION: "1"})  # any position: nothing to wait for

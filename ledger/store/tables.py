@@ -70,8 +70,10 @@ async def write_staged(conn: Conn, staged: Staged) -> None:
         )
     for erasure in staged.erasures:
         await conn.execute(
+            # earlier job.redacted events keep their data: a record of a redaction (its
+            # reason, the state it kept) holds nothing it erased, and stays for every later one
             "UPDATE events SET data = NULL, redacted = 1 "
-            "WHERE tenant = ? AND stream = ? AND position < ?",
+            "WHERE tenant = ? AND stream = ? AND position < ? AND type <> 'job.redacted'",
             erasure,
         )
         await conn.execute(
