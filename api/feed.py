@@ -91,13 +91,10 @@ async def _key_still_valid(request: web.Request) -> bool:
 def _resume_from(request: web.Request, after: int | None) -> int:
     last_id = request.headers.get("Last-Event-ID")
     if last_id:
-        try:
-            position = int(last_id)
-        except ValueError:
-            position = MAX_INT + 1
-        if position > MAX_INT:
+        # ASCII digits only: int() also reads "-1", " 7", "1_0" and digits of other scripts
+        if not (last_id.isascii() and last_id.isdigit()) or int(last_id) > MAX_INT:
             raise Invalid("Last-Event-ID must be an event position", field="Last-Event-ID")
-        return max(0, position)
+        return int(last_id)
     return after or 0
 
 

@@ -303,6 +303,11 @@ async def test_stream_refuses_bad_requests(api: Api) -> None:
     await Api(api.client, None).get("/v1/events/stream", status=401)
     body = await api.get("/v1/events/stream", headers={"Last-Event-ID": "abc"}, status=422)
     assert body["error"]["code"] == "invalid"
+    for odd in ("-1", "1_0", "\u0661", "9" * 30):  # int() read the first three
+        headers = {**api.headers, "Last-Event-ID": odd}
+        async with api.client.get("/v1/events/stream", headers=headers) as resp:
+            assert resp.status == 422, odd  # (a stream that opened would answer 200 at once)
+            assert (await resp.json())["error"]["field"] == "Last-Event-ID"
     await api.get("/v1/events/stream", params={"after": "-3"}, status=422)
 
 
