@@ -83,6 +83,7 @@ class Fold:
                     occurred_us=occurred,
                     position=position,
                     copy=copy,
+                    own_executions=not copy,  # the fold's states share nothing then
                 )
                 touched.add(key)
             else:

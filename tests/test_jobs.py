@@ -10,6 +10,7 @@ import pytest
 
 from ledger import commands
 from ledger.limits import MAX_COUNT, MAX_EXECUTIONS
+from ledger.rebuild import rebuild
 from ledger.store import EventStore
 from projections import jobs
 from tests.conftest import Api, requests_started
@@ -242,6 +243,35 @@ async def test_a_job_holds_at_most_max_executions(api: Api) -> None:
     await event(api, "e", "job.execution_succeeded", data={"execution_id": "x0"})
     after = await api.get("/v1/jobs/e")
     assert after["executions"]["succeeded"] == 1 and after["version"] == before["version"] + 1
+
+
+async def test_a_refused_batch_leaves_the_job_as_it_was(api: Api, store: EventStore) -> None:
+    """A batch's events fold into a state the command owns (in place, executions included);
+    a batch refused at its last event leaves the job, its executions and the history as they
+    were, and the read models equal a replay."""
+    await new_job(api, "b", executions_total=3)
+    await event(api, "b", "job.execution_retrying", data={"execution_id": "x0"})
+    before = await api.get("/v1/jobs/b")
+    batch = [
+        {"type": "job.execution_succeeded", "data": {"execution_id": "x0"}},
+        {"type": "job.execution_retrying", "data": {"execution_id": "x1"}},
+        {"type": "job.execution_failed", "data": {"execution_id": "x1"}},
+        {"type": "job.queued", "data": {"agent": "again"}},  # refused: already queued
+    ]
+    await api.post("/v1/jobs/b/events", {"events": batch}, status=409)
+    assert await api.get("/v1/jobs/b") == before
+    await api.post("/v1/jobs/b/events", {"events": batch[:3]})
+    after = await api.get("/v1/jobs/b")
+    assert after["version"] == before["version"] + 3
+    assert after["executions"] == {
+        "total": 3,
+        "pending": 1,
+        "retrying": 0,
+        "succeeded": 1,
+        "failed": 1,
+    }
+    report = await rebuild(store.backend, store.projectors, verify=True)
+    assert report.difference is None, report.difference
 
 
 async def test_event_id_appends_once(api: Api) -> None:

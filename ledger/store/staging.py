@@ -64,6 +64,9 @@ class Staged:
     results: list[ResultRow] = field(default_factory=list)
     idempotency: dict[tuple[str, str], IdempotencyRow] = field(default_factory=dict)
     erasures: list[Erasure] = field(default_factory=list)
+    # one command's own: the jobs whose state object it made (False), and whose executions
+    # map too (True); never merged into the batch, whose states earlier commands answered with
+    owned: dict[StreamKey, bool] = field(default_factory=dict)
 
     def empty(self) -> bool:
         return not (self.events or self.results or self.idempotency or self.erasures)

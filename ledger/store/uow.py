@@ -15,7 +15,7 @@ from ledger.credits import to_units
 from ledger.errors import Invalid
 from ledger.events import CreditsGranted, Event, decode_stored, event_type, to_data
 from ledger.ids import new_event_id
-from ledger.jobs import JobState, evolve
+from ledger.jobs import EXECUTION_EVENTS, JobState, evolve
 from ledger.records import CreditBalances, CreditTotals, Projector, Recorded
 from ledger.sql import WriteConn
 from ledger.store import tables
@@ -165,6 +165,11 @@ class UnitOfWork:
         before = await self.job(tenant, job_id, fresh=fresh)
         position = await self._position_ready()
         occurred = self.now if occurred_us is None else occurred_us
+        key = (tenant, job_id)
+        # A state this command made itself (an earlier event of it on the same job) is folded
+        # in place: only the command holds it, and a command that fails is dropped whole. Its
+        # executions map too, once an execution event of the command copied it.
+        owned = self._cmd.owned.get(key)
         after = evolve(
             before,
             event,
@@ -173,13 +178,17 @@ class UnitOfWork:
             occurred_us=occurred,
             position=position,
             check=True,
+            copy=owned is None,
+            own_executions=owned is True,
         )
         recorded = self._stage(
             tenant, job_id, after.version, event, actor=actor, occurred=occurred, event_id=event_id
         )
-        key = (tenant, job_id)
         self._cmd.befores.setdefault(key, before)
         self._cmd.jobs[key] = after
+        self._cmd.owned[key] = (
+            owned is True or before is None or isinstance(event, EXECUTION_EVENTS)
+        )
         return after, recorded
 
     async def append(
