@@ -23,8 +23,8 @@ from api.app import open_store
 from ledger import chain, commands, csvcells
 from ledger.store import EventStore
 from tests.bulkload import import_jobs, load_jobs
-from tests.conftest import Api
-from tests.serverproc import Key, Server, acreate_key, served
+from tests.conftest import Api, store_key
+from tests.serverproc import Key, Server, served
 
 MakeApi = Callable[..., Coroutine[Any, Any, Api]]
 GUARD_SECONDS = 60.0  # a request that hangs fails the test instead of hanging it
@@ -87,7 +87,7 @@ async def test_healthz_answers_while_six_full_lists_run(
     """/healthz keeps answering (p99 under a second) while six full lists of a large tenant run."""
     many = MANY_JOBS[backend_name]
     await _loaded(db_url, "acme", many, tmp_path)
-    reader = await acreate_key(db_url, "acme", "reader")
+    reader = await store_key(db_url, "acme", "reader")
     paths = ["/compat/mcrit/jobs", "/compat/mindcase/api/v1/jobs"] * 3
     async with (
         served(db_url, log_dir=tmp_path) as server,
@@ -326,7 +326,7 @@ async def _logged(server: Server, text: str) -> str:
 
 async def test_key_secrets_never_reach_the_log(db_url: str, tmp_path: Path) -> None:
     """A key sent with a trailing NUL or in a header over 8190 bytes is in no log line."""
-    key: Key = await acreate_key(db_url, "acme", "admin")
+    key: Key = await store_key(db_url, "acme", "admin")
     secret = key.secret.encode()
     async with served(db_url, log_dir=tmp_path) as server:
         for header in (b"Bearer " + secret + b"\x00", b"Bearer " + secret + b"A" * 9000):
@@ -348,7 +348,7 @@ async def test_key_secrets_never_reach_the_log(db_url: str, tmp_path: Path) -> N
 async def test_protocol_errors_are_the_json_envelope(db_url: str, tmp_path: Path) -> None:
     """Over-long request lines, bad headers and bodies that cannot be decoded answer the
     envelope with a 4xx, never text/plain and never a 500."""
-    key = await acreate_key(db_url, "acme", "admin")
+    key = await store_key(db_url, "acme", "admin")
     auth = b"Authorization: Bearer " + key.secret.encode()
     post = b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + auth
     job = json.dumps({"agent": "a"}).encode()
