@@ -31,8 +31,9 @@ from ledger.backends.postgres import PostgresBackend
 from ledger.schema import LEDGER_SCHEMA
 from ledger.sql import Backend
 from ledger.store import EventStore
-from projections import all_projectors
+from projections import all_projectors, new_store
 from tests.openapi_check import Checker, checker
+from tests.serverproc import Key
 
 if TYPE_CHECKING:
     from tests.history import Templates
@@ -332,6 +333,22 @@ async def new_key(
         lambda uow: commands.create_key(uow, tenant, role, project=project), tenants=[tenant]
     )
     return made.secret
+
+
+async def store_key(db: str, tenant: str, role: str = "admin", project: str | None = None) -> Key:
+    """A new key of ``db`` made in this process exactly as ``jobledger keys create`` makes it
+    (the schema too, on a new database), for a test that needs a key beside its servers rather
+    than a test of the CLI: 0.015 s of CPU instead of a process start's 0.25 s. Tests of the
+    CLI itself use ``serverproc.create_key``."""
+    made_in = new_store(backend_for(db, create=True))
+    await made_in.start()
+    try:
+        made = await made_in.execute(
+            lambda uow: commands.create_key(uow, tenant, role, project=project), tenants=[tenant]
+        )
+    finally:
+        await made_in.stop()
+    return Key(key_id=made.key_id, secret=made.secret)
 
 
 @pytest.fixture

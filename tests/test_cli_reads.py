@@ -6,50 +6,32 @@ The ``--json`` answers must be the very JSON the HTTP API gives for the same rea
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
-from tests.serverproc import Done, acli, acreate_key, served
+from tests.conftest import Api
+from tests.serverproc import Done, acli, acreate_key
 from tests.test_cli import one_line_error
 
 
-async def _call(http: aiohttp.ClientSession, method: str, path: str, body: Any = None) -> Any:
-    async with http.request(method, path, json=body) as resp:
-        answer = await resp.json()
-        assert resp.status in (200, 201), f"{method} {path}: {resp.status} {answer}"
-        return answer
-
-
 @pytest.fixture
-async def seeded(db_url: str) -> AsyncIterator[tuple[str, aiohttp.ClientSession]]:
-    """Tenant acme with prices, grants and four jobs in several states; a server to compare."""
-    async with served(db_url) as server:
-        admin = await acreate_key(db_url, "acme")
-        async with aiohttp.ClientSession(server.base, headers=admin.headers) as http:
-            await _call(http, "POST", "/v1/prices", {"agent": "scraper", "per_job": "1.5"})
-            await _call(http, "POST", "/v1/credits/grants", {"account": "a1", "amount": "10"})
-            for job_id, agent, account in (
-                ("c1", "scraper", "a1"),
-                ("c2", "scraper", "a2"),
-                ("c3", "writer", "a1"),
-                ("c4", "writer", "a2"),
-            ):
-                await _call(
-                    http, "POST", "/v1/jobs", {"id": job_id, "agent": agent, "account": account}
-                )
-            await _call(http, "POST", "/v1/jobs/c1/events", {"type": "job.started"})
-            await _call(
-                http,
-                "POST",
-                "/v1/jobs/c1/events",
-                {"type": "job.completed", "data": {"row_count": 7}},
-            )
-            await _call(http, "POST", "/v1/jobs/c3/events", {"type": "job.started"})
-            yield db_url, http
+async def seeded(db_url: str, api: Api) -> tuple[str, Api]:
+    """Tenant acme with prices, grants and four jobs in several states; the API to compare."""
+    await api.post("/v1/prices", {"agent": "scraper", "per_job": "1.5"})
+    await api.post("/v1/credits/grants", {"account": "a1", "amount": "10"})
+    for job_id, agent, account in (
+        ("c1", "scraper", "a1"),
+        ("c2", "scraper", "a2"),
+        ("c3", "writer", "a1"),
+        ("c4", "writer", "a2"),
+    ):
+        await api.post("/v1/jobs", {"id": job_id, "agent": agent, "account": account})
+    await api.post("/v1/jobs/c1/events", {"type": "job.started"})
+    await api.post("/v1/jobs/c1/events", {"type": "job.completed", "data": {"row_count": 7}})
+    await api.post("/v1/jobs/c3/events", {"type": "job.started"})
+    return db_url, api
 
 
 def ok_json(done: Done) -> Any:
@@ -58,12 +40,10 @@ def ok_json(done: Done) -> Any:
     return json.loads(done.out)
 
 
-async def test_jobs_list_json_is_the_apis_list(seeded: tuple[str, aiohttp.ClientSession]) -> None:
+async def test_jobs_list_json_is_the_apis_list(seeded: tuple[str, Api]) -> None:
     """`jobs list --json` answers what GET /v1/jobs answers, filters included."""
-    db, http = seeded
-    assert ok_json(await acli("jobs", "list", "--db", db, "--json")) == await _call(
-        http, "GET", "/v1/jobs"
-    )
+    db, api = seeded
+    assert ok_json(await acli("jobs", "list", "--db", db, "--json")) == await api.get("/v1/jobs")
     for flags, query in (
         (["--status", "running,completed"], "status=running,completed"),
         (["--agent", "writer"], "agent=writer"),
@@ -72,7 +52,7 @@ async def test_jobs_list_json_is_the_apis_list(seeded: tuple[str, aiohttp.Client
         (["--limit", "2"], "limit=2"),
     ):
         got = ok_json(await acli("jobs", "list", "--db", db, "--json", *flags))
-        want = await _call(http, "GET", f"/v1/jobs?{query}")
+        want = await api.get(f"/v1/jobs?{query}")
         assert [j["id"] for j in got["jobs"]] == [j["id"] for j in want["jobs"]], flags
         assert got["has_more"] == want["has_more"]
     later = ok_json(await acli("jobs", "list", "--db", db, "--json", "--since", "2999-01-01"))
@@ -80,40 +60,38 @@ async def test_jobs_list_json_is_the_apis_list(seeded: tuple[str, aiohttp.Client
 
 
 async def test_jobs_show_with_events_is_the_job_and_its_history(
-    seeded: tuple[str, aiohttp.ClientSession],
+    seeded: tuple[str, Api],
 ) -> None:
     """`jobs show ID --events --json` is GET /v1/jobs/ID plus GET /v1/jobs/ID/events."""
-    db, http = seeded
+    db, api = seeded
     shown = ok_json(await acli("jobs", "show", "c1", "--db", db, "--events", "--json"))
     events = shown.pop("events")
-    assert shown == await _call(http, "GET", "/v1/jobs/c1")
-    assert events == (await _call(http, "GET", "/v1/jobs/c1/events"))["events"]
+    assert shown == await api.get("/v1/jobs/c1")
+    assert events == (await api.get("/v1/jobs/c1/events"))["events"]
     assert [e["type"] for e in events] == ["job.queued", "job.started", "job.completed"]
     bare = ok_json(await acli("jobs", "show", "c1", "--db", db, "--json"))
     assert "events" not in bare and bare["credits_used"] == 1.5
 
 
 async def test_stats_and_credits_json_are_the_apis(
-    seeded: tuple[str, aiohttp.ClientSession],
+    seeded: tuple[str, Api],
 ) -> None:
     """`stats --json` and `credits --json` match /v1/jobs/stats, /v1/credits, /v1/accounts."""
-    db, http = seeded
-    assert ok_json(await acli("stats", "--db", db, "--json")) == await _call(
-        http, "GET", "/v1/jobs/stats"
-    )
+    db, api = seeded
+    assert ok_json(await acli("stats", "--db", db, "--json")) == await api.get("/v1/jobs/stats")
     report = ok_json(await acli("credits", "--db", db, "--json", "--days", "2"))
-    assert report["totals"] == await _call(http, "GET", "/v1/credits")
-    assert report["accounts"] == (await _call(http, "GET", "/v1/accounts"))["accounts"]
-    usage = await _call(http, "GET", "/v1/credits/usage?days=2")
+    assert report["totals"] == await api.get("/v1/credits")
+    assert report["accounts"] == (await api.get("/v1/accounts"))["accounts"]
+    usage = await api.get("/v1/credits/usage?days=2")
     assert report["usage"] == {"days": usage["days"], "by_agent": usage["by_agent"]}
     one = ok_json(await acli("credits", "--db", db, "--json", "--account", "a1"))
-    assert one["totals"] == await _call(http, "GET", "/v1/credits?account=a1")
+    assert one["totals"] == await api.get("/v1/credits?account=a1")
     assert [a["account"] for a in one["accounts"]] == ["a1"]
     assert one["accounts"][0]["credits"] == {"granted": 10, "used": 1.5, "balance": 8.5}
 
 
 async def test_tables_on_a_terminal_show_the_reads(
-    seeded: tuple[str, aiohttp.ClientSession],
+    seeded: tuple[str, Api],
 ) -> None:
     """Without --json the reads print tables holding the same facts."""
     db, _ = seeded
@@ -130,7 +108,7 @@ async def test_tables_on_a_terminal_show_the_reads(
 
 
 async def test_reads_name_their_problem_in_one_line(
-    seeded: tuple[str, aiohttp.ClientSession], tmp_path: Path
+    seeded: tuple[str, Api], tmp_path: Path
 ) -> None:
     """Unknown jobs, tenants, statuses and databases are one line on stderr, exit 1."""
     db, _ = seeded

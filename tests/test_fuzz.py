@@ -27,8 +27,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from api import compat
-from tests.conftest import Api
-from tests.serverproc import Key, acreate_key, create_key, running, served
+from tests.conftest import Api, store_key
+from tests.serverproc import Key, create_key, running, served
 
 pytestmark = pytest.mark.slow
 
@@ -215,7 +215,7 @@ async def one_garbage_request(
 async def test_garbage_to_every_route_never_5xx(db_url: str, tmp_path: Path) -> None:
     """Random garbage to every route and dialect: no 5xx, errors in JSON, still healthy after."""
     db = db_url
-    key = await acreate_key(db, "acme")
+    key = await store_key(db, "acme")
     rng = random.Random(20261123)
     async with (
         served(db, "--max-body", "256k", log_dir=tmp_path) as server,
@@ -324,7 +324,7 @@ CODES = {400: "bad_request", 413: "too_large", 422: "invalid"}
 async def test_hostile_input_gets_the_contract_status(db_url: str, tmp_path: Path) -> None:
     """Oversized 413, deep nesting and huge numbers 422, bad UTF-8 400, CR/LF in ids 422."""
     db = db_url
-    key = await acreate_key(db, "acme")
+    key = await store_key(db, "acme")
     json_ct = {**key.headers, "Content-Type": "application/json"}
     cases: list[tuple[str, str, bytes | None, dict[str, str], int]] = [
         ("POST", "/v1/jobs", b'{"agent": "' + b"x" * 70_000 + b'"}', json_ct, 413),

@@ -25,8 +25,8 @@ from ledger.errors import StoreUnavailable
 from ledger.ids import ulid
 from ledger.sql import Conn
 from projections import jobs as jobs_model
-from tests.conftest import Api
-from tests.serverproc import acreate_key, served
+from tests.conftest import Api, store_key
+from tests.serverproc import served
 
 
 def test_every_column_of_the_jobs_table_is_indexed_or_listed_as_unindexed() -> None:
@@ -115,7 +115,7 @@ async def test_get_after_a_write_through_another_server_is_never_stale(
 ) -> None:
     """Two servers over one database: whatever one acknowledges, the other's next GET shows,
     although it answered the same job just before (from its kept body)."""
-    key = await acreate_key(db_url, "acme")
+    key = await store_key(db_url, "acme")
     async with (
         served(db_url, log_dir=tmp_path) as reader,
         served(db_url, log_dir=tmp_path) as writer,

@@ -18,8 +18,8 @@ from api.metrics import rebuild_exporter
 from api.settings import Settings
 from ledger.rebuild import rebuild
 from ledger.store import EventStore, tables
-from tests.conftest import Api
-from tests.serverproc import acli, acreate_key, free_port, served
+from tests.conftest import Api, store_key
+from tests.serverproc import acli, free_port, served
 from tests.waits import wait_until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -145,7 +145,7 @@ def _outside_address() -> str | None:
 async def test_a_real_server_serves_loopback_only_without_a_token(db_url: str) -> None:
     """`jobledger serve` answers /metrics on loopback and refuses other clients (403)."""
     async with served(db_url, "--host", "0.0.0.0") as server:
-        key = await acreate_key(db_url, "acme")
+        key = await store_key(db_url, "acme")
         async with aiohttp.ClientSession(headers=key.headers) as http:
             async with http.post(
                 f"{server.base}/v1/jobs", json={"agent": "a", "account": "x"}
@@ -209,7 +209,7 @@ async def test_a_rebuild_exposes_its_progress_while_it_runs(api: Api, store: Eve
 
 async def test_rebuild_with_a_metrics_port_runs_and_a_busy_port_is_one_line(db_url: str) -> None:
     """`jobledger rebuild --metrics-port` finishes as usual; a taken port is a one-line error."""
-    await acreate_key(db_url, "acme")
+    await store_key(db_url, "acme")
     done = await acli("rebuild", "--db", db_url, "--metrics-port", str(free_port()))
     assert done.code == 0, done.err
     assert '"events": 1' in done.last_line
@@ -224,7 +224,7 @@ async def test_rebuild_with_a_metrics_port_runs_and_a_busy_port_is_one_line(db_u
 async def test_each_process_exposes_its_own_numbers(db_url: str) -> None:
     """Two servers over one database count their own appends; the other's show as head moves."""
     async with served(db_url) as first, served(db_url) as second:
-        key = await acreate_key(db_url, "acme")
+        key = await store_key(db_url, "acme")
         async with aiohttp.ClientSession(headers=key.headers) as http:
             for n in range(3):
                 async with http.post(

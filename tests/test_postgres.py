@@ -24,7 +24,8 @@ import pytest
 from ledger.backends import postgres
 from ledger.backends.postgres import CHANNEL, NOTIFY_SECONDS, PostgresBackend, translate
 from ledger.errors import CommitFailed, StoreConflict
-from tests.serverproc import Key, acreate_key, free_port, served
+from tests.conftest import store_key
+from tests.serverproc import Key, free_port, served
 from tests.waits import wait_until
 
 # -- the SQL translation (no server needed) ---------------------------------------------------
@@ -226,7 +227,7 @@ async def test_prepare_refused_for_a_passing_reason_is_tried_again(pg_url: str) 
 async def test_two_servers_append_while_a_reader_tails_the_feed(pg_url: str) -> None:
     """With two servers appending at once, a tailing reader sees every position once, in order."""
     async with served(pg_url) as a, served(pg_url) as b:
-        key: Key = await acreate_key(pg_url, "acme")
+        key: Key = await store_key(pg_url, "acme")
         timeout = aiohttp.ClientTimeout(total=120)
         async with aiohttp.ClientSession(headers=key.headers, timeout=timeout) as http:
             writers_done = asyncio.Event()
@@ -271,7 +272,7 @@ async def test_two_servers_append_while_a_reader_tails_the_feed(pg_url: str) -> 
 async def test_long_poll_and_stream_wake_across_servers(pg_url: str) -> None:
     """A long poll and an event stream on server A answer an append made through server B."""
     async with served(pg_url) as a, served(pg_url) as b:
-        key = await acreate_key(pg_url, "acme")
+        key = await store_key(pg_url, "acme")
         timeout = aiohttp.ClientTimeout(total=90)
         sessions: dict[int, aiohttp.ClientSession] = {}
         async with (

@@ -24,8 +24,8 @@ from ledger.backends import backend_for
 from ledger.events import JobCompleted, JobQueued, JobStarted
 from ledger.rebuild import SUFFIX
 from ledger.store import UnitOfWork
-from tests.conftest import Api
-from tests.serverproc import JOBLEDGER, Key, Server, acli, acreate_key, env, free_port, served
+from tests.conftest import Api, store_key
+from tests.serverproc import JOBLEDGER, Key, Server, acli, env, free_port, served
 from tests.waits import wait_until
 
 pytestmark = pytest.mark.slow
@@ -91,7 +91,7 @@ async def verify_offline(db: str) -> None:
 
 async def test_acknowledged_appends_survive_sigkill(db_url: str, tmp_path: Path) -> None:
     """Every append acknowledged with 201 before a SIGKILL is stored after the restart."""
-    key = await acreate_key(db_url, "acme")
+    key = await store_key(db_url, "acme")
     server = Server(db_url, log_dir=tmp_path)
     acked: dict[str, tuple[str, int]] = {}  # event_id -> (job_id, position)
     sent: dict[str, str] = {}  # every event_id a writer sent -> job_id
@@ -205,7 +205,7 @@ async def test_cancel_racing_complete_has_one_winner(api: Api) -> None:
 
 async def test_sigterm_lets_in_flight_requests_finish(db_url: str, tmp_path: Path) -> None:
     """SIGTERM answers a held long poll, finishes in-flight appends, stores them, exits 0."""
-    key = await acreate_key(db_url, "acme")
+    key = await store_key(db_url, "acme")
     server = Server(db_url, log_dir=tmp_path)
     try:
         await server.astart()
@@ -350,7 +350,7 @@ async def interrupt_rebuild(db_url: str, probe: Callable[[], Awaitable[bool]]) -
 
 async def test_sigterm_during_rebuild_keeps_old_read_models(db_url: str, tmp_path: Path) -> None:
     """A rebuild stopped by SIGTERM swaps nothing: the server answers as before, verify passes."""
-    key: Key = await acreate_key(db_url, "acme")
+    key: Key = await store_key(db_url, "acme")
     await seed(db_url, "acme", SEED_JOBS)
     async with (
         table_probe(db_url, f"jobs{SUFFIX}") as probe,

@@ -25,7 +25,7 @@ from multidict import CIMultiDictProxy
 from api import compat
 from api.context import KEYRING, STORE
 from ledger.backends.sqlite import sqlite_path
-from tests.conftest import Api, new_key
+from tests.conftest import Api, new_key, store_key
 from tests.serverproc import Server, acli, acreate_key, served
 from tests.waits import wait_until
 
@@ -139,8 +139,8 @@ async def test_revoked_key_is_401_in_every_server_within_a_second(
     db_url: str, tmp_path: Path
 ) -> None:
     """A key revoked with the CLI answers 401 from two running servers (and stays revoked)."""
-    key = await acreate_key(db_url, "acme", role="reader")
-    other = await acreate_key(db_url, "acme", role="reader")
+    key = await store_key(db_url, "acme", role="reader")
+    other = await store_key(db_url, "acme", role="reader")
     async with (
         served(db_url, log_dir=tmp_path) as first,
         served(db_url, log_dir=tmp_path) as second,
@@ -188,7 +188,7 @@ async def spend(http: aiohttp.ClientSession, base: str, db_url: str) -> list[Ans
     attempt is repeated with another fresh key (a minute cannot turn twice in a row).
     """
     for _ in range(3):
-        key = await acreate_key(db_url, "acme", role="reader")
+        key = await store_key(db_url, "acme", role="reader")
         answers: list[Answer] = []
         for _ in range(LIMIT + 2):
             async with http.get(f"{base}/v1/jobs/stats", headers=key.headers) as resp:
@@ -200,7 +200,7 @@ async def spend(http: aiohttp.ClientSession, base: str, db_url: str) -> list[Ans
 
 async def test_rate_limit_headers_and_429(db_url: str, tmp_path: Path) -> None:
     """--rate-limit N/min: X-RateLimit-* on every answer, then 429 + Retry-After, per key."""
-    other = await acreate_key(db_url, "acme", role="reader")
+    other = await store_key(db_url, "acme", role="reader")
     async with (
         served(db_url, "--rate-limit", f"{LIMIT}/min", log_dir=tmp_path) as server,
         aiohttp.ClientSession() as http,

@@ -1,7 +1,7 @@
 """The dashboard in a real headless Chromium against a real ``jobledger serve``.
 
-Each test signs in with a key made by the CLI, seeds jobs through the HTTP API, and reads what
-the browser shows; events appended through the API while a page is open must appear in it.
+Each test signs in with a key made beside the server, seeds jobs through the HTTP API, and reads
+what the browser shows; events appended through the API while a page is open must appear in it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select
 
 from tests.browser import MISSING, browser_errors, chromium, sign_in, texts, visible, wait_for
-from tests.serverproc import Key, Server, acreate_key, served
+from tests.conftest import store_key
+from tests.serverproc import Key, Server, served
 
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
@@ -57,7 +58,7 @@ async def seed(http: aiohttp.ClientSession) -> None:
 async def ledger(db_url: str) -> AsyncIterator[tuple[Server, Key, aiohttp.ClientSession]]:
     """A server over ``db_url``, an admin key of tenant acme, and a seeded API session."""
     async with served(db_url) as server:
-        admin = await acreate_key(db_url, "acme")
+        admin = await store_key(db_url, "acme")
         async with aiohttp.ClientSession(server.base, headers=admin.headers) as http:
             await seed(http)
             yield server, admin, http
@@ -250,8 +251,8 @@ async def test_credits_plot_reads_the_usage_and_follows_new_charges(db_url: str)
 async def test_a_reader_of_another_tenant_sees_nothing_of_acme(db_url: str) -> None:
     """Signed in as globex, the list, a job link, the feed and the credits hold none of acme."""
     async with ledger(db_url) as (server, _admin, http):
-        globex_admin = await acreate_key(db_url, "globex")
-        reader = await acreate_key(db_url, "globex", role="reader")
+        globex_admin = await store_key(db_url, "globex")
+        reader = await store_key(db_url, "globex", role="reader")
         async with aiohttp.ClientSession(server.base, headers=globex_admin.headers) as globex:
             await _call(
                 globex, "POST", "/v1/jobs", {"id": "g-1", "agent": "scraper", "account": "g"}
@@ -329,7 +330,7 @@ async def test_audit_head_and_verification_on_the_server_and_in_the_browser(db_u
 async def test_a_wrong_key_is_refused_and_docs_render_offline(db_url: str) -> None:
     """A bad key gets a clear message; /docs renders the API from same-origin files only."""
     async with served(db_url) as server:
-        await acreate_key(db_url, "acme")
+        await store_key(db_url, "acme")
         with chromium() as driver:
             driver.get(f"{server.base}/")
             key = wait_for(driver, lambda d: visible(d, "#key"), "the sign-in form")

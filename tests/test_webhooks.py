@@ -24,8 +24,8 @@ from api.app import create_app
 from api.delivery import WEBHOOKS
 from api.settings import Settings
 from ledger.clock import parse_us
-from tests.conftest import Api, new_key
-from tests.serverproc import Server, acreate_key, free_port, served
+from tests.conftest import Api, new_key, store_key
+from tests.serverproc import Server, free_port, served
 
 MakeApi = Callable[..., Coroutine[Any, Any, Api]]
 DEADLINE = 30.0
@@ -850,7 +850,7 @@ async def _events(http: aiohttp.ClientSession) -> list[dict[str, Any]]:
 @pytest.mark.slow
 async def test_a_receiver_down_across_a_restart_loses_nothing(db_url: str, tmp_path: Any) -> None:
     """Events waiting for a dead receiver survive a server restart and go out from the cursor."""
-    key = await acreate_key(db_url, "acme")
+    key = await store_key(db_url, "acme")
     port = free_port()
     receiver = Receiver()
     server = Server(db_url, "--webhook-retry-schedule", FAST_CLI_SCHEDULE, log_dir=tmp_path)
@@ -895,7 +895,7 @@ async def test_a_receiver_down_across_a_restart_loses_nothing(db_url: str, tmp_p
 @pytest.mark.slow
 async def test_two_processes_deliver_each_event_once(db_url: str, receiver: Receiver) -> None:
     """Two servers over one database share the deliveries: each event arrives once, in order."""
-    key = await acreate_key(db_url, "acme")
+    key = await store_key(db_url, "acme")
     async with (
         served(db_url, "--webhook-retry-schedule", FAST_CLI_SCHEDULE) as one,
         served(db_url, "--webhook-retry-schedule", FAST_CLI_SCHEDULE) as two,

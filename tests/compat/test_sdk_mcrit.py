@@ -14,8 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.conftest import store_key
 from tests.sdkenv import run_driver, sdk_python
-from tests.serverproc import acreate_key, served
+from tests.serverproc import served
 
 REQUIREMENT = "mcrit==1.16.0"
 HEX = "507f1f77bcf86cd7994390"
@@ -162,8 +163,8 @@ async def _seed(http: aiohttp.ClientSession) -> None:
 async def test_the_mcrit_client_works_unchanged(db_url: str, tmp_path: Any) -> None:
     """Every queue, job and result method of McritClient answers what the ledger holds."""
     python = await asyncio.to_thread(sdk_python, "mcrit", REQUIREMENT, minimum=(3, 12))
-    key = await acreate_key(db_url, "acme")
-    other = await acreate_key(db_url, "globex")
+    key = await store_key(db_url, "acme")
+    other = await store_key(db_url, "globex")
     # the history is from 2024: keep its results for a century, so they have not expired
     async with served(db_url, "--result-retention", "36500d", log_dir=tmp_path) as server:
         async with aiohttp.ClientSession(server.base, headers=key.headers) as http:
