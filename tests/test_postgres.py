@@ -342,7 +342,7 @@ async def test_terminated_connections_answer_503_and_lose_no_write(pg_url: str) 
     bad: list[str] = []
     try:
         async with served(pg_url) as server:
-            key = await acreate_key(pg_url, "acme")
+            key = await store_key(pg_url, "acme")
             stop = asyncio.Event()
 
             async def worker(http: aiohttp.ClientSession, n: int) -> None:
