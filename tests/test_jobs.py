@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from ledger import commands
+from ledger.events import ExecutionRetrying
 from ledger.limits import MAX_COUNT, MAX_EXECUTIONS
 from ledger.rebuild import rebuild
 from ledger.store import EventStore
@@ -223,16 +224,21 @@ async def test_planned_executions_stay_within_max_count(api: Api) -> None:
     assert (await api.get("/v1/jobs/p"))["executions"]["total"] == MAX_COUNT
 
 
-async def test_a_job_holds_at_most_max_executions(api: Api) -> None:
+async def test_a_job_holds_at_most_max_executions(api: Api, store: EventStore) -> None:
     """A job tracks at most ``MAX_EXECUTIONS`` distinct execution ids: one more is ``422``
     naming ``data.execution_id`` and writes nothing; known ids still move."""
     await new_job(api, "e", executions_total=MAX_EXECUTIONS + 5)
-    for start in range(0, MAX_EXECUTIONS, 1000):
-        batch = [
-            {"type": "job.execution_retrying", "data": {"execution_id": f"x{i}"}}
+    for start in range(0, MAX_EXECUTIONS, 1000):  # through the store's commands: no HTTP
+        items = [
+            commands.NewEvent(ExecutionRetrying(execution_id=f"x{i}"))
             for i in range(start, min(start + 1000, MAX_EXECUTIONS))
         ]
-        await api.post("/v1/jobs/e/events", {"events": batch})
+        await store.execute(
+            lambda uow, items=items: commands.append_events(
+                uow, "acme", "e", items, actor="test", retention_s=60
+            ),
+            tenants=["acme"],
+        )
     before = await api.get("/v1/jobs/e")
     assert before["executions"]["retrying"] == MAX_EXECUTIONS
     body = await event(
