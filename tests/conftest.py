@@ -14,7 +14,7 @@ import json as json_module
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -323,6 +323,25 @@ class Api:
 
     async def delete(self, path: str, status: int = 200, **kw: Any) -> Any:
         return await self.call("DELETE", path, status=status, **kw)
+
+
+async def assert_feed_hides(
+    client: TestClient[Any, Any], who: Api, types: Sequence[str], markers: Sequence[bytes]
+) -> None:
+    """``who`` (a key whose tenant's only job event is one ``job.queued``) sees that event and
+    none of ``types`` in the paged feed (also when asking for them), and none of ``markers``
+    in the stream up to that event."""
+    events = (await who.get("/v1/events"))["events"]
+    assert [e["type"] for e in events] == ["job.queued"]
+    asked = await who.get("/v1/events", params={"types": ",".join(sorted(types))})
+    assert asked["events"] == []
+    async with client.get("/v1/events/stream", headers=who.headers) as resp:
+        received = b""
+        async with asyncio.timeout(30):
+            while b"job.queued" not in received:
+                received += await resp.content.readany()
+    for marker in markers:
+        assert marker not in received, marker
 
 
 async def new_key(
