@@ -18,7 +18,29 @@ RESERVED_JOB_IDS = frozenset({"stats", "running", ".", ".."})
 _lock = threading.Lock()
 _last_ms = 0
 _last_rand = 0
-_random = random.SystemRandom() if os.environ.get("JOBLEDGER_CRYPTO_IDS") else random.Random()
+
+
+def _new_random() -> random.Random:
+    return random.SystemRandom() if os.environ.get("JOBLEDGER_CRYPTO_IDS") else random.Random()
+
+
+_random = _new_random()
+
+
+def _after_fork() -> None:
+    """A forked child draws its own ids: the parent's PRNG state and last id are not its own.
+
+    Without this, processes forked after import (a pre-loading process manager, a zygote)
+    would draw the same random bits and, within one millisecond, the same ids.
+    """
+    global _lock, _last_ms, _last_rand, _random, _head
+    _lock = threading.Lock()
+    _last_ms, _last_rand, _head = 0, 0, (-1, -1, "")
+    _random = _new_random()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
 # 10-bit groups as two Crockford characters: a 128-bit ULID is 13 lookups.
 _PAIRS = [_CROCKFORD[i >> 5] + _CROCKFORD[i & 31] for i in range(1024)]
 _MASK80 = (1 << 80) - 1

@@ -32,6 +32,7 @@ from ledger.schema import LEDGER_SCHEMA
 from ledger.sql import Backend
 from ledger.store import EventStore
 from projections import all_projectors, new_store
+from tests import serverproc
 from tests.openapi_check import Checker, checker
 from tests.serverproc import Key
 
@@ -56,6 +57,10 @@ def pytest_configure(config: pytest.Config) -> None:
     if "PYTEST_XDIST_WORKER" not in os.environ:
         for package in PACKAGES:
             compileall.compile_dir(ROOT / package, quiet=2, workers=1)
+    # ``jobledger`` processes fork from a warm interpreter (no 0.2-0.45 s of imports each),
+    # unless JOBLEDGER_TEST_EXEC=1 asks for every process to be started from scratch
+    if os.environ.get("JOBLEDGER_TEST_EXEC") != "1":
+        serverproc.fork_from_zygote()
 
 
 def pg_server_url() -> str | None:

@@ -38,6 +38,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.waits import wait_until, wait_until_sync
+from tests.zygote import Forked, Zygote
 
 _BIN = Path(sys.executable).parent
 JOBLEDGER = str(_BIN / "jobledger") if (_BIN / "jobledger").exists() else "jobledger"
@@ -47,15 +48,43 @@ STOP_SECONDS = 40.0  # longer than serve's own 30 s shutdown timeout
 CLI_SECONDS = 120.0
 PORT_ATTEMPTS = 5  # spawns on fresh ports when another process took the chosen one
 
-_LIVE: set[subprocess.Popen[bytes]] = set()
+Process = subprocess.Popen[bytes] | Forked
+_LIVE: set[Process] = set()
+# When set (the test suite sets it), ``jobledger`` processes are forked from a warm interpreter
+# instead of started from scratch (``tests/zygote.py``); the benchmark keeps real starts.
+_zygote: Zygote | None = None
 
 
-def track(proc: subprocess.Popen[bytes]) -> None:
+def fork_from_zygote() -> None:
+    """Start ``jobledger`` processes of this process from a zygote from now on."""
+    global _zygote
+    if _zygote is None:
+        _zygote = Zygote()
+
+
+def _start(argv: list[str], env: dict[str, str], *, out: int | None, err: int | None) -> Process:
+    """``jobledger ARGV`` as a new process: forked from the zygote if there is one.
+
+    ``out``/``err`` are descriptors to write to, or ``None`` to capture through a pipe.
+    """
+    if _zygote is not None:
+        with open(os.devnull, "rb") as null:
+            return _zygote.spawn(argv, env, stdin=null.fileno(), stdout=out, stderr=err)
+    return subprocess.Popen(
+        [JOBLEDGER, *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE if out is None else out,
+        stderr=subprocess.PIPE if err is None else err,
+        env=env,
+    )
+
+
+def track(proc: Process) -> None:
     """Remember a process started elsewhere, so that ``stop_all()`` stops it too."""
     _LIVE.add(proc)
 
 
-def untrack(proc: subprocess.Popen[bytes]) -> None:
+def untrack(proc: Process) -> None:
     _LIVE.discard(proc)
 
 
@@ -128,13 +157,7 @@ class Key:
 def cli(*args: str, timeout: float = CLI_SECONDS, extra_env: dict[str, str] | None = None) -> Done:
     """Run ``jobledger ARGS...`` to completion (blocking)."""
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        [JOBLEDGER, *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env(extra_env),
-    )
+    proc = _start(list(args), env(extra_env), out=None, err=None)
     track(proc)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -148,6 +171,8 @@ def cli(*args: str, timeout: float = CLI_SECONDS, extra_env: dict[str, str] | No
 
 async def acli(*args: str, seconds: float = CLI_SECONDS) -> Done:
     """Run ``jobledger ARGS...`` to completion without blocking the event loop."""
+    if _zygote is not None:
+        return await asyncio.to_thread(cli, *args, timeout=seconds)
     started = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
         JOBLEDGER,
@@ -218,7 +243,7 @@ class Server:
         os.close(fd)
         self.log_path = Path(path)
         self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: Process | None = None
         self.returncodes: list[int] = []  # exit codes of earlier runs, in order
         self._log_start = 0  # where the current run's output begins in the log
 
@@ -274,14 +299,14 @@ class Server:
         assert not self.alive, "the server is already running"
         self.port = free_port()
         self._log_start = self.log_path.stat().st_size
+        command = self.command(self.port)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.command(self.port),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=env(),
-            )
+            if command[0] == JOBLEDGER:
+                self.proc = _start(command[1:], env(), out=log.fileno(), err=log.fileno())
+            else:
+                self.proc = subprocess.Popen(
+                    command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env()
+                )
         track(self.proc)
 
     def _check_alive(self) -> None:

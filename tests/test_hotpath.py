@@ -9,6 +9,8 @@ import itertools
 import json
 import re
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,7 +28,7 @@ from ledger.ids import ulid
 from ledger.sql import Conn
 from projections import jobs as jobs_model
 from tests.conftest import Api, store_key
-from tests.serverproc import served
+from tests.serverproc import env, served
 
 
 def test_every_column_of_the_jobs_table_is_indexed_or_listed_as_unindexed() -> None:
@@ -209,3 +211,37 @@ def test_ulids_are_time_ordered_and_strictly_increasing() -> None:
     assert all(a < b for a, b in itertools.pairwise(values))
     assert before <= values[0] >> 80 and values[-1] >> 80 <= after
     assert len({v >> 10 for v in values}) > len({v >> 80 for v in values})  # heads changed in a ms
+
+
+def test_processes_forked_after_import_draw_their_own_ids() -> None:
+    """Children forked from one process (a pre-loading process manager; the suite's own
+    zygote) must not repeat each other's ids: each draws its own random bits after the fork.
+    A fresh interpreter forks three children that each make ids, and reports them."""
+    probe = """
+import os
+from ledger.ids import ulid
+ulid()  # the parent has drawn: its state and last id are what a child must not reuse
+pipes = []
+for _ in range(3):
+    read, write = os.pipe()
+    if os.fork() == 0:
+        os.write(write, " ".join(ulid() for _ in range(100)).encode())
+        os._exit(0)
+    os.close(write)
+    pipes.append(read)
+for read in pipes:
+    data = b""
+    while chunk := os.read(read, 1 << 16):
+        data += chunk
+    print(data.decode())
+    os.wait()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env(), timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    children = [line.split() for line in done.stdout.splitlines()]
+    assert [len(ids) for ids in children] == [100, 100, 100]
+    assert len({id_ for ids in children for id_ in ids}) == 300
+    # not only distinct: unrelated, as their random parts (after the 10 time characters) show
+    assert len({ids[0][10:16] for ids in children}) == 3
