@@ -42,6 +42,9 @@ READERS = 3
 # thread. WAL readers wait only while another connection recovers the WAL after a crash, or
 # changes the journal mode, so this is rare; what matters is that the loop is never held long.
 INLINE_BUSY_MS = 5
+# How long the writer and the pooled readers wait for a lock another connection holds
+WRITER_BUSY_SECONDS = 10.0
+_BUSY_MS = int(WRITER_BUSY_SECONDS * 1000)
 _BUSY = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 
 
@@ -288,14 +291,14 @@ class SqliteBackend(SqliteBulk):
     async def _connect_reader(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.daemon = True  # type: ignore[attr-defined]
-        await conn.execute("PRAGMA busy_timeout = 10000")
+        await conn.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
         await conn.execute("PRAGMA query_only = 1")
         self._all.append(conn)
         return conn
 
     def _connect_writer(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA secure_delete = ON")
@@ -500,7 +503,14 @@ def _begin_snapshot(conn: sqlite3.Connection) -> bool:
 
 
 def _checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
-    row = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    """Checkpoint and truncate the WAL without waiting: busy (first value 1) at once when a
+    reader still holds an older snapshot. Waiting for it in the busy handler would hold the
+    writer, and every tenant's writes behind it, for up to the busy timeout."""
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        row = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
     return int(row[0]), int(row[1]), int(row[2])
 
 
