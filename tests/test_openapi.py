@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import Api
 from tests.serverproc import create_key, env, running
 
 pytestmark = pytest.mark.slow
@@ -175,3 +176,51 @@ def test_generated_client_calls_the_server(generated: tuple[ModuleType, str, str
         assert queued.data.agent == "gen/agent"
         assert queued.data.price.per_row == "0.25"  # event data keeps decimal strings
         assert events.events[2].data.row_count == 2
+
+
+@pytest.mark.parametrize("backend_name", ["sqlite"], indirect=True)
+async def test_the_answer_checker_names_every_drift(api: Api) -> None:
+    """The check every in-process answer goes through (``tests/openapi_check.py``) passes real
+    answers and names each way a drifted one differs: status, content type, a missing or
+    mistyped field, a bad date-time, header values. ``/v1/jobs/stats`` is its own operation,
+    not ``/v1/jobs/{id}``."""
+    await api.post("/v1/jobs", {"id": "j1", "agent": "a"})
+    job = await api.get("/v1/jobs/j1")
+    stats = await api.get("/v1/jobs/stats")
+    check = (await api._checker()).errors
+    ok = {"Content-Type": "application/json; charset=utf-8", "X-RateLimit-Limit": "60"}
+    assert check("GET", "/v1/jobs/j1", 200, ok, json.dumps(job).encode()) == []
+    assert check("GET", "/v1/jobs/stats", 200, ok, json.dumps(stats).encode()) == []
+    assert check("GET", "/compat/mcrit/jobs", 200, ok, b"anything") == []  # not documented
+
+    def drifted(**change: Any) -> bytes:
+        return json.dumps({**job, **change}).encode()
+
+    without_status = {k: v for k, v in job.items() if k != "status"}
+    cases = [
+        (418, ok, json.dumps(job).encode(), "status 418 is not documented"),
+        (200, {"Content-Type": "text/plain"}, b"hi", "content type 'text/plain'"),
+        (200, ok, json.dumps(without_status).encode(), '"status" is a required property'),
+        (200, ok, drifted(row_count="many"), "body at /row_count"),
+        (200, ok, drifted(created_at="yesterday"), 'is not a "date-time"'),
+        (200, ok, b"", "the body is empty"),
+        (200, ok, b"{", "the body is not JSON"),
+        (200, {**ok, "X-RateLimit-Limit": "many"}, json.dumps(job).encode(), "not an integer"),
+    ]
+    for status, headers, body, named in cases:
+        errors = check("GET", "/v1/jobs/j1", status, headers, body)
+        assert any(named in error for error in errors), (named, errors)
+    assert any(  # a documented required header: Retry-After on a 429
+        "Retry-After is required" in error
+        for error in check(
+            "GET",
+            "/v1/jobs/j1",
+            429,
+            ok,
+            json.dumps({"error": {"code": "c", "message": "m"}}).encode(),
+        )
+    )
+    negative = check(
+        "POST", "/v1/jobs", 201, {**ok, "X-Ledger-Position": "-1"}, json.dumps(job).encode()
+    )
+    assert any("X-Ledger-Position" in error for error in negative), negative

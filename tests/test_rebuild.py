@@ -247,19 +247,27 @@ async def test_rebuild_while_appending_loses_nothing(
     for i in range(150):
         await job(api, f"pre{i:03d}", "load/agent", f"acct-{i % 4}", "2025-02-01T00:00:00Z")
     listed_before = len((await api.get("/v1/jobs", params={"limit": 1000}))["jobs"])
-    started = asyncio.Event()
     done = asyncio.Event()
+    # each chunk the rebuild replays lets the appender and the reader go once more: many
+    # interleavings, without their loops starving the rebuild they are meant to race
+    ticks = {"appender": asyncio.Event(), "reader": asyncio.Event()}
     during: list[int] = []
     appended: list[str] = []
     counts_seen: list[int] = []
 
     def progress(position: int, total: int) -> None:
-        started.set()
+        for tick in ticks.values():
+            tick.set()
+
+    async def next_chunk(name: str) -> None:
+        await ticks[name].wait()
+        ticks[name].clear()
 
     async def appender() -> None:
-        await started.wait()
         i = 0
         while not done.is_set() or i < 5:
+            if not done.is_set():
+                await next_chunk("appender")
             job_id = f"live{i:03d}"
             await api.post("/v1/jobs", {"id": job_id, "agent": "live/agent", "account": "a"})
             await api.post(f"/v1/jobs/{job_id}/events", {"type": "job.started"})
@@ -274,13 +282,14 @@ async def test_rebuild_while_appending_loses_nothing(
             i += 1
 
     async def reader() -> None:
-        await started.wait()
-        while not done.is_set():
+        while True:
+            await next_chunk("reader")
+            if done.is_set():
+                return
             page = await api.get("/v1/jobs", params={"limit": 1000})
             counts_seen.append(len(page["jobs"]))
             stats = await api.get("/v1/jobs/stats")
             assert stats["total_jobs"] >= listed_before
-            await asyncio.sleep(0)
 
     old_read, old_write = rebuild_module.READ_CHUNK, rebuild_module.WRITE_CHUNK
     rebuild_module.READ_CHUNK = rebuild_module.WRITE_CHUNK = 5  # many batches, many interleavings
@@ -288,6 +297,7 @@ async def test_rebuild_while_appending_loses_nothing(
         tasks = [asyncio.create_task(appender()), asyncio.create_task(reader())]
         report = await rebuild(store.backend, store.projectors, progress=progress)
         done.set()
+        progress(0, 0)  # wakes the loops to see it
         await asyncio.gather(*tasks)
     finally:
         rebuild_module.READ_CHUNK, rebuild_module.WRITE_CHUNK = old_read, old_write
