@@ -66,6 +66,10 @@ def chromium(width: int = 1280, height: int = 900) -> Iterator[WebDriver]:
             options.add_argument(flag)
         options.add_argument(f"--window-size={width},{height}")
         options.add_argument(f"--user-data-dir={profile}")
+        # downloads (the statement) land in the profile, removed with it, not in ~/Downloads
+        options.add_experimental_option(
+            "prefs", {"download.default_directory": os.path.join(profile, "downloads")}
+        )
         options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
         driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
         try:
