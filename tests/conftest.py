@@ -16,7 +16,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pytest
 from aiohttp import web
@@ -264,7 +264,14 @@ class Api:
 
     Every answer is also validated against the OpenAPI document the server serves
     (``tests/openapi_check.py``), so an answer that drifts from the document fails its test.
+    An in-process app serves the document of the code this process runs (``api.openapi.build``
+    reads nothing else), so it is fetched from the first in-process app only and shared by
+    every later one: building it costs the server about 20 ms of CPU. A real server's is
+    fetched by each ``Api`` over it.
     """
+
+    served: ClassVar[Checker | None] = None
+    """The checker of the document every in-process app serves, once one has been fetched."""
 
     def __init__(
         self, client: TestClient[Any, Any], secret: str | None, project: str | None = None
@@ -279,10 +286,16 @@ class Api:
 
     async def _checker(self) -> Checker:
         if self.checker is None:
+            in_process = isinstance(self.client, TestClient)
+            if in_process and Api.served is not None:
+                self.checker = Api.served
+                return self.checker
             async with self.client.get("/v1/openapi.json") as resp:
                 assert resp.status == 200
                 raw = await resp.read()
             self.checker = checker(raw, json_module.loads(raw))
+            if in_process:
+                Api.served = self.checker
         return self.checker
 
     async def call(
