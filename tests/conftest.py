@@ -12,6 +12,7 @@ import compileall
 import contextlib
 import json as json_module
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
@@ -22,7 +23,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from api.app import create_app
+from api.app import create_app, open_store
 from api.context import STORE
 from api.settings import Settings
 from ledger import commands
@@ -185,17 +186,74 @@ def rich_templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Templat
         templates.drop()
 
 
+class SchemaTemplates:
+    """This worker's databases holding just the schema, made on first use by a store's first
+    start (what the server does on a new database): a SQLite file and a PostgreSQL database."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.sqlite: str | None = None
+        self.postgres_url: str | None = None
+
+    async def copy_into(self, path: str) -> None:
+        """Make the SQLite file ``path`` (not there yet) a copy of the schema's file."""
+        if self.sqlite is None:
+            built = str(self.directory / "schema.db")
+            await _first_start(built)
+            # the store's close checkpointed and removed the WAL: the file is the whole database
+            left = await asyncio.to_thread(os.path.exists, built + "-wal")
+            assert not left, f"{built}: the store's close left its WAL"
+            self.sqlite = built
+        await asyncio.to_thread(shutil.copyfile, self.sqlite, path)
+
+    async def postgres(self) -> str:
+        """The URL of the PostgreSQL database holding the schema: a template to copy."""
+        if self.postgres_url is None:
+            url = await create_pg_database()
+            try:
+                await _first_start(url)
+            except BaseException:
+                await drop_pg_database(url)
+                raise
+            self.postgres_url = url
+        return self.postgres_url
+
+    def drop(self) -> None:
+        if self.postgres_url is not None:
+            asyncio.run(drop_pg_database(self.postgres_url))
+
+
+async def _first_start(url: str) -> None:
+    store = open_store(url)  # the server's store, which creates the schema on a new database
+    await store.start()
+    await store.stop()
+
+
+@pytest.fixture(scope="session")
+def schema_templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SchemaTemplates]:
+    """This worker's schema-only databases, dropped at the end of the run."""
+    templates = SchemaTemplates(tmp_path_factory.mktemp("schema"))
+    try:
+        yield templates
+    finally:
+        templates.drop()
+
+
 @pytest.fixture
 async def db_url(
     backend_name: str, tmp_path: Any, request: pytest.FixtureRequest
 ) -> AsyncIterator[str]:
     """A new database of the test's own: a SQLite file or a PostgreSQL database.
 
-    Empty, or for a test marked ``rich_history`` a copy of ``build_rich_history``'s history.
+    Empty; for a test marked ``rich_history`` a copy of ``build_rich_history``'s history; for
+    a test that takes ``app`` (whose server creates the schema before the test begins anyway)
+    a copy of a database holding just the schema, which costs less than creating it.
     """
-    templates: Templates | None = None
+    templates: Templates | SchemaTemplates | None = None
     if request.node.get_closest_marker("rich_history") is not None:
         templates = request.getfixturevalue("rich_templates")
+    elif "app" in request.fixturenames:
+        templates = request.getfixturevalue("schema_templates")
     if backend_name == "sqlite":
         path = str(tmp_path / "ledger.db")
         if templates is not None:
