@@ -12,17 +12,18 @@ import compileall
 import contextlib
 import json as json_module
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from api.app import create_app
+from api.app import create_app, open_store
 from api.context import STORE
 from api.settings import Settings
 from ledger import commands
@@ -190,17 +191,74 @@ def rich_templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Templat
         templates.drop()
 
 
+class SchemaTemplates:
+    """This worker's databases holding just the schema, made on first use by a store's first
+    start (what the server does on a new database): a SQLite file and a PostgreSQL database."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.sqlite: str | None = None
+        self.postgres_url: str | None = None
+
+    async def copy_into(self, path: str) -> None:
+        """Make the SQLite file ``path`` (not there yet) a copy of the schema's file."""
+        if self.sqlite is None:
+            built = str(self.directory / "schema.db")
+            await _first_start(built)
+            # the store's close checkpointed and removed the WAL: the file is the whole database
+            left = await asyncio.to_thread(os.path.exists, built + "-wal")
+            assert not left, f"{built}: the store's close left its WAL"
+            self.sqlite = built
+        await asyncio.to_thread(shutil.copyfile, self.sqlite, path)
+
+    async def postgres(self) -> str:
+        """The URL of the PostgreSQL database holding the schema: a template to copy."""
+        if self.postgres_url is None:
+            url = await create_pg_database()
+            try:
+                await _first_start(url)
+            except BaseException:
+                await drop_pg_database(url)
+                raise
+            self.postgres_url = url
+        return self.postgres_url
+
+    def drop(self) -> None:
+        if self.postgres_url is not None:
+            asyncio.run(drop_pg_database(self.postgres_url))
+
+
+async def _first_start(url: str) -> None:
+    store = open_store(url)  # the server's store, which creates the schema on a new database
+    await store.start()
+    await store.stop()
+
+
+@pytest.fixture(scope="session")
+def schema_templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SchemaTemplates]:
+    """This worker's schema-only databases, dropped at the end of the run."""
+    templates = SchemaTemplates(tmp_path_factory.mktemp("schema"))
+    try:
+        yield templates
+    finally:
+        templates.drop()
+
+
 @pytest.fixture
 async def db_url(
     backend_name: str, tmp_path: Any, request: pytest.FixtureRequest
 ) -> AsyncIterator[str]:
     """A new database of the test's own: a SQLite file or a PostgreSQL database.
 
-    Empty, or for a test marked ``rich_history`` a copy of ``build_rich_history``'s history.
+    Empty; for a test marked ``rich_history`` a copy of ``build_rich_history``'s history; for
+    a test that takes ``app`` (whose server creates the schema before the test begins anyway)
+    a copy of a database holding just the schema, which costs less than creating it.
     """
-    templates: Templates | None = None
+    templates: Templates | SchemaTemplates | None = None
     if request.node.get_closest_marker("rich_history") is not None:
         templates = request.getfixturevalue("rich_templates")
+    elif "app" in request.fixturenames:
+        templates = request.getfixturevalue("schema_templates")
     if backend_name == "sqlite":
         path = str(tmp_path / "ledger.db")
         if templates is not None:
@@ -269,7 +327,14 @@ class Api:
 
     Every answer is also validated against the OpenAPI document the server serves
     (``tests/openapi_check.py``), so an answer that drifts from the document fails its test.
+    An in-process app serves the document of the code this process runs (``api.openapi.build``
+    reads nothing else), so it is fetched from the first in-process app only and shared by
+    every later one: building it costs the server about 20 ms of CPU. A real server's is
+    fetched by each ``Api`` over it.
     """
+
+    served: ClassVar[Checker | None] = None
+    """The checker of the document every in-process app serves, once one has been fetched."""
 
     def __init__(
         self, client: TestClient[Any, Any], secret: str | None, project: str | None = None
@@ -284,10 +349,16 @@ class Api:
 
     async def _checker(self) -> Checker:
         if self.checker is None:
+            in_process = isinstance(self.client, TestClient)
+            if in_process and Api.served is not None:
+                self.checker = Api.served
+                return self.checker
             async with self.client.get("/v1/openapi.json") as resp:
                 assert resp.status == 200
                 raw = await resp.read()
             self.checker = checker(raw, json_module.loads(raw))
+            if in_process:
+                Api.served = self.checker
         return self.checker
 
     async def call(
