@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 
 import structlog
@@ -27,7 +28,7 @@ from api import (
 )
 from api.auth import KeyRing, RateLimiter
 from api.context import KEYRING, LIMITER, SETTINGS, STOPPING, STORE
-from api.http import endpoint, json_response
+from api.http import ENCODE, endpoint, json_response, raw_json
 from api.middleware import handle
 from api.schemas import Health
 from api.settings import Settings
@@ -55,7 +56,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 @endpoint(routes, "GET", "/v1/openapi.json", role="public", summary="This document", tag="meta")
 async def openapi_json(request: web.Request) -> web.Response:
-    return json_response(openapi.build())
+    return raw_json(_openapi_document())
+
+
+@functools.cache
+def _openapi_document() -> bytes:
+    """Built once per process (19-26 ms of CPU): every route is declared at import."""
+    return ENCODE(openapi.build())
 
 
 async def store_ctx(app: web.Application) -> AsyncIterator[None]:
