@@ -112,8 +112,13 @@ def serve(path: str, lifeline: int) -> None:
                 return
             if key.data == "accept":
                 conn, _ = listener.accept()
-                message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
-                request = json.loads(message)
+                try:
+                    message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+                    request = json.loads(message)
+                except (OSError, ValueError) as exc:  # a client that went away: not fatal
+                    sys.stderr.write(f"zygote: a request was not read: {exc!r}\n")
+                    conn.close()
+                    continue
                 keep = [listener.fileno(), lifeline, selector.fileno()]
                 keep += [c.fileno() for _, c in children.values()] + list(children)
                 pid = os.fork()
@@ -124,7 +129,10 @@ def serve(path: str, lifeline: int) -> None:
                 pidfd = os.pidfd_open(pid)
                 children[pidfd] = (pid, conn)
                 selector.register(pidfd, selectors.EVENT_READ, "child")
-                conn.sendall(f"{pid}\n".encode())
+                try:
+                    conn.sendall(f"{pid}\n".encode())
+                except OSError:
+                    pass  # the client went away; the child still runs and is waited for
                 continue
             pidfd = key.fd
             pid, conn = children.pop(pidfd)
