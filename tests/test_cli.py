@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 
 from tests import rawdb
 from tests.conftest import Api, database_exists
-from tests.serverproc import JOBLEDGER, Done, acli, acreate_key, env, free_port, served
+from tests.serverproc import JOBLEDGER, Done, acli, acreate_key, cli, env, free_port, served
 from tests.waits import wait_until
 
 KEY_LINE = re.compile(
@@ -405,3 +406,21 @@ async def test_export_account_holds_that_accounts_jobs_and_grants(db_url: str, a
         json.loads(line) for line in done.out.splitlines()
     ]
     one_line_error(await acli("export", "--db", db_url, "--account", "a1"))
+
+
+async def test_the_suites_forked_commands_behave_as_started_ones(tmp_path: Path) -> None:
+    """The suite forks ``jobledger`` from a warm interpreter (``tests/zygote.py``): a forked
+    command must answer what the real executable answers (output and exit code), read its own
+    environment and working directory, and die of its own signals."""
+    for args in (["--version"], ["bogus"], ["verify", "--db", str(tmp_path / "none.db")]):
+        forked = await acli(*args)
+        real = await asyncio.to_thread(
+            subprocess.run, [JOBLEDGER, *args], capture_output=True, text=True, env=env()
+        )
+        assert (forked.code, forked.out, forked.err) == (real.returncode, real.stdout, real.stderr)
+    db = tmp_path / "ledger.db"
+    made = await acreate_key(str(db), "acme")
+    listed = cli("keys", "list", extra_env={"JOBLEDGER_DB": str(db)})  # --db from the environment
+    assert listed.code == 0 and made.key_id in listed.out, listed.err
+    async with served(str(db)) as server:
+        assert server.kill() == -signal.SIGKILL  # its exit code, as the process's parent sees it
