@@ -4,8 +4,8 @@ PIP := $(VENV)/bin/pip
 # `make run` needs only what serving needs; `make test`/`lint` add the dev extras.
 RUNTIME := $(VENV)/.installed-runtime
 DEV := $(VENV)/.installed-dev
-# pytest-xdist workers: the suite mostly waits (processes, fsyncs), so 4 beat 2 even on 2 cores
-TEST_WORKERS ?= 4
+# pytest-xdist workers: on 2 cores 3 beat 4 (and 2) now that the suite hardly waits (docs/testing.md)
+TEST_WORKERS ?= 3
 
 .PHONY: run test check lint bench clean
 
