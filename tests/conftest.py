@@ -154,10 +154,10 @@ class PgDatabases:
     checkpoints that 2.5 GB of it forces over a run). A database the last test is done with is
     made new instead: every connection to it ended, then
 
-    - empty: every schema dropped and ``public`` made again (~15 ms);
+    - empty: every schema dropped and ``public`` made again (~25 ms);
     - holding the schema (``schema=True``, for tests whose app would create it anyway): when
       its catalog is exactly the one the first store start made (``_FINGERPRINT``), every
-      table emptied but for the schema's digest and every sequence restarted (~10 ms), as a
+      table emptied but for the schema's digest and every sequence restarted (~25 ms), as a
       new database whose store started once would be; otherwise emptied and the schema made
       again (~120 ms).
 
