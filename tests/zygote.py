@@ -26,6 +26,7 @@ import atexit
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,7 +49,6 @@ WARM = (
     "ledger.importer",
     "ledger.rebuild",
     "ledger.backends.postgres",
-    "rich.console",
 )
 
 
@@ -152,10 +152,16 @@ def serve(path: str, lifeline: int) -> None:
 class Forked:
     """A child of the zygote, driven like a ``subprocess.Popen``."""
 
-    def __init__(self, pid: int, conn: socket.socket, pipes: tuple[int | None, int | None]):
+    def __init__(
+        self,
+        pid: int,
+        args: list[str],
+        conn: socket.socket,
+        pipes: tuple[int | None, int | None],
+    ) -> None:
         self.pid = pid
+        self.args = args
         self.returncode: int | None = None
-        self.args: list[str] = []
         self._conn = conn
         self._pipes = pipes  # read ends of the child's stdout and stderr, when captured
 
@@ -229,11 +235,15 @@ class Zygote:
         self._lifeline = -1
         self._dir = tempfile.mkdtemp(prefix="jobledger-zygote-")
         self.path = str(Path(self._dir) / "socket")
+        atexit.register(self.close)
 
     def _ensure(self, env: dict[str, str]) -> None:
         with self._lock:
             if self._proc is not None and self._proc.poll() is None:
                 return
+            if self._proc is not None:  # it died: a new one binds the socket's path again
+                os.close(self._lifeline)
+                Path(self.path).unlink(missing_ok=True)
             readable, self._lifeline = os.pipe()
             with open(os.devnull, "rb") as null:
                 self._proc = subprocess.Popen(
@@ -248,7 +258,6 @@ class Zygote:
             assert self._proc.stdout is not None
             if self._proc.stdout.readline().strip() != b"ready":
                 raise AssertionError("the zygote did not start")
-            atexit.register(self.close)
 
     def spawn(
         self,
@@ -293,14 +302,14 @@ class Zygote:
             if not part:
                 raise AssertionError("the zygote closed the connection before the child's pid")
             line += part
-        forked = Forked(int(line), conn, (pipes[0], pipes[1]))
-        forked.args = list(argv)
-        return forked
+        return Forked(int(line), list(argv), conn, (pipes[0], pipes[1]))
 
     def close(self) -> None:
+        """Stop the zygote (its children are the harness's to stop) and remove its socket."""
         if self._proc is not None and self._proc.poll() is None:
             os.close(self._lifeline)
             self._proc.wait(10)
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
