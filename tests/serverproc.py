@@ -169,6 +169,15 @@ def cli(*args: str, timeout: float = CLI_SECONDS, extra_env: dict[str, str] | No
     return Done(proc.returncode, out.decode(), err.decode(), time.perf_counter() - started)
 
 
+def start(*args: str) -> Process:
+    """``jobledger ARGS...`` in the background, its output discarded; ``stop_all`` stops it if
+    the caller does not."""
+    with open(os.devnull, "wb") as null:
+        proc = _start(list(args), env(), out=null.fileno(), err=null.fileno())
+    track(proc)
+    return proc
+
+
 async def acli(*args: str, seconds: float = CLI_SECONDS) -> Done:
     """Run ``jobledger ARGS...`` to completion without blocking the event loop."""
     if _zygote is not None:
