@@ -32,13 +32,14 @@ import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from yarl import URL
 
 from api.context import SETTINGS, STORE
 from api.settings import Settings
 from ledger import webhooks as hooks
 from ledger.audit import record
 from ledger.clock import format_us, now_us
-from ledger.errors import LedgerError
+from ledger.errors import Invalid, LedgerError
 from ledger.records import Recorded
 from ledger.store import EventStore, UnitOfWork
 from projections import jobs as job_models
@@ -529,7 +530,7 @@ class Dispatcher:
             return int((time.monotonic() - started) * 1e6)
 
         try:
-            hooks.check_url(url, self.settings.webhook_allow_hosts)
+            check_target(url, self.settings.webhook_allow_hosts)
         except LedgerError as exc:
             return Outcome(None, 0, error=f"url refused: {exc.message}")
         if not signing:
@@ -571,6 +572,19 @@ class Dispatcher:
             return Outcome(None, took(), error=f"{type(exc).__name__}: {exc}"[:500])
         finally:
             self.stats.in_flight -= 1
+
+
+def check_target(url: str, allow_hosts: Collection[str]) -> str:
+    """``hooks.check_url`` on the URL as given and as aiohttp sends it (yarl's normalised form,
+    whose host aiohttp connects to: an IP address there never reaches the resolver, so no
+    other check sees it). The URL as given, or ``Invalid``."""
+    try:
+        wire = str(URL(url))
+    except (ValueError, TypeError) as exc:
+        raise Invalid(f"url is not a valid URL: {exc}", field="url") from None
+    hooks.check_url(url, allow_hosts)
+    hooks.check_url(wire, allow_hosts)
+    return url
 
 
 class GuardedResolver(AbstractResolver):

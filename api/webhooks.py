@@ -14,7 +14,7 @@ from aiohttp import web
 from msgspec import Meta
 
 from api.context import caller, settings, store
-from api.delivery import WEBHOOKS
+from api.delivery import WEBHOOKS, check_target
 from api.http import endpoint, json_response, read_body, read_query
 from api.idempotency import Written, run_command
 from api.replicas import POSITION_HEADER
@@ -180,7 +180,7 @@ def _scoped_project(request: web.Request, project: str | None) -> str | None:
 async def register(request: web.Request) -> web.Response:
     who = caller(request)
     body = await read_body(request, RegisterWebhook)
-    url = hooks.check_url(body.url, settings(request).webhook_allow_hosts)
+    url = check_target(body.url, settings(request).webhook_allow_hosts)
     types = hooks.check_event_types(body.event_types)
     project = _scoped_project(request, body.project)
 
@@ -265,7 +265,7 @@ async def update_webhook(request: web.Request) -> web.Response:
     webhook_id = (await _endpoint(request)).id  # another tenant's id: 404 before the body
     body = await read_body(request, UpdateWebhook)
     if body.url is not UNSET:
-        hooks.check_url(body.url, settings(request).webhook_allow_hosts)
+        check_target(body.url, settings(request).webhook_allow_hosts)
     types = body.event_types
     if types is not UNSET:
         types = hooks.check_event_types(types)

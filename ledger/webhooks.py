@@ -157,11 +157,24 @@ def address_allowed(host: str, address: str, allow_hosts: Collection[str] = ()) 
     return _ip_allowed(host, ip)
 
 
+def _ascii_host(host: str) -> str:
+    """The host as a client connects to it: an internationalized name in its ASCII form, folded
+    (NFKC) as IDNA folds it. ``１９２.０.２.２`` (full-width digits), ``10。0。0。1`` (ideographic
+    full stops) and ``①⓪.0.0.1`` are the IP addresses they become on the wire, not names."""
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        raise Invalid("url's host is not a valid internationalized name", field="url") from None
+
+
 def check_url(url: str, allow_hosts: Collection[str] = ()) -> str:
     """The URL if deliveries may go there: ``https``, or ``http`` to loopback or allowed hosts.
 
-    A host written as an IP address must be one ``address_allowed`` accepts; a name is checked
-    against the addresses it resolves to, at every attempt (api/delivery.py).
+    The host is judged in its ASCII form (``_ascii_host``): a host that is an IP address there
+    must be one ``address_allowed`` accepts; a name is checked against the addresses it
+    resolves to, at every attempt (api/delivery.py).
     """
     if len(url) > MAX_URL:
         raise Invalid(f"url is longer than {MAX_URL} characters", field="url")
@@ -173,6 +186,7 @@ def check_url(url: str, allow_hosts: Collection[str] = ()) -> str:
         parts.port  # noqa: B018 (raises ValueError on a bad port)
     except ValueError as exc:
         raise Invalid(f"url is not a valid URL: {exc}", field="url") from None
+    host = _ascii_host(host)
     if parts.scheme not in ("https", "http") or not host:
         raise Invalid("url must be an absolute https:// URL", field="url")
     allowed = {h.lower() for h in allow_hosts}

@@ -635,6 +635,59 @@ async def test_private_addresses_are_refused_unless_allowed(
     await api.post("/v1/webhooks", {"url": "https://127.0.0.1:9/hook"})  # loopback by name
 
 
+# Hosts that are names to a URL parser but IP addresses on the wire: IDNA folds full-width and
+# circled digits and ideographic full stops (NFKC), and aiohttp connects to what it gets.
+UNICODE_INTERNAL_URLS = (
+    "https://\uff11\uff19\uff12.\uff11\uff16\uff18.\uff10.\uff17/hook",  # 192.168.0.7
+    "https://\uff11\uff16\uff19.\uff12\uff15\uff14.\uff11\uff16\uff19.\uff12\uff15\uff14/",
+    "https://10\u30020\u30020\u30021/hook",  # ideographic full stops: 10.0.0.1
+    "https://\u2460\u24ea.0.0.1/hook",  # circled digits: 10.0.0.1
+)
+
+
+async def test_hosts_that_are_internal_addresses_on_the_wire_are_refused(api: Api) -> None:
+    """A host in full-width or circled digits, or with ideographic full stops, is judged as the
+    IP address it becomes on the wire: 422 at registration and on PATCH. The same host of a
+    public address is accepted."""
+    hook = await api.post("/v1/webhooks", {"url": "https://example.com/hook"})
+    for url in UNICODE_INTERNAL_URLS:
+        got = await api.post("/v1/webhooks", {"url": url}, status=422)
+        assert got["error"]["field"] == "url" and "private" in got["error"]["message"], url
+        got = await api.call("PATCH", f"/v1/webhooks/{hook['id']}", json={"url": url}, status=422)
+        assert got["error"]["field"] == "url", url
+    assert [w["id"] for w in (await api.get("/v1/webhooks"))["webhooks"]] == [hook["id"]]
+    public = "https://\uff18.\uff18.\uff18.\uff18/hook"  # 8.8.8.8
+    assert (await api.post("/v1/webhooks", {"url": public}))["url"] == public
+
+
+def test_the_ledger_judges_a_host_in_its_ascii_form() -> None:
+    """``check_url`` folds an internationalized host as IDNA does before judging it."""
+    from ledger.errors import Invalid
+    from ledger.webhooks import check_url
+
+    for url in UNICODE_INTERNAL_URLS:
+        with pytest.raises(Invalid, match="private"):
+            check_url(url)
+    with pytest.raises(Invalid, match="not a valid internationalized name"):
+        check_url("https://" + "\u00e9" * 64 + ".example/")  # a label over 63 characters
+
+
+def test_every_attempt_checks_the_url_as_aiohttp_sends_it() -> None:
+    """Before each attempt the URL is checked as given and in yarl's normalised form, whose
+    host aiohttp connects to without asking the resolver when it is an IP address."""
+    from api.delivery import check_target
+    from ledger.errors import Invalid
+
+    for url in UNICODE_INTERNAL_URLS:
+        with pytest.raises(Invalid, match="private"):
+            check_target(url, ())
+    with pytest.raises(Invalid, match="not a valid URL"):
+        check_target("https://10.0.0.1:443\uff03@example.com/", ())
+    assert check_target("https://\uff45xample.com/hook", ()) == "https://\uff45xample.com/hook"
+    allowed = "https://\uff11\uff10.\uff10.\uff10.\uff11/hook"
+    assert check_target(allowed, ("10.0.0.1",)) == allowed  # allowed by the operator, by name
+
+
 EMBEDDED_IPV4_URLS = (
     "https://[64:ff9b::a00:1]/hook",
     "https://[64:ff9b::a9fe:a9fe]/hook",
