@@ -10,7 +10,7 @@ import functools
 from decimal import Decimal
 
 from ledger.errors import Invalid
-from ledger.events import Price
+from ledger.events import CreditsGranted, Event, Price, PriceSet
 from ledger.limits import MAX_AMOUNT, MAX_CHARGE_UNITS
 
 SCALE = 10_000
@@ -51,6 +51,15 @@ def from_units(units: int) -> int | Decimal:
 def validate_price(price: Price) -> None:
     for name in PRICE_FIELDS:
         to_units(getattr(price, name), field=name)
+
+
+def check_amounts(event: Event | None) -> None:
+    """What the API checks of a grant's or a price's amounts, for events it did not write (an
+    import): ``Invalid`` names the field."""
+    if isinstance(event, CreditsGranted):
+        to_units(event.amount, field="amount", allow_negative=True)
+    elif isinstance(event, PriceSet):
+        validate_price(event.price)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -40,6 +40,7 @@ import structlog
 
 from ledger import chain
 from ledger.clock import parse_us
+from ledger.credits import check_amounts
 from ledger.errors import Invalid, LedgerError, StoreConflict
 from ledger.events import JOB_EVENT_TYPES
 from ledger.rebuild import Fold, write_models
@@ -307,6 +308,7 @@ class _Importer:
         return rows
 
     def _fold(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        mark = len(self.fold.tenant_events)
         try:
             self.fold.feed(rows, copy=False)
         except (msgspec.DecodeError, msgspec.ValidationError, KeyError, LedgerError) as exc:
@@ -317,6 +319,11 @@ class _Importer:
                 else f"the data is not a valid {bad[4]} ({exc})"
             )
             raise ImportRefused(reason, position=bad[0]) from None
+        for recorded, event in self.fold.tenant_events[mark:]:
+            try:  # a price or a grant the API would refuse, which reads would then fail on
+                check_amounts(event)
+            except Invalid as exc:
+                raise ImportRefused(exc.message, position=recorded.position) from None
 
     def finish(self) -> list[tuple[Any, ...]]:
         """Checks that need the whole file; the chain heads' rows."""

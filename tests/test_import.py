@@ -376,3 +376,40 @@ async def test_sqlite_import_beside_another_open_connection_stays_in_wal(
     finally:
         holder.close()
     assert (await counts(str(target)))[2] == 1
+
+
+OUT_OF_BOUNDS = {
+    # the event's type, its data as a forger rewrites it, and what the import then says
+    "price": ("price.set", {"per_job": "-1e30"}, "per_job is too large"),
+    "grant": ("credits.granted", {"amount": "2000000000"}, "amount is too large"),
+    "fraction": ("credits.granted", {"amount": "1.00001"}, "amount has more than 4 fractional"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(OUT_OF_BOUNDS))
+async def test_a_price_or_grant_the_api_refuses_is_refused_with_its_position(
+    db_url: str, other_db: str, client: TestClient[Any, Any], api: Api, tmp_path: Path, what: str
+) -> None:
+    """A forged export whose chain holds, with a price or a grant out of the API's bounds
+    (which reads and charges would then fail on): ``import`` names the event's position and
+    the field, and imports nothing."""
+    await api.post("/v1/prices", {"agent": "ag", "per_job": 1})
+    await api.post("/v1/credits/grants", {"account": "a1", "amount": 5})
+    await client.close()
+    lines = (await export(db_url, tmp_path / "all.ndjson")).decode().splitlines()
+    type_, change, said = OUT_OF_BOUNDS[what]
+    index = next(i for i, line in enumerate(lines) if json.loads(line)["type"] == type_)
+    event = json.loads(lines[index])
+    data = event["data"]
+    if type_ == "price.set":
+        data["price"].update(change)
+    else:
+        data.update(change)
+    bad = tmp_path / "bad.ndjson"
+    bad.write_text(_forged(lines, index, _canonical_text(data), hash_raw=False), encoding="utf-8")
+    assert (await acli("verify", "--file", str(bad))).code == 0  # every hash holds
+
+    done = await acli("import", "--db", other_db, str(bad))
+    assert done.code == 1 and "Traceback" not in done.err, done.err
+    assert f"import refused at position {event['position']}: {said}" in done.err, done.err
+    assert await counts(other_db) == (0, 0, 0)
