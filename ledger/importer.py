@@ -43,6 +43,7 @@ from ledger.clock import parse_us
 from ledger.credits import check_amounts
 from ledger.errors import Invalid, LedgerError, StoreConflict
 from ledger.events import JOB_EVENT_TYPES
+from ledger.ids import JOB_ID
 from ledger.rebuild import Fold, write_models
 from ledger.records import EVENT_COLUMNS, Projector
 from ledger.schema import LEDGER_SCHEMA
@@ -167,7 +168,7 @@ class _Importer:
         self.times = _Times()
         self.data = _Data()
         self.buffer = bytearray(chain.GENESIS.encode() + b"\n")
-        self.fold = Fold()
+        self.fold = Fold(check=True)  # what the write path would refuse, an import refuses
         self.position = 0
         self.count = 0
         self.lines = 0
@@ -227,6 +228,12 @@ class _Importer:
                 raise ImportRefused(reason, position=position)
             raw = e.data
             stream = e.stream
+            if "\x00" in f"{tenant}{stream}{e.actor}{e.event_id}{e.recorded_at}":
+                raise ImportRefused("a header field holds a NUL character", position=position)
+            if e.type in JOB_EVENT_TYPES and not JOB_ID.fullmatch(stream):
+                raise ImportRefused(
+                    f"{e.type} on stream {stream!r}, which is not a job id", position=position
+                )
             if len(raw) == 4 and bytes(raw) == _NULL:
                 data = None
                 if not e.redacted:
@@ -313,11 +320,12 @@ class _Importer:
             self.fold.feed(rows, copy=False)
         except (msgspec.DecodeError, msgspec.ValidationError, KeyError, LedgerError) as exc:
             bad = next((r for r in rows if r[0] > self.fold.position), rows[0])
-            reason = (
-                f"unknown event type {bad[4]!r}"
-                if isinstance(exc, KeyError)
-                else f"the data is not a valid {bad[4]} ({exc})"
-            )
+            if isinstance(exc, KeyError):
+                reason = f"unknown event type {bad[4]!r}"
+            elif isinstance(exc, LedgerError):  # the job's lifecycle, or a value out of bounds
+                reason = f"{bad[4]} of {bad[2]!r}: {exc.message}"
+            else:
+                reason = f"the data is not a valid {bad[4]} ({exc})"
             raise ImportRefused(reason, position=bad[0]) from None
         for recorded, event in self.fold.tenant_events[mark:]:
             try:  # a price or a grant the API would refuse, which reads would then fail on

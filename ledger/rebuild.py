@@ -52,7 +52,8 @@ class Report:
 class Fold:
     """Job states and tenant events folded so far."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, check: bool = False) -> None:
+        self.check = check  # enforce the job lifecycle as the write path does (an import)
         self.jobs: dict[tuple[str, str], JobState] = {}
         self.decoded: dict[tuple[str, str | None], Event | None] = {}
         self.difference: str | None = None
@@ -82,6 +83,7 @@ class Fold:
                     job_id=stream,
                     occurred_us=occurred,
                     position=position,
+                    check=self.check,
                     copy=copy,
                     own_executions=not copy,  # the fold's states share nothing then
                 )

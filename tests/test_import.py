@@ -413,3 +413,77 @@ async def test_a_price_or_grant_the_api_refuses_is_refused_with_its_position(
     assert done.code == 1 and "Traceback" not in done.err, done.err
     assert f"import refused at position {event['position']}: {said}" in done.err, done.err
     assert await counts(other_db) == (0, 0, 0)
+
+
+def _appended(events: list[dict[str, Any]], like: dict[str, Any], stream: str) -> None:
+    """A copy of the event ``like`` appended to ``stream`` as its next version, with a new
+    event id, the next position and the last event's times (hashes are ``_rechained``'s)."""
+    version = 1 + max((e["version"] for e in events if e["stream"] == stream), default=0)
+    events.append(
+        {
+            **like,
+            "stream": stream,
+            "version": version,
+            "position": events[-1]["position"] + 1,
+            "event_id": f"evt_{len(events):026d}",
+            "occurred_at": events[-1]["occurred_at"],
+            "recorded_at": events[-1]["recorded_at"],
+        }
+    )
+
+
+def _forge_after_cancel(events: list[dict[str, Any]]) -> None:
+    completed = next(e for e in events if e["type"] == "job.completed")
+    _appended(events, completed, "j2")  # j2 was cancelled: now charged as completed
+
+
+def _forge_twice(events: list[dict[str, Any]]) -> None:
+    completed = next(e for e in events if e["type"] == "job.completed")
+    _appended(events, completed, "j1")  # j1 completed again: charged again
+
+
+def _forge_keys_stream(events: list[dict[str, Any]]) -> None:
+    started = next(e for e in events if e["type"] == "job.started")
+    key_stream = next(e["stream"] for e in events if e["stream"].startswith("$keys/"))
+    _appended(events, started, key_stream)
+
+
+def _forge_nul(events: list[dict[str, Any]]) -> None:
+    events[-1]["actor"] += "\x00"
+
+
+LIFECYCLE_FORGERIES: dict[str, tuple[Callable[[list[dict[str, Any]]], None], str]] = {
+    "completed after cancelled": (_forge_after_cancel, "job j2 is cancelled"),
+    "completed twice": (_forge_twice, "job j1 is completed"),
+    "a job event on a key's stream": (_forge_keys_stream, "which is not a job id"),
+    "a NUL in a header": (_forge_nul, "a header field holds a NUL character"),
+}
+
+
+@pytest.mark.parametrize("how", sorted(LIFECYCLE_FORGERIES))
+async def test_a_history_the_write_path_would_refuse_is_refused(
+    db_url: str, other_db: str, client: TestClient[Any, Any], api: Api, tmp_path: Path, how: str
+) -> None:
+    """A forged export whose chain holds but whose events the write path would have refused
+    (a lifecycle step a finished job cannot take, a job event on a stream that is no job, a
+    NUL that one backend would store and the other refuse): refused at its position, on both
+    backends alike, and nothing is imported."""
+    await api.post("/v1/jobs", {"id": "j1", "agent": "a", "account": "x"})
+    await api.post("/v1/jobs/j1/events", {"type": "job.started"})
+    await api.post("/v1/jobs/j1/events", {"type": "job.completed", "data": {"row_count": 2}})
+    await api.post("/v1/jobs", {"id": "j2", "agent": "a", "account": "x"})
+    await api.post("/v1/jobs/j2/cancel", {}, status=200)
+    await client.close()
+    lines = (await export(db_url, tmp_path / "all.ndjson")).decode().splitlines()
+    events = [json.loads(line) for line in lines]
+    forge, said = LIFECYCLE_FORGERIES[how]
+    forge(events)
+    bad = tmp_path / "bad.ndjson"
+    bad.write_text(_rechained(events), encoding="utf-8")
+    assert (await acli("verify", "--file", str(bad))).code == 0  # every hash holds
+
+    done = await acli("import", "--db", other_db, str(bad))
+    assert done.code == 1 and "Traceback" not in done.err, done.err
+    assert f"import refused at position {events[-1]['position']}: " in done.err, done.err
+    assert said in done.err, done.err
+    assert await counts(other_db) == (0, 0, 0)
