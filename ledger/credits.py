@@ -10,7 +10,7 @@ import functools
 from decimal import Decimal
 
 from ledger.errors import Invalid
-from ledger.events import CreditsGranted, Event, Price, PriceSet
+from ledger.events import CreditsGranted, Event, JobQueued, Price, PriceSet
 from ledger.limits import MAX_AMOUNT, MAX_CHARGE_UNITS
 
 SCALE = 10_000
@@ -54,11 +54,11 @@ def validate_price(price: Price) -> None:
 
 
 def check_amounts(event: Event | None) -> None:
-    """What the API checks of a grant's or a price's amounts, for events it did not write (an
-    import): ``Invalid`` names the field."""
+    """What the API checks of a grant's or a price's amounts (a price set, or the one a job
+    was queued at), for events it did not write (an import): ``Invalid`` names the field."""
     if isinstance(event, CreditsGranted):
         to_units(event.amount, field="amount", allow_negative=True)
-    elif isinstance(event, PriceSet):
+    elif isinstance(event, PriceSet | JobQueued):
         validate_price(event.price)
 
 

@@ -43,7 +43,7 @@ from ledger.clock import parse_us
 from ledger.credits import check_amounts
 from ledger.errors import Invalid, LedgerError, StoreConflict
 from ledger.events import JOB_EVENT_TYPES
-from ledger.ids import JOB_ID
+from ledger.ids import JOB_ID, RESERVED_JOB_IDS
 from ledger.rebuild import Fold, write_models
 from ledger.records import EVENT_COLUMNS, Projector
 from ledger.schema import LEDGER_SCHEMA
@@ -230,9 +230,15 @@ class _Importer:
             stream = e.stream
             if "\x00" in f"{tenant}{stream}{e.actor}{e.event_id}{e.recorded_at}":
                 raise ImportRefused("a header field holds a NUL character", position=position)
-            if e.type in JOB_EVENT_TYPES and not JOB_ID.fullmatch(stream):
+            if e.type in JOB_EVENT_TYPES:
+                if not JOB_ID.fullmatch(stream) or stream in RESERVED_JOB_IDS:
+                    raise ImportRefused(
+                        f"{e.type} on stream {stream!r}, which is not a job id",
+                        position=position,
+                    )
+            elif not stream.startswith("$"):  # the tenant's own streams: $keys/, $prices/...
                 raise ImportRefused(
-                    f"{e.type} on stream {stream!r}, which is not a job id", position=position
+                    f"{e.type} on stream {stream!r}, a job's stream", position=position
                 )
             if len(raw) == 4 and bytes(raw) == _NULL:
                 data = None

@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from ledger.credits import check_amounts
 from ledger.events import JOB_EVENT_TYPES, Event, decode_stored
 from ledger.jobs import JobState, evolve
 from ledger.records import Batch, Change, Projector, Recorded, TableSpec
@@ -74,6 +75,8 @@ class Fold:
                 event = decoded.get((type_, data), _MISSING)
                 if event is _MISSING:
                     event = decode_stored(type_, data)
+                    if self.check:
+                        check_amounts(event)  # the price a job was queued at
                     if len(decoded) < DECODE_MEMO:
                         decoded[(type_, data)] = event
                 jobs[key] = evolve(

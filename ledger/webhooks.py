@@ -21,6 +21,7 @@ import base64
 import hashlib
 import ipaddress
 import random
+import re
 import secrets
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -160,13 +161,22 @@ def address_allowed(host: str, address: str, allow_hosts: Collection[str] = ()) 
 def _ascii_host(host: str) -> str:
     """The host as a client connects to it: an internationalized name in its ASCII form, folded
     (NFKC) as IDNA folds it. ``１９２.０.２.２`` (full-width digits), ``10。0。0。1`` (ideographic
-    full stops) and ``①⓪.0.0.1`` are the IP addresses they become on the wire, not names."""
+    full stops) and ``①⓪.0.0.1`` are the IP addresses they become on the wire, not names. A
+    host Python's IDNA 2003 codec refuses (some valid IDNA 2008 names) stays as written: a
+    name, resolved and checked at every attempt, and the server also checks the URL in the
+    form its HTTP client sends (``api.delivery.check_target``)."""
     if host.isascii():
         return host
     try:
         return host.encode("idna").decode("ascii").lower()
     except UnicodeError:
-        raise Invalid("url's host is not a valid internationalized name", field="url") from None
+        return host
+
+
+# What a client may take for an IPv4 address without asking a resolver (aiohttp does), or a
+# resolver may read as one (``127.1``, ``2130706433``, ``10.0.0.1.``): only the dotted quad
+# is judged as an address here, so the other forms are refused outright.
+_IPV4_LIKE = re.compile(r"[0-9.]+")
 
 
 def check_url(url: str, allow_hosts: Collection[str] = ()) -> str:
@@ -187,6 +197,11 @@ def check_url(url: str, allow_hosts: Collection[str] = ()) -> str:
     except ValueError as exc:
         raise Invalid(f"url is not a valid URL: {exc}", field="url") from None
     host = _ascii_host(host)
+    if _IPV4_LIKE.fullmatch(host) and not _is_address(host):
+        raise Invalid(
+            "url's host is written like an IPv4 address but is not one: write a.b.c.d",
+            field="url",
+        )
     if parts.scheme not in ("https", "http") or not host:
         raise Invalid("url must be an absolute https:// URL", field="url")
     allowed = {h.lower() for h in allow_hosts}

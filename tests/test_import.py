@@ -383,6 +383,7 @@ OUT_OF_BOUNDS = {
     "price": ("price.set", {"per_job": "-1e30"}, "per_job is too large"),
     "grant": ("credits.granted", {"amount": "2000000000"}, "amount is too large"),
     "fraction": ("credits.granted", {"amount": "1.00001"}, "amount has more than 4 fractional"),
+    "queued at": ("job.queued", {"per_job": "-1"}, "per_job must not be negative"),
 }
 
 
@@ -390,28 +391,30 @@ OUT_OF_BOUNDS = {
 async def test_a_price_or_grant_the_api_refuses_is_refused_with_its_position(
     db_url: str, other_db: str, client: TestClient[Any, Any], api: Api, tmp_path: Path, what: str
 ) -> None:
-    """A forged export whose chain holds, with a price or a grant out of the API's bounds
-    (which reads and charges would then fail on): ``import`` names the event's position and
-    the field, and imports nothing."""
+    """A forged export whose chain holds, with a price (set, or a job's) or a grant out of the
+    API's bounds (which reads and charges would then fail on): ``import`` names the event's
+    position and the field, and imports nothing."""
     await api.post("/v1/prices", {"agent": "ag", "per_job": 1})
     await api.post("/v1/credits/grants", {"account": "a1", "amount": 5})
+    await api.post("/v1/jobs", {"id": "j1", "agent": "ag", "account": "a1"})
     await client.close()
     lines = (await export(db_url, tmp_path / "all.ndjson")).decode().splitlines()
     type_, change, said = OUT_OF_BOUNDS[what]
     index = next(i for i, line in enumerate(lines) if json.loads(line)["type"] == type_)
     event = json.loads(lines[index])
     data = event["data"]
-    if type_ == "price.set":
-        data["price"].update(change)
-    else:
+    if type_ == "credits.granted":
         data.update(change)
+    else:  # a price set, or the price a job was queued at
+        data["price"] = {**data.get("price", {}), **change}
     bad = tmp_path / "bad.ndjson"
     bad.write_text(_forged(lines, index, _canonical_text(data), hash_raw=False), encoding="utf-8")
     assert (await acli("verify", "--file", str(bad))).code == 0  # every hash holds
 
     done = await acli("import", "--db", other_db, str(bad))
     assert done.code == 1 and "Traceback" not in done.err, done.err
-    assert f"import refused at position {event['position']}: {said}" in done.err, done.err
+    assert f"import refused at position {event['position']}: " in done.err, done.err
+    assert said in done.err, done.err
     assert await counts(other_db) == (0, 0, 0)
 
 
@@ -448,6 +451,16 @@ def _forge_keys_stream(events: list[dict[str, Any]]) -> None:
     _appended(events, started, key_stream)
 
 
+def _forge_reserved_id(events: list[dict[str, Any]]) -> None:
+    queued = next(e for e in events if e["type"] == "job.queued")
+    _appended(events, queued, "running")  # a job the API could never address
+
+
+def _forge_tenant_event_on_a_job(events: list[dict[str, Any]]) -> None:
+    created = next(e for e in events if e["stream"].startswith("$keys/"))
+    _appended(events, created, "j1")
+
+
 def _forge_nul(events: list[dict[str, Any]]) -> None:
     events[-1]["actor"] += "\x00"
 
@@ -457,6 +470,8 @@ LIFECYCLE_FORGERIES: dict[str, tuple[Callable[[list[dict[str, Any]]], None], str
     "completed twice": (_forge_twice, "job j1 is completed"),
     "a job event on a key's stream": (_forge_keys_stream, "which is not a job id"),
     "a NUL in a header": (_forge_nul, "a header field holds a NUL character"),
+    "a reserved job id": (_forge_reserved_id, "which is not a job id"),
+    "a key's event on a job's stream": (_forge_tenant_event_on_a_job, "a job's stream"),
 }
 
 

@@ -668,8 +668,11 @@ def test_the_ledger_judges_a_host_in_its_ascii_form() -> None:
     for url in UNICODE_INTERNAL_URLS:
         with pytest.raises(Invalid, match="private"):
             check_url(url)
-    with pytest.raises(Invalid, match="not a valid internationalized name"):
-        check_url("https://" + "\u00e9" * 64 + ".example/")  # a label over 63 characters
+    for url in ("https://127.1/", "https://2130706433/", "https://10.0.0.1./"):
+        with pytest.raises(Invalid, match="written like an IPv4 address"):
+            check_url(url)  # what a resolver, or aiohttp itself, takes for an address
+    rtl = "https://\u0627\u0661\u0662\u0663.com/"  # valid in IDNA 2008, not in Python's 2003
+    assert check_url(rtl) == rtl
 
 
 def test_every_attempt_checks_the_url_as_aiohttp_sends_it() -> None:
@@ -683,6 +686,10 @@ def test_every_attempt_checks_the_url_as_aiohttp_sends_it() -> None:
             check_target(url, ())
     with pytest.raises(Invalid, match="not a valid URL"):
         check_target("https://10.0.0.1:443\uff03@example.com/", ())
+    with pytest.raises(Invalid, match="not a valid URL"):
+        check_target("https://" + "\u00e9" * 64 + ".example/", ())  # a label over 63
+    rtl = "https://\u0627\u0661\u0662\u0663.com/"  # sent as xn--mgb0jde.com
+    assert check_target(rtl, ()) == rtl
     assert check_target("https://\uff45xample.com/hook", ()) == "https://\uff45xample.com/hook"
     allowed = "https://\uff11\uff10.\uff10.\uff10.\uff11/hook"
     assert check_target(allowed, ("10.0.0.1",)) == allowed  # allowed by the operator, by name
