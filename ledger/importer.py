@@ -40,7 +40,6 @@ import structlog
 
 from ledger import chain
 from ledger.clock import parse_us
-from ledger.credits import check_amounts
 from ledger.errors import Invalid, LedgerError, StoreConflict
 from ledger.events import JOB_EVENT_TYPES
 from ledger.ids import JOB_ID, RESERVED_JOB_IDS
@@ -321,23 +320,17 @@ class _Importer:
         return rows
 
     def _fold(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        mark = len(self.fold.tenant_events)
         try:
             self.fold.feed(rows, copy=False)
         except (msgspec.DecodeError, msgspec.ValidationError, KeyError, LedgerError) as exc:
             bad = next((r for r in rows if r[0] > self.fold.position), rows[0])
             if isinstance(exc, KeyError):
                 reason = f"unknown event type {bad[4]!r}"
-            elif isinstance(exc, LedgerError):  # the job's lifecycle, or a value out of bounds
+            elif isinstance(exc, LedgerError):  # the job's lifecycle, or an amount out of bounds
                 reason = f"{bad[4]} of {bad[2]!r}: {exc.message}"
             else:
                 reason = f"the data is not a valid {bad[4]} ({exc})"
             raise ImportRefused(reason, position=bad[0]) from None
-        for recorded, event in self.fold.tenant_events[mark:]:
-            try:  # a price or a grant the API would refuse, which reads would then fail on
-                check_amounts(event)
-            except Invalid as exc:
-                raise ImportRefused(exc.message, position=recorded.position) from None
 
     def finish(self) -> list[tuple[Any, ...]]:
         """Checks that need the whole file; the chain heads' rows."""

@@ -54,7 +54,8 @@ class Fold:
     """Job states and tenant events folded so far."""
 
     def __init__(self, *, check: bool = False) -> None:
-        self.check = check  # enforce the job lifecycle as the write path does (an import)
+        # an import: the job lifecycle and the amounts checked as the write path checks them
+        self.check = check
         self.jobs: dict[tuple[str, str], JobState] = {}
         self.decoded: dict[tuple[str, str | None], Event | None] = {}
         self.difference: str | None = None
@@ -108,7 +109,10 @@ class Fold:
                     prev_hash="",
                     hash="",
                 )
-                self.tenant_events.append((recorded, decode_stored(type_, data)))
+                tenant_event = decode_stored(type_, data)
+                if self.check:
+                    check_amounts(tenant_event)  # a price set, a grant
+                self.tenant_events.append((recorded, tenant_event))
             self.position = position
         self.count += len(rows)
         return touched

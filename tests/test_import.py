@@ -378,6 +378,17 @@ async def test_sqlite_import_beside_another_open_connection_stays_in_wal(
     assert (await counts(str(target)))[2] == 1
 
 
+async def _verified_but_refused(bad: Path, db: str, position: int, said: str) -> None:
+    """The forged export ``bad`` verifies (its chain holds), and ``import`` into ``db`` refuses
+    it in one line naming ``position`` and saying ``said``, importing nothing."""
+    assert (await acli("verify", "--file", str(bad))).code == 0
+    done = await acli("import", "--db", db, str(bad))
+    assert done.code == 1 and "Traceback" not in done.err, done.err
+    assert f"import refused at position {position}: " in done.err, done.err
+    assert said in done.err, done.err
+    assert await counts(db) == (0, 0, 0)
+
+
 OUT_OF_BOUNDS = {
     # the event's type, its data as a forger rewrites it, and what the import then says
     "price": ("price.set", {"per_job": "-1e30"}, "per_job is too large"),
@@ -409,13 +420,7 @@ async def test_a_price_or_grant_the_api_refuses_is_refused_with_its_position(
         data["price"] = {**data.get("price", {}), **change}
     bad = tmp_path / "bad.ndjson"
     bad.write_text(_forged(lines, index, _canonical_text(data), hash_raw=False), encoding="utf-8")
-    assert (await acli("verify", "--file", str(bad))).code == 0  # every hash holds
-
-    done = await acli("import", "--db", other_db, str(bad))
-    assert done.code == 1 and "Traceback" not in done.err, done.err
-    assert f"import refused at position {event['position']}: " in done.err, done.err
-    assert said in done.err, done.err
-    assert await counts(other_db) == (0, 0, 0)
+    await _verified_but_refused(bad, other_db, event["position"], said)
 
 
 def _appended(events: list[dict[str, Any]], like: dict[str, Any], stream: str) -> None:
@@ -495,10 +500,4 @@ async def test_a_history_the_write_path_would_refuse_is_refused(
     forge(events)
     bad = tmp_path / "bad.ndjson"
     bad.write_text(_rechained(events), encoding="utf-8")
-    assert (await acli("verify", "--file", str(bad))).code == 0  # every hash holds
-
-    done = await acli("import", "--db", other_db, str(bad))
-    assert done.code == 1 and "Traceback" not in done.err, done.err
-    assert f"import refused at position {events[-1]['position']}: " in done.err, done.err
-    assert said in done.err, done.err
-    assert await counts(other_db) == (0, 0, 0)
+    await _verified_but_refused(bad, other_db, events[-1]["position"], said)

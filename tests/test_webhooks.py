@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import aiohttp
@@ -635,6 +635,16 @@ async def test_private_addresses_are_refused_unless_allowed(
     await api.post("/v1/webhooks", {"url": "https://127.0.0.1:9/hook"})  # loopback by name
 
 
+async def _refused_as_private(api: Api, webhook_id: str, urls: Sequence[str]) -> None:
+    """Each of ``urls`` is 422 on ``url`` as an address deliveries may not reach, both when
+    registering an endpoint and when changing endpoint ``webhook_id`` to it."""
+    for url in urls:
+        got = await api.post("/v1/webhooks", {"url": url}, status=422)
+        assert got["error"]["field"] == "url" and "private" in got["error"]["message"], url
+        got = await api.call("PATCH", f"/v1/webhooks/{webhook_id}", json={"url": url}, status=422)
+        assert got["error"]["field"] == "url", url
+
+
 # Hosts that are names to a URL parser but IP addresses on the wire: IDNA folds full-width and
 # circled digits and ideographic full stops (NFKC), and aiohttp connects to what it gets.
 UNICODE_INTERNAL_URLS = (
@@ -650,11 +660,7 @@ async def test_hosts_that_are_internal_addresses_on_the_wire_are_refused(api: Ap
     IP address it becomes on the wire: 422 at registration and on PATCH. The same host of a
     public address is accepted."""
     hook = await api.post("/v1/webhooks", {"url": "https://example.com/hook"})
-    for url in UNICODE_INTERNAL_URLS:
-        got = await api.post("/v1/webhooks", {"url": url}, status=422)
-        assert got["error"]["field"] == "url" and "private" in got["error"]["message"], url
-        got = await api.call("PATCH", f"/v1/webhooks/{hook['id']}", json={"url": url}, status=422)
-        assert got["error"]["field"] == "url", url
+    await _refused_as_private(api, hook["id"], UNICODE_INTERNAL_URLS)
     assert [w["id"] for w in (await api.get("/v1/webhooks"))["webhooks"]] == [hook["id"]]
     public = "https://\uff18.\uff18.\uff18.\uff18/hook"  # 8.8.8.8
     assert (await api.post("/v1/webhooks", {"url": public}))["url"] == public
@@ -710,11 +716,7 @@ async def test_ipv6_that_reaches_internal_ipv4_is_refused(api: Api) -> None:
     """NAT64, 6to4, Teredo, IPv4-compatible and site-local addresses are 422 at registration
     and on PATCH; an endpoint's URL keeps its last allowed value."""
     hook = await api.post("/v1/webhooks", {"url": "https://example.com/hook"})
-    for url in EMBEDDED_IPV4_URLS:
-        got = await api.post("/v1/webhooks", {"url": url}, status=422)
-        assert got["error"]["field"] == "url" and "private" in got["error"]["message"], url
-        got = await api.call("PATCH", f"/v1/webhooks/{hook['id']}", json={"url": url}, status=422)
-        assert got["error"]["field"] == "url", url
+    await _refused_as_private(api, hook["id"], EMBEDDED_IPV4_URLS)
     assert (await api.get(f"/v1/webhooks/{hook['id']}"))["url"] == "https://example.com/hook"
     assert [w["id"] for w in (await api.get("/v1/webhooks"))["webhooks"]] == [hook["id"]]
     await api.post("/v1/webhooks", {"url": "https://[64:ff9b::808:808]/hook"})  # public behind
